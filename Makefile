@@ -1,0 +1,62 @@
+# headstart: `make run` sets up and runs the whole pipeline; `make test` sets up and runs the tests.
+# Set-up is incremental: .venv is (re)built only when pyproject.toml or requirements.lock changed.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(BIN):$(PATH)
+export PYTHONUNBUFFERED := 1
+# TASK selects a params preset later (TASK=text); today there is one task, the image demo.
+TASK ?= image
+# requirements.lock records a hash of the dependency lists it was resolved from, so an edited
+# pyproject.toml cannot silently run on stale pins.
+DEPS_HASH = $(shell $(PYTHON) -c "import tomllib,hashlib,json; p=tomllib.load(open('pyproject.toml','rb'))['project']; print(hashlib.sha256(json.dumps([p['dependencies'], p.get('optional-dependencies')], sort_keys=True).encode()).hexdigest())")
+
+.PHONY: help setup data run test test-fast ui lock clean
+help:  ## show the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
+
+setup: $(STAMP) data  ## create/refresh .venv from requirements.lock and install the default data
+
+$(STAMP): pyproject.toml requirements.lock
+	@grep -q "^# dependencies sha256: $(DEPS_HASH)$$" requirements.lock || \
+	  { echo "pyproject.toml dependencies changed since requirements.lock was made: run 'make lock'" >&2; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	@touch $@
+
+data:  ## install Fashion-MNIST from Debian when the default source folder is empty
+	@src=$$($(BIN)/python -c 'from stages.params import Params; print(Params.load().paths.source)'); \
+	if ls "$$src"/train-images-idx3-ubyte.gz >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$src" = /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "Installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else \
+	  echo "Fashion-MNIST is not in $$src. Run: sudo apt-get install dataset-fashion-mnist," \
+	       "or set paths.source in params.yaml, or prepare.download: true (needs network)." >&2; exit 1; \
+	fi
+
+run: setup  ## run the pipeline (only what changed) and print the summary
+	$(BIN)/python -m flows.pipeline
+
+test: setup  ## run every test, the slow end-to-end ones included
+	$(BIN)/python -m pytest
+
+test-fast: setup  ## unit tests only
+	$(BIN)/python -m pytest -m "not slow"
+
+ui:  ## open the MLflow UI on the project's tracking store
+	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$$($(BIN)/python -c 'from stages.params import Params; print(Params.load().paths.mlflow_db)')" --port 5000
+
+lock:  ## re-resolve dependencies from pyproject.toml into requirements.lock
+	rm -rf $(VENV).lock-tmp && $(PYTHON) -m venv $(VENV).lock-tmp
+	$(VENV).lock-tmp/bin/python -m pip install --quiet '.[test]'
+	{ echo "# Resolved by 'make lock' from pyproject.toml; do not edit by hand."; \
+	  echo "# dependencies sha256: $(DEPS_HASH)"; \
+	  $(VENV).lock-tmp/bin/python -m pip freeze --exclude headstart; } > requirements.lock
+	rm -rf $(VENV).lock-tmp
+
+clean:  ## remove pipeline outputs (not the venv, not the MLflow store)
+	rm -rf data/prepared models plots metrics reports

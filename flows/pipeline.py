@@ -1,0 +1,169 @@
+"""The headstart pipeline as a Prefect flow: one task per DVC stage, each run through `dvc repro`, so DVC
+decides what is out of date and dvc.lock stays the record; Prefect adds retries, logs and schedules.
+
+Run:  python -m flows.pipeline                           (what `make run` does)
+      python -m flows.pipeline --set finetune.epochs=3   (change a setting in params.yaml, then run)
+With PREFECT_API_URL set, the run is recorded on that server; otherwise Prefect starts a temporary local
+one. When `dvc status` says nothing changed, the flow is not started at all: nothing would run, and
+starting Prefect costs more than checking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger, task
+
+from stages.params import Params
+
+STAGES = ("prepare", "finetune", "baseline", "evaluate", "register", "export")
+# Training is deterministic: retrying a failure repeats it. Talking to a tracking server is not.
+RETRIES = {"register": 2, "export": 2}
+
+
+def dvc(*args: str, capture: bool = True) -> subprocess.CompletedProcess:
+    """Run the dvc of this Python environment; stage commands find this environment's `python` first."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=capture, text=True, env=env)
+
+
+def stale_stages() -> list[str]:
+    """Stages whose code, params or inputs changed since dvc.lock was written (their downstream too)."""
+    res = dvc("status", "--json")
+    if res.returncode != 0:
+        raise RuntimeError(f"dvc status failed:\n{res.stderr or res.stdout}")
+    changed = set(json.loads(res.stdout or "{}"))
+    return [s for s in STAGES if s in changed]
+
+
+def _repro(name: str) -> str:
+    """Run one stage through DVC, passing its output (progress bars too) through to the terminal."""
+    log = get_run_logger()
+    start = time.perf_counter()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro", "--single-item", name],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    raw = bytearray()
+    for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.buffer.flush()
+        raw += chunk
+    code = proc.wait()
+    text = raw.decode(errors="replace").replace("\r", "\n")
+    lines = [ln for ln in text.splitlines() if ln.strip() and "it/s]" not in ln and "s/it]" not in ln]
+    seconds = time.perf_counter() - start
+    if code != 0:
+        tail = "\n".join(lines[-25:])
+        raise RuntimeError(f"stage {name} failed (dvc repro exit {code}) after {seconds:.0f}s:\n{tail}")
+    skipped = any("didn't change, skipping" in ln for ln in lines)
+    outcome = "up to date, skipped" if skipped else f"ran in {seconds:.0f}s"
+    log.info("stage %s: %s", name, outcome)
+    return outcome
+
+
+TASKS = {name: task(_repro, name=name, retries=RETRIES.get(name, 0), retry_delay_seconds=10) for name in STAGES}
+
+
+@flow(name="headstart-pipeline", log_prints=True)
+def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict[str, str]:
+    """Run every out-of-date stage in order; `overrides` ({"finetune.epochs": 3}) are written to params.yaml
+    first, so DVC records them in dvc.lock like any other change."""
+    log = get_run_logger()
+    if overrides:
+        apply_overrides(Path(params_file), overrides)
+        log.info("params.yaml updated: %s", overrides)
+    stale = stale_stages()
+    if not stale:
+        log.info("dvc status: data, code and params unchanged; nothing to retrain")
+        return {name: "up to date, skipped" for name in STAGES}
+    log.info("out of date: %s", ", ".join(stale))
+    return {name: TASKS[name](name) for name in STAGES}
+
+
+def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
+    """Set dotted keys in params.yaml, keeping its comments; the result is validated before it is written."""
+    from ruamel.yaml import YAML
+
+    from stages.files import atomic_path
+
+    rt = YAML()
+    doc = rt.load(params_file.read_text())
+    for dotted, value in overrides.items():
+        node = doc
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            if key not in node:
+                raise KeyError(f"--set {dotted}: params.yaml has no section {key!r}")
+            node = node[key]
+        if leaf not in node:
+            raise KeyError(f"--set {dotted}: params.yaml has no key {leaf!r} under {'.'.join(parents) or 'the top'}")
+        node[leaf] = value
+    Params.from_dict(json.loads(json.dumps(doc)), source=f"{params_file} with {overrides}")
+    with atomic_path(params_file) as tmp, open(tmp, "w") as f:
+        rt.dump(doc, f)
+
+
+def summary(params: Params) -> str:
+    """The few lines a person wants after a run: accuracies with CIs, gain, verdict, registry, parity."""
+    paths = params.paths
+    if not paths.evaluate_metrics.exists():
+        return "no results yet: run `make run`"
+    ev = json.loads(paths.evaluate_metrics.read_text())
+    out = [f"{'model':<14}{'test accuracy':>14}  95% CI"]
+    for name in ("finetuned", "scratch", "linear_probe", "floor"):
+        lo, hi = ev[name]["accuracy_ci95"]
+        out.append(f"{name:<14}{ev[name]['accuracy']:>14.4f}  [{lo:.4f}, {hi:.4f}]")
+    lo, hi = ev["transfer_gain_ci95"]
+    out.append(f"transfer gain (fine-tuned - scratch): {ev['transfer_gain']:+.4f} [{lo:+.4f}, {hi:+.4f}], "
+               f"McNemar p = {ev['mcnemar_p']:.2g}, verdict: {ev['verdict']}")
+    if paths.registered.exists():
+        r = json.loads(paths.registered.read_text())
+        out.append(f"registered: {r['model_name']} version {r['version']}, aliases: {', '.join(r['aliases']) or 'none'}"
+                   f" ({r.get('challenger_reason', '')})")
+    if paths.export_metrics.exists():
+        e = json.loads(paths.export_metrics.read_text())
+        out.append(f"ONNX: {e['onnx_path']}, top-1 agreement {e['top1_agreement']:.4%}, "
+                   f"max |logit diff| {e['max_abs_diff']:.1e} on {e['n_examples']} test images")
+    out.append("Browse runs and the registry: make ui  (then open http://127.0.0.1:5000)")
+    return "\n".join(out)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value (e.g. finetune.epochs=3), got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value)  # "3" -> 3, "1.0e-3" -> 0.001, "true" -> True
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a setting in the params file before running, e.g. --set prepare.per_class=50")
+    args = parser.parse_args(argv)
+    overrides = parse_overrides(args.overrides)
+    params = Params.load(Path(args.params))  # fail on a bad params file before anything starts
+    if overrides:
+        apply_overrides(Path(args.params), overrides)
+    if stale_stages():
+        pipeline(params_file=args.params)
+    else:
+        print("dvc status: data, code and params unchanged since the last run; nothing to retrain.")
+    print(summary(Params.load(Path(args.params))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""The alternatives fine-tuning must beat, on the same prepared data:
+  scratch       the same architecture from random weights, same epochs and batch size (same budget);
+  linear_probe  logistic regression on frozen pre-trained features (the regularisation strength chosen
+                on the validation split), written into the network's head;
+  floor         logistic regression on raw pixels.
+Reads paths.prepared, writes paths.baselines/<name>/ in the fine-tuned model's format, and
+paths.scratch_history.
+Run: dvc repro baseline   (or: python -m stages.baseline)"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from torch import nn
+
+from stages import zoo
+from stages.data import Split, load_split
+from stages.files import atomic_path, read_json
+from stages.params import BaselineParams, FinetuneParams, ModelParams, cli
+from stages.train import TrainConfig, fit, predict, write_history
+
+NAMES = ("scratch", "linear_probe", "floor")
+
+
+def run(
+    prepared: Path, out: Path, history: Path, model_p: ModelParams, ft: FinetuneParams, p: BaselineParams
+) -> dict[str, float]:
+    """Train the three baselines; return each one's validation accuracy."""
+    classes = read_json(Path(prepared) / "manifest.json")["classes"]
+    train, val = load_split(prepared, "train"), load_split(prepared, "val")
+    val_acc = {}
+    with atomic_path(out) as tmp:  # the three are one output: all of them or none
+        tmp.mkdir()
+        val_acc["scratch"] = _scratch(train, val, classes, tmp / "scratch", history, model_p, ft, p)
+        val_acc["linear_probe"] = _linear_probe(train, val, classes, tmp / "linear_probe", model_p, p)
+        val_acc["floor"] = _floor(train, val, classes, tmp / "floor", p)
+    print("validation accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in val_acc.items()) + f" -> {out}")
+    return val_acc
+
+
+def _scratch(train, val, classes, out, history, model_p, ft, p) -> float:
+    pre = zoo.preprocessing(model_p.name, model_p.image_size)
+    torch.manual_seed(p.seed)
+    model = zoo.build(model_p.name, len(classes), pre)
+    # Same budget as finetune (epochs, batch, schedule, early stopping); only the peak lr differs.
+    cfg = TrainConfig(**{**ft.model_dump(), "lr": p.scratch_lr, "freeze_epochs": 0, "seed": p.seed})
+    print(f"training {model_p.name} from random weights on {len(train.y)} images")
+    result = fit(model, train, val, pre, cfg, head=zoo.head_parameters(model), desc="scratch")
+    write_history(history, result.history)
+    zoo.save_checkpoint(out, model, _meta("scratch", model_p.name, "random", None, classes, pre, {
+        **cfg.__dict__, "best_epoch": result.best_epoch, "seconds": result.seconds}))
+    return result.best_val_accuracy
+
+
+def _linear_probe(train, val, classes, out, model_p, p) -> float:
+    start = time.perf_counter()
+    pre = zoo.preprocessing(model_p.name, model_p.image_size)
+    model, sha = zoo.pretrained(model_p.name, len(classes), pre)
+    f_train = predict(model, train.x, pre, fn=zoo.features, desc="probe features (train)")
+    f_val = predict(model, val.x, pre, fn=zoo.features, desc="probe features (val)")
+    clf, c, acc = _best_logreg(f_train, train, f_val, val, p.probe_c)
+    head = model.get_classifier()
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(clf.coef_).float())
+        head.bias.copy_(torch.from_numpy(clf.intercept_).float())
+    zoo.save_checkpoint(out, model, _meta("linear_probe", model_p.name, "pretrained", sha, classes, pre, {
+        "C": c, "val_accuracy": acc, "seconds": round(time.perf_counter() - start, 2)}))
+    return acc
+
+
+def _floor(train, val, classes, out, p) -> float:
+    start = time.perf_counter()
+    size = int(train.x.shape[-1])
+    pre = zoo.preprocessing(zoo.PIXEL_LINEAR, size)
+    flat = lambda s: s.x.reshape(len(s.x), -1).astype(np.float32) / 255.0  # noqa: E731
+    clf, c, acc = _best_logreg(flat(train), train, flat(val), val, [p.floor_c])
+    model = zoo.build(zoo.PIXEL_LINEAR, len(classes), pre)
+    linear: nn.Linear = model[1]
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(clf.coef_).float())
+        linear.bias.copy_(torch.from_numpy(clf.intercept_).float())
+    zoo.save_checkpoint(out, model, _meta("floor", zoo.PIXEL_LINEAR, "logistic_regression", None, classes, pre, {
+        "C": c, "val_accuracy": acc, "seconds": round(time.perf_counter() - start, 2)}))
+    return acc
+
+
+def _best_logreg(x_train, train: Split, x_val, val: Split, cs: list[float]):
+    best = None
+    for c in cs:
+        clf = LogisticRegression(C=c, max_iter=2000).fit(x_train, train.y)
+        acc = float((clf.predict(x_val) == val.y).mean())
+        if best is None or acc > best[2]:
+            best = (clf, c, acc)
+    return best
+
+
+def _meta(kind, arch, init, sha, classes, pre, train) -> dict:
+    return {"kind": kind, "architecture": arch, "init": init, "pretrained_sha256": sha,
+            "classes": classes, "preprocessing": pre, "train": train}
+
+
+def main(argv: list[str] | None = None) -> None:
+    params = cli(__doc__, argv)
+    run(params.paths.prepared, params.paths.baselines, params.paths.scratch_history,
+        params.model, params.finetune, params.baseline)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Writing outputs whole or not at all, and hashing inputs. An interrupted stage must leave the last good
+outputs in place, so everything is written to a temporary sibling first and renamed into place."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path next to `target`; on success it replaces `target` (file or directory)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)) / target.name
+    try:
+        yield tmp
+        if target.is_dir() and not target.is_symlink():
+            # A directory cannot be renamed over a non-empty one: move the old aside first, so that at
+            # every instant either the old or the new complete output exists under the name.
+            old = tmp.parent / f"{target.name}.old"
+            os.replace(target, old)
+            os.replace(tmp, target)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def read_json(path: Path) -> Any:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} not found: run the stage that writes it first (dvc repro)")
+    return json.loads(Path(path).read_text())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,48 @@
+"""Fine-tune the pre-trained backbone with a new classifier head on the prepared training split.
+Reads paths.prepared, writes paths.finetuned (model.safetensors + model.json) and paths.finetune_history.
+Run: dvc repro finetune   (or: python -m stages.finetune)
+
+Imports only torch, timm and the standard stack: it must run on a GPU box with no prefect/mlflow/dvc."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages import zoo
+from stages.data import load_split
+from stages.files import read_json
+from stages.params import FinetuneParams, ModelParams, cli
+from stages.train import FitResult, TrainConfig, device, fit, write_history
+
+
+def run(prepared: Path, out: Path, history: Path, model_p: ModelParams, p: FinetuneParams) -> FitResult:
+    classes = read_json(Path(prepared) / "manifest.json")["classes"]
+    train, val = load_split(prepared, "train"), load_split(prepared, "val")
+    pre = zoo.preprocessing(model_p.name, model_p.image_size)
+    model, weights_sha = zoo.pretrained(model_p.name, len(classes), pre)
+    print(f"fine-tuning {model_p.name} (pre-trained, {weights_sha[:12]}) on {len(train.y)} images, device {device()}")
+    cfg = TrainConfig(**p.model_dump())
+    result = fit(model, train, val, pre, cfg, head=zoo.head_parameters(model), desc="finetune")
+    meta = {
+        "kind": "finetuned",
+        "architecture": model_p.name,
+        "init": "pretrained",
+        "pretrained_sha256": weights_sha,
+        "classes": classes,
+        "preprocessing": pre,
+        "train": {**cfg.__dict__, "best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
+                  "seconds": result.seconds, "n_train": int(len(train.y))},
+    }
+    zoo.save_checkpoint(out, model, meta)
+    write_history(history, result.history)
+    print(f"best validation accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch} -> {out}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    params = cli(__doc__, argv)
+    run(params.paths.prepared, params.paths.finetuned, params.paths.finetune_history, params.model, params.finetune)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny idx datasets in the Fashion-MNIST layout, and one MLflow store per session
+(creating a SQLite store runs migrations that take tens of seconds)."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stages.data import FASHION_MNIST_FILES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def tiny_source(tmp_path: Path) -> Path:
+    """A Fashion-MNIST-shaped source folder: 10 classes, 20 train and 6 test images each. Each class has
+    its own brightness pattern so even a linear model can learn it."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "source"
+    src.mkdir()
+    for split, per_class in (("train", 20), ("test", 6)):
+        y = np.repeat(np.arange(10), per_class)
+        rng.shuffle(y)
+        x = rng.integers(0, 60, (len(y), 28, 28))
+        for i, c in enumerate(y):
+            x[i, c * 2 : c * 2 + 6, :] += 180
+        write_idx(src / FASHION_MNIST_FILES[f"{split}_images"], x)
+        write_idx(src / FASHION_MNIST_FILES[f"{split}_labels"], y)
+    return src
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory):
+    from stages.register import Store
+
+    root = tmp_path_factory.mktemp("mlflow")
+    return Store(db=root / "mlflow.db", artifacts=root / "artifacts")
