@@ -132,19 +132,23 @@ def _log_model_run(experiment_id: str, name: str, path: Path, history: Path | No
         return r.info.run_id
 
 
-def _register(client: MlflowClient, run_id: str, finetuned: Path, name: str, report: dict, lineage: dict) -> str:
+def _register(client: MlflowClient, run_id: str, finetuned: Path, name: str, report: dict, lineage: dict) -> int:
     model, meta = zoo.load_checkpoint(finetuned)
     size = meta["preprocessing"]["image_size"]
     example = np.zeros((2, meta["preprocessing"]["channels"], size, size), dtype=np.float32)
-    # The signature is inferred from a batch of 2 and records the batch axis as -1 (any size); a batch of 1
-    # would pin it to 1 (../shared/ENVIRONMENT.md).
+    # A batch of 2: MLflow stores the model as a torch.export graph (pt2, no pickle) traced on this example,
+    # and a batch of 1 would pin the batch axis to 1 (../shared/ENVIRONMENT.md). The signature records the
+    # batch axis as -1 (any size).
     signature = mlflow.models.infer_signature(example, model(torch.from_numpy(example)).detach().numpy())
     with mlflow.start_run(run_id=run_id, nested=True):
         # Our own checkpoint format rides along, so later runs can re-score this version with headstart's
         # preprocessing (the champion comparison below) without unpickling anything.
         mlflow.log_artifacts(str(finetuned), artifact_path="checkpoint")
-        info = mlflow.pytorch.log_model(model, name="model", signature=signature, registered_model_name=name)
-    version = str(info.registered_model_version)
+        info = mlflow.pytorch.log_model(
+            model, name="model", signature=signature, input_example=example, serialization_format="pt2",
+            registered_model_name=name,
+        )
+    version = int(info.registered_model_version)
     tags = {
         **lineage,
         "verdict": report["verdict"],

@@ -1,0 +1,53 @@
+"""dvc.yaml, the stage modules, the flow and params.yaml must describe the same pipeline."""
+
+import importlib
+import re
+
+import yaml
+
+from flows.pipeline import STAGES, TASKS
+from stages.params import Params
+
+from .conftest import ROOT
+
+
+def dvc_stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def test_dvc_flow_and_modules_list_the_same_stages_in_order():
+    assert list(dvc_stages()) == list(STAGES)
+    assert list(TASKS) == list(STAGES)
+    for name in STAGES:
+        module = importlib.import_module(f"stages.{name}")
+        assert callable(module.run) and callable(module.main), name
+
+
+def test_each_dvc_stage_runs_its_own_module_and_depends_on_its_code():
+    for name, stage in dvc_stages().items():
+        assert stage["cmd"] == f"python -m stages.{name}"
+        assert f"stages/{name}.py" in stage["deps"]
+
+
+def test_dvc_paths_and_params_come_from_params_yaml():
+    params = Params.load(ROOT / "params.yaml")
+    sections = set(Params.model_fields) - {"paths"}
+    text = (ROOT / "dvc.yaml").read_text()
+    for key in re.findall(r"\$\{paths\.(\w+)\}", text):
+        assert hasattr(params.paths, key), key
+    for name, stage in dvc_stages().items():
+        assert set(stage["params"]) <= sections, name
+    # no literal output path may hide in dvc.yaml
+    for stage in dvc_stages().values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                path = entry if isinstance(entry, str) else next(iter(entry))
+                assert path.startswith("${paths."), path
+
+
+def test_no_stage_imports_prefect_and_only_register_imports_mlflow():
+    for path in (ROOT / "stages").glob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(import|from)\s+prefect", text, re.M), path.name
+        if path.name != "register.py":
+            assert not re.search(r"^\s*(import|from)\s+mlflow", text, re.M), path.name
