@@ -18,7 +18,10 @@ DEPS_HASH = $(shell $(PYTHON) -c "import tomllib,hashlib,json; p=tomllib.load(op
 help:  ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
 
-setup: $(STAMP) data  ## create/refresh .venv from requirements.lock and install the default data
+setup: $(STAMP) data .dvc/config  ## create/refresh .venv from requirements.lock and install the default data
+
+.dvc/config:  # a checkout without DVC metadata (e.g. a tarball): initialise it, with git when there is one
+	if git rev-parse --git-dir >/dev/null 2>&1; then $(BIN)/dvc init -q; else $(BIN)/dvc init -q --no-scm; fi
 
 $(STAMP): pyproject.toml requirements.lock
 	@grep -q "^# dependencies sha256: $(DEPS_HASH)$$" requirements.lock || \
@@ -27,7 +30,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	@touch $@
 
-data:  ## install Fashion-MNIST from Debian when the default source folder is empty
+data: $(STAMP)  ## install Fashion-MNIST from Debian when the default source folder is empty
 	@src=$$($(BIN)/python -c 'from stages.params import Params; print(Params.load().paths.source)'); \
 	if ls "$$src"/train-images-idx3-ubyte.gz >/dev/null 2>&1; then exit 0; fi; \
 	if [ "$$src" = /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

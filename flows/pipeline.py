@@ -25,8 +25,19 @@ from prefect import flow, get_run_logger, task
 from stages.params import Params
 
 STAGES = ("prepare", "finetune", "baseline", "evaluate", "register", "export")
-# Training is deterministic: retrying a failure repeats it. Talking to a tracking server is not.
+# Training is deterministic: retrying a failure repeats it. Talking to a tracking store is not, so the
+# stages that do are retried, and only for failures that look transient.
 RETRIES = {"register": 2, "export": 2}
+TRANSIENT = ("ConnectionError", "Connection refused", "Max retries exceeded", "database is locked",
+             "timed out", "Read timed out", "503 Server Error", "502 Server Error", "504 Server Error")
+
+
+def is_transient(message: str) -> bool:
+    return any(marker in message for marker in TRANSIENT)
+
+
+def _retry_if_transient(task, task_run, state) -> bool:
+    return is_transient(str(state.result(raise_on_failure=False)))
 
 
 def dvc(*args: str, capture: bool = True) -> subprocess.CompletedProcess:
@@ -71,7 +82,11 @@ def _repro(name: str) -> str:
     return outcome
 
 
-TASKS = {name: task(_repro, name=name, retries=RETRIES.get(name, 0), retry_delay_seconds=10) for name in STAGES}
+TASKS = {
+    name: task(_repro, name=name, retries=RETRIES.get(name, 0), retry_delay_seconds=10,
+               retry_condition_fn=_retry_if_transient)
+    for name in STAGES
+}
 
 
 @flow(name="headstart-pipeline", log_prints=True)

@@ -21,7 +21,7 @@ from stages import zoo
 from stages.data import Split, load_split
 from stages.files import atomic_path, read_json
 from stages.params import BaselineParams, FinetuneParams, ModelParams, cli
-from stages.train import TrainConfig, fit, predict, write_history
+from stages.train import TrainConfig, fit, predict, seed_everything, write_history
 
 NAMES = ("scratch", "linear_probe", "floor")
 
@@ -44,7 +44,7 @@ def run(
 
 def _scratch(train, val, classes, out, history, model_p, ft, p) -> float:
     pre = zoo.preprocessing(model_p.name, model_p.image_size)
-    torch.manual_seed(p.seed)
+    seed_everything(p.seed)
     model = zoo.build(model_p.name, len(classes), pre)
     # Same budget as finetune (epochs, batch, schedule, early stopping); only the peak lr differs.
     cfg = TrainConfig(**{**ft.model_dump(), "lr": p.scratch_lr, "freeze_epochs": 0, "seed": p.seed})

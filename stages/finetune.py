@@ -12,13 +12,14 @@ from stages import zoo
 from stages.data import load_split
 from stages.files import read_json
 from stages.params import FinetuneParams, ModelParams, cli
-from stages.train import FitResult, TrainConfig, device, fit, write_history
+from stages.train import FitResult, TrainConfig, device, fit, seed_everything, write_history
 
 
 def run(prepared: Path, out: Path, history: Path, model_p: ModelParams, p: FinetuneParams) -> FitResult:
     classes = read_json(Path(prepared) / "manifest.json")["classes"]
     train, val = load_split(prepared, "train"), load_split(prepared, "val")
     pre = zoo.preprocessing(model_p.name, model_p.image_size)
+    seed_everything(p.seed)  # the new head's initial weights come from the global generator
     model, weights_sha = zoo.pretrained(model_p.name, len(classes), pre)
     print(f"fine-tuning {model_p.name} (pre-trained, {weights_sha[:12]}) on {len(train.y)} images, device {device()}")
     cfg = TrainConfig(**p.model_dump())

@@ -151,12 +151,13 @@ def fit(
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip and a shift of up to 1/8 of the side: label-preserving for photos of objects
-    and clothes, and the cheapest defence against memorising a few hundred images."""
+    """Random horizontal flip and a shift of up to 1/16 of the side: label-preserving for photos of objects
+    and clothes, and the cheapest defence against memorising a few hundred images. (A 1/8 shift left
+    fine-tuning underfitting in 10 epochs: train accuracy 0.87.)"""
     n, _, h, w = x.shape
     flip = torch.rand(n, generator=gen) < 0.5
     x = torch.where(flip.view(n, 1, 1, 1).to(x.device), x.flip(3), x)
-    pad = max(1, h // 8)
+    pad = max(1, h // 16)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
     dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=gen).tolist()
     return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])

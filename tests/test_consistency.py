@@ -51,3 +51,12 @@ def test_no_stage_imports_prefect_and_only_register_imports_mlflow():
         assert not re.search(r"^\s*(import|from)\s+prefect", text, re.M), path.name
         if path.name != "register.py":
             assert not re.search(r"^\s*(import|from)\s+mlflow", text, re.M), path.name
+
+
+def test_only_transient_failures_are_retried():
+    from flows.pipeline import is_transient
+
+    assert is_transient("requests.exceptions.ConnectionError: Max retries exceeded with url: /api/2.0/mlflow")
+    assert is_transient("sqlite3.OperationalError: database is locked")
+    assert not is_transient("ValueError: ONNX export does not match PyTorch: max |diff| 0.01")
+    assert not is_transient("FloatingPointError: finetune: training loss became nan in epoch 2")

@@ -1,0 +1,191 @@
+"""The real thing on tiny settings: `python -m flows.pipeline` (Prefect's temporary server, DVC, the
+stages, a SQLite MLflow store) in a fresh copy of the project, on real Fashion-MNIST and real
+pre-trained weights: 8 labels per class, 32 px, one epoch, 200 test images."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.params import Params
+
+from .conftest import ROOT
+
+TINY = [
+    "prepare.per_class=8", "prepare.val_per_class=4", "prepare.test_per_class=20",
+    "model.image_size=32", "finetune.epochs=1", "finetune.batch_size=16",
+    "baseline.probe_c=[1.0]", "evaluate.n_bootstrap=200",
+]  # fmt: skip
+PROJECT_FILES = ["stages", "flows", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".dvcignore", ".gitignore"]
+
+pytestmark = pytest.mark.slow
+
+
+def sh(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
+    return res
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    if not Path(Params.load(ROOT / "params.yaml").paths.source, "train-images-idx3-ubyte.gz").exists():
+        pytest.fail("Fashion-MNIST is not installed: run `make data` (make test does it)")
+    proj = tmp_path_factory.mktemp("project")
+    for name in PROJECT_FILES:
+        src, dst = ROOT / name, proj / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
+         else shutil.copy(src, dst))
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    sh(["git", "init", "-q"], proj)
+    sh(git + ["add", "-A"], proj)
+    sh(git + ["commit", "-qm", "project copy"], proj)
+    return proj
+
+
+def flow_env(proj: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    env.update(PREFECT_HOME=str(proj / ".prefect"), PYTHONUNBUFFERED="1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def first_run(project: Path) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "flows.pipeline"] + [a for kv in TINY for a in ("--set", kv)]
+    return sh(args, project, flow_env(project))
+
+
+def test_flow_runs_every_stage_and_writes_every_declared_output(project, first_run):
+    params = Params.load(project / "params.yaml")
+    for stage in ("prepare", "finetune", "baseline", "evaluate", "register", "export"):
+        assert f"Running stage '{stage}'" in first_run.stdout, stage
+    for name, path in params.paths:
+        if name in ("source", "mlflow_artifacts"):
+            continue
+        assert (project / path).exists(), f"paths.{name} = {path} was not written"
+    for sub in ("scratch", "linear_probe", "floor"):
+        assert (project / params.paths.baselines / sub / "model.safetensors").exists()
+    assert "verdict" in first_run.stdout and "make ui" in first_run.stdout  # the summary table
+
+
+def test_overrides_are_recorded_by_dvc_and_nothing_is_left_stale(project, first_run):
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert list(lock["stages"]) == ["prepare", "finetune", "baseline", "evaluate", "register", "export"]
+    assert lock["stages"]["finetune"]["params"]["params.yaml"]["finetune"]["epochs"] == 1
+    assert "epochs: 1" in (project / "params.yaml").read_text()
+    assert "# peak of the one-cycle schedule" in (project / "params.yaml").read_text()  # comments kept
+    status = sh([sys.executable, "-m", "dvc", "status", "--json"], project)
+    assert json.loads(status.stdout) == {}  # `dvc repro` alone would now do nothing: same record
+
+
+def test_evaluate_metrics_contract(project, first_run):
+    ev = json.loads((project / "metrics/evaluate.json").read_text())
+    for name in ("finetuned", "scratch", "linear_probe", "floor"):
+        m = ev[name]
+        lo, hi = m["accuracy_ci95"]
+        assert 0 <= lo <= m["accuracy"] <= hi <= 1
+        assert 0 <= m["macro_f1"] <= 1
+        assert len(m["per_class_accuracy"]) == 10
+    lo, hi = ev["transfer_gain_ci95"]
+    assert lo <= ev["transfer_gain"] <= hi
+    assert ev["transfer_gain"] == pytest.approx(ev["finetuned"]["accuracy"] - ev["scratch"]["accuracy"])
+    assert 0 <= ev["mcnemar_p"] <= 1
+    assert ev["verdict"] == ("positive" if lo > 0 else "negative" if hi < 0 else "inconclusive")
+    assert ev["n_test"] == 200
+    assert sorted(p.name for p in (project / "plots/evaluate").iterdir()) == [
+        "confusion_finetuned.png", "confusion_floor.png", "confusion_linear_probe.png", "confusion_scratch.png"]
+
+
+def test_onnx_export_matches_pytorch_on_the_test_set(project, first_run):
+    ex = json.loads((project / "metrics/export.json").read_text())
+    assert ex["n_examples"] == 200
+    assert ex["top1_agreement"] >= 0.999
+    assert ex["max_abs_diff"] <= Params.load(project / "params.yaml").export.max_abs_diff
+    assert (project / ex["onnx_path"]).stat().st_size > 1_000_000
+
+
+def test_registered_version_lineage_and_alias_rule(project, first_run):
+    from mlflow.tracking import MlflowClient
+
+    receipt = json.loads((project / "reports/registered.json").read_text())
+    ev = json.loads((project / "metrics/evaluate.json").read_text())
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    version = client.get_model_version(receipt["model_name"], receipt["version"])
+    head = sh(["git", "rev-parse", "HEAD"], project).stdout.strip()
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    prepared_md5 = lock["stages"]["prepare"]["outs"][0]["md5"]
+    assert version.tags["git_commit"].startswith(head)
+    assert version.tags["data_dvc_md5"] == prepared_md5
+    assert version.tags["params_sha256"] == Params.load(project / "params.yaml").digest()
+    assert version.tags["verdict"] == ev["verdict"]
+    assert float(version.tags["transfer_gain"]) == pytest.approx(ev["transfer_gain"], abs=1e-6)
+    assert len(version.tags["pretrained_sha256"]) == 64
+    # challenger only for a positive verdict (no champion exists in this fresh store)
+    assert ("challenger" in receipt["aliases"]) == (ev["verdict"] == "positive")
+    assert sorted(version.aliases) == receipt["aliases"]
+    # the ONNX file went to the run of the registered version, with its parity on the version
+    assert [a.path for a in client.list_artifacts(receipt["run_id"], "onnx")] == ["onnx/model.onnx"]
+    assert float(version.tags["onnx_top1_agreement"]) >= 0.999
+    # one parent run with a nested run per model
+    runs = client.search_runs([client.get_experiment_by_name("headstart").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["finetuned", "floor", "linear_probe", "pipeline", "scratch"]
+
+
+def test_second_run_with_nothing_changed_retrains_nothing(project, first_run):
+    model = project / "models/finetuned/model.safetensors"
+    before = model.stat().st_mtime_ns, (project / "reports/registered.json").read_text()
+    start = time.perf_counter()
+    res = sh([sys.executable, "-m", "flows.pipeline"], project, flow_env(project))
+    seconds = time.perf_counter() - start
+    assert "nothing to retrain" in res.stdout
+    assert "Running stage" not in res.stdout
+    assert (model.stat().st_mtime_ns, (project / "reports/registered.json").read_text()) == before
+    assert seconds < 60, f"a no-op run took {seconds:.0f}s"
+
+
+def test_mlflow_ui_serves_the_registered_version_and_alias(project, first_run):
+    """What `make ui` shows: a real `mlflow ui` process on the project's store, asked over HTTP."""
+    import socket
+    import urllib.request
+
+    receipt = json.loads((project / "reports/registered.json").read_text())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    server = subprocess.Popen(
+        [str(mlflow_bin), "ui", "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}", "--host", "127.0.0.1",
+         "--port", str(port)], cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        url = (f"http://127.0.0.1:{port}/api/2.0/mlflow/model-versions/get"
+               f"?name={receipt['model_name']}&version={receipt['version']}")
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    body = json.loads(r.read())
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(1)
+        mv = body["model_version"]
+        tags = {t["key"]: t["value"] for t in mv.get("tags", [])}
+        assert tags["verdict"] == json.loads((project / "metrics/evaluate.json").read_text())["verdict"]
+        assert sorted(mv.get("aliases", [])) == receipt["aliases"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+            assert r.status == 200  # the UI page itself
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
