@@ -147,8 +147,9 @@ def summary(params: Params) -> str:
                    f" ({r.get('challenger_reason', '')})")
     if paths.export_metrics.exists():
         e = json.loads(paths.export_metrics.read_text())
-        out.append(f"ONNX: {e['onnx_path']}, top-1 agreement {e['top1_agreement']:.4%}, "
-                   f"max |logit diff| {e['max_abs_diff']:.1e} on {e['n_examples']} test images")
+        out.append(f"ONNX: {e['onnx_path']}, top-1 agreement {e['top1_agreement']:.4%}, max |logit diff| "
+                   f"{e['max_abs_diff']:.1e} ({e['worst_tolerance_use']:.0%} of the tolerance) on "
+                   f"{e['n_examples']} test images")
     out.append("Browse runs and the registry: make ui  (then open http://127.0.0.1:5000)")
     return "\n".join(out)
 

@@ -23,8 +23,6 @@ from stages.files import atomic_path, read_json
 from stages.params import BaselineParams, FinetuneParams, ModelParams, cli
 from stages.train import TrainConfig, fit, predict, seed_everything, write_history
 
-NAMES = ("scratch", "linear_probe", "floor")
-
 
 def run(
     prepared: Path, out: Path, history: Path, model_p: ModelParams, ft: FinetuneParams, p: BaselineParams

@@ -13,16 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from stages import zoo
-from stages.baseline import NAMES as BASELINES
 from stages.data import load_split
 from stages.files import atomic_path, read_json, write_json
 from stages.params import EvaluateParams, cli
 from stages.stats import bootstrap_ci, macro_f1, mcnemar_p, verdict
 from stages.train import predict
-
-
-def model_dirs(finetuned: Path, baselines: Path) -> dict[str, Path]:
-    return {"finetuned": Path(finetuned), **{name: Path(baselines) / name for name in BASELINES}}
 
 
 def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path, p: EvaluateParams) -> dict:
@@ -32,7 +27,7 @@ def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path
     y, n, k = test.y, len(test.y), len(classes)
 
     preds = {}
-    for name, path in model_dirs(finetuned, baselines).items():
+    for name, path in zoo.model_dirs(finetuned, baselines).items():
         model, meta = zoo.load_checkpoint(path)
         preds[name] = predict(model, test.x, meta["preprocessing"], desc=f"test {name}").argmax(1)
 
@@ -98,7 +93,7 @@ def _confusion_plots(out: Path, y: np.ndarray, preds: dict[str, np.ndarray], cla
 
 def _print_table(r: dict) -> None:
     print(f"{'model':<14}{'accuracy':>10}  {'95% CI':<17}{'macro-F1':>9}")
-    for name in ("finetuned", *BASELINES):
+    for name in ("finetuned", *zoo.BASELINES):
         m = r[name]
         lo, hi = m["accuracy_ci95"]
         print(f"{name:<14}{m['accuracy']:>10.4f}  [{lo:.4f}, {hi:.4f}] {m['macro_f1']:>9.4f}")

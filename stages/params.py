@@ -53,8 +53,9 @@ class FinetuneParams(Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     freeze_epochs: int = Field(0, ge=0)
-    patience: int = Field(3, ge=1)
+    patience: int = Field(5, ge=1)
     augment: bool = True
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
     seed: int = 0
 
 
@@ -85,7 +86,8 @@ class RegisterParams(Section):
 
 class ExportParams(Section):
     opset: int = Field(17, ge=13)
-    max_abs_diff: float = Field(5e-4, gt=0)
+    atol: float = Field(1e-4, gt=0)
+    rtol: float = Field(1e-4, ge=0)
     min_top1_agreement: float = Field(0.999, gt=0, le=1)
     batch_size: int = Field(256, ge=1)
 

@@ -25,7 +25,6 @@ from mlflow.tracking import MlflowClient
 
 from stages import zoo
 from stages.data import load_split
-from stages.evaluate import model_dirs
 from stages.files import read_json, sha256_file, write_json
 from stages.params import RegisterParams, cli
 from stages.train import predict
@@ -91,7 +90,7 @@ def run(
         mlflow.set_tag("verdict", report["verdict"])
         mlflow.log_artifact(str(evaluation))
         runs = {}
-        for name, path in model_dirs(finetuned, baselines).items():
+        for name, path in zoo.model_dirs(finetuned, baselines).items():
             runs[name] = _log_model_run(experiment_id, name, path, histories.get(name), report[name], plots)
         version = _register(client, runs["finetuned"], finetuned, p.model_name, report, lineage)
 
@@ -232,5 +231,5 @@ def attach_onnx(receipt: dict[str, Any], onnx_path: Path, parity: dict[str, Any]
     mlflow.set_tracking_uri(receipt["tracking_uri"])
     client = MlflowClient()
     client.log_artifact(receipt["run_id"], str(onnx_path), artifact_path="onnx")
-    for k in ("max_abs_diff", "top1_agreement"):
+    for k in ("max_abs_diff", "worst_tolerance_use", "top1_agreement"):
         client.set_model_version_tag(receipt["model_name"], receipt["version"], f"onnx_{k}", str(parity[k]))

@@ -28,6 +28,7 @@ class TrainConfig:
     patience: int
     seed: int
     augment: bool = False
+    label_smoothing: float = 0.0
 
 
 @dataclass
@@ -72,7 +73,7 @@ def fit(
         opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.25
     )
     gen = torch.Generator().manual_seed(cfg.seed)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     head_set = set(head)
 
     best = FitResult(best_epoch=-1, best_val_accuracy=-1.0, seconds=0.0)

@@ -41,6 +41,12 @@ OFFLINE_WEIGHTS = {
 }
 
 PIXEL_LINEAR = "pixel_linear"  # logistic regression on raw pixels, kept as a torch module like the rest
+BASELINES = ("scratch", "linear_probe", "floor")  # checkpoints under paths.baselines, by these names
+
+
+def model_dirs(finetuned: Path, baselines: Path) -> dict[str, Path]:
+    """Every model the pipeline trains, by name, and its checkpoint directory."""
+    return {"finetuned": Path(finetuned), **{name: Path(baselines) / name for name in BASELINES}}
 
 
 def preprocessing(name: str, image_size: int) -> dict[str, Any]:

@@ -60,3 +60,31 @@ def test_only_transient_failures_are_retried():
     assert is_transient("sqlite3.OperationalError: database is locked")
     assert not is_transient("ValueError: ONNX export does not match PyTorch: max |diff| 0.01")
     assert not is_transient("FloatingPointError: finetune: training loss became nan in epoch 2")
+
+
+def _imported_stage_modules(name: str, seen: set[str] | None = None) -> set[str]:
+    """stages.* modules that stages/<name>.py imports, directly or through each other."""
+    import ast
+
+    seen = set() if seen is None else seen
+    tree = ast.parse((ROOT / "stages" / f"{name}.py").read_text())
+    for node in ast.walk(tree):
+        mods = []
+        if isinstance(node, ast.ImportFrom) and node.module == "stages":
+            mods = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stages."):
+            mods = [node.module.split(".", 1)[1]]
+        for mod in mods:
+            if mod not in seen:
+                seen.add(mod)
+                _imported_stage_modules(mod, seen)
+    return seen
+
+
+def test_every_module_that_shapes_a_stage_result_is_a_dvc_dependency():
+    # params.py (validation) and files.py (atomic writes) shape no number, so editing them retrains nothing.
+    plumbing = {"params", "files"}
+    for name, stage in dvc_stages().items():
+        needed = {f"stages/{m}.py" for m in _imported_stage_modules(name) - plumbing}
+        missing = needed - set(stage["deps"])
+        assert not missing, f"dvc.yaml stage {name} imports {sorted(missing)} but does not list them as deps"

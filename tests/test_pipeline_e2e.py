@@ -110,7 +110,8 @@ def test_onnx_export_matches_pytorch_on_the_test_set(project, first_run):
     ex = json.loads((project / "metrics/export.json").read_text())
     assert ex["n_examples"] == 200
     assert ex["top1_agreement"] >= 0.999
-    assert ex["max_abs_diff"] <= Params.load(project / "params.yaml").export.max_abs_diff
+    assert ex["worst_tolerance_use"] <= 1
+    assert ex["max_abs_diff"] < 1e-2
     assert (project / ex["onnx_path"]).stat().st_size > 1_000_000
 
 
