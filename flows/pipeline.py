@@ -76,8 +76,12 @@ def _repro(name: str) -> str:
     if code != 0:
         tail = "\n".join(lines[-25:])
         raise RuntimeError(f"stage {name} failed (dvc repro exit {code}) after {seconds:.0f}s:\n{tail}")
-    skipped = any("didn't change, skipping" in ln for ln in lines)
-    outcome = "up to date, skipped" if skipped else f"ran in {seconds:.0f}s"
+    if any("didn't change, skipping" in ln for ln in lines):
+        outcome = "up to date, skipped"
+    elif any("is cached - skipping run" in ln for ln in lines):
+        outcome = "restored from DVC's run cache"
+    else:
+        outcome = f"ran in {seconds:.0f}s"
     log.info("stage %s: %s", name, outcome)
     return outcome
 

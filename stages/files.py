@@ -23,8 +23,9 @@ def atomic_path(target: Path) -> Iterator[Path]:
     try:
         yield tmp
         if target.is_dir() and not target.is_symlink():
-            # A directory cannot be renamed over a non-empty one: move the old aside first, so that at
-            # every instant either the old or the new complete output exists under the name.
+            # A directory cannot be renamed over a non-empty one: move the old aside, then the new in. A
+            # crash between the two renames leaves the old output whole in the hidden temp folder beside
+            # it; a crash at any other point leaves the old or the new one under the name, never a part.
             old = tmp.parent / f"{target.name}.old"
             os.replace(target, old)
             os.replace(tmp, target)
