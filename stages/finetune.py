@@ -6,6 +6,7 @@ Imports only torch, timm and the standard stack: it must run on a GPU box with n
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from stages import zoo
@@ -22,7 +23,7 @@ def run(prepared: Path, out: Path, history: Path, model_p: ModelParams, p: Finet
     seed_everything(p.seed)  # the new head's initial weights come from the global generator
     model, weights_sha = zoo.pretrained(model_p.name, len(classes), pre)
     print(f"fine-tuning {model_p.name} (pre-trained, {weights_sha[:12]}) on {len(train.y)} images, device {device()}")
-    cfg = TrainConfig(**p.model_dump())
+    cfg = TrainConfig(**dataclasses.asdict(p))
     result = fit(model, train, val, pre, cfg, head=zoo.head_parameters(model), desc="finetune")
     meta = {
         "kind": "finetuned",

@@ -1,24 +1,35 @@
 """The one schema for params.yaml. Every stage validates the whole file before doing any work, so a typo
-or a bad value fails at once, naming the key, instead of an hour into training."""
+or a bad value fails at once, naming the key, instead of an hour into training.
+
+Plain frozen dataclasses checked by `validate` below, not pydantic: `python -m stages.finetune` must start
+on GPU nodes that have only torch, torchvision, timm and transformers (../shared/ENVIRONMENT.md), and
+pydantic is not among their dependencies. PyYAML is (through timm)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import hashlib
 import json
-import warnings
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def _f(default: Any = dataclasses.MISSING, **bounds: float) -> Any:
+    """A field with optional bounds: ge, gt, le, lt."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=bounds)
+    return field(default=default, metadata=bounds)
 
 
-class Paths(Section):
+@dataclass(frozen=True)
+class Paths:
     source: Path
     prepared: Path
     finetuned: Path
@@ -34,101 +45,158 @@ class Paths(Section):
     mlflow_artifacts: Path
 
 
-class PrepareParams(Section):
-    per_class: int = Field(100, ge=1)
-    val_per_class: int = Field(30, ge=1)
-    test_per_class: int | None = Field(None, ge=1)
+@dataclass(frozen=True)
+class PrepareParams:
+    per_class: int = _f(100, ge=1)
+    val_per_class: int = _f(30, ge=1)
+    test_per_class: int | None = _f(None, ge=1)
     seed: int = 0
     download: bool = False
 
 
-class ModelParams(Section):
+@dataclass(frozen=True)
+class ModelParams:
     name: str = "efficientnet_lite0"
-    image_size: int = Field(80, ge=32, le=512)
+    image_size: int = _f(80, ge=32, le=512)
 
 
-class FinetuneParams(Section):
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    freeze_epochs: int = Field(0, ge=0)
-    patience: int = Field(5, ge=1)
+@dataclass(frozen=True)
+class FinetuneParams:
+    epochs: int = _f(10, ge=1)
+    batch_size: int = _f(32, ge=1)
+    lr: float = _f(1e-3, gt=0)
+    weight_decay: float = _f(0.01, ge=0)
+    freeze_epochs: int = _f(0, ge=0)
+    patience: int = _f(5, ge=1)
     augment: bool = True
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    label_smoothing: float = _f(0.1, ge=0, lt=1)
     seed: int = 0
 
 
-class BaselineParams(Section):
-    scratch_lr: float = Field(3e-3, gt=0)
-    probe_c: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0], min_length=1)
-    floor_c: float = Field(0.1, gt=0)
+@dataclass(frozen=True)
+class BaselineParams:
+    scratch_lr: float = _f(3e-3, gt=0)
+    probe_c: list[float] = _f([0.01, 0.1, 1.0, 10.0], gt=0)
+    floor_c: float = _f(0.1, gt=0)
     seed: int = 0
 
-    @field_validator("probe_c")
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    n_bootstrap: int = _f(2000, ge=100)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RegisterParams:
+    model_name: str
+    experiment: str
+    max_regression: float = _f(0.0, ge=0, le=1)
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    opset: int = _f(17, ge=13)
+    atol: float = _f(1e-4, gt=0)
+    rtol: float = _f(1e-4, ge=0)
+    min_top1_agreement: float = _f(0.999, gt=0, le=1)
+    batch_size: int = _f(256, ge=1)
+
+
+@dataclass(frozen=True)
+class Params:
+    paths: Paths
+    prepare: PrepareParams
+    model: ModelParams
+    finetune: FinetuneParams
+    baseline: BaselineParams
+    evaluate: EvaluateParams
+    register: RegisterParams
+    export: ExportParams
+
     @classmethod
-    def _positive(cls, v: list[float]) -> list[float]:
-        if any(c <= 0 for c in v):
-            raise ValueError(f"every value must be > 0, got {v}")
+    def load(cls, path: Path = Path("params.yaml")) -> Params:
+        return cls.from_dict(read_yaml(path), source=path)
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: Path | str = "params.yaml") -> Params:
+        errors: list[str] = []
+        params = validate(cls, raw, "", errors)
+        if errors:
+            raise ValueError(f"{source} is not valid:\n" + "\n".join(f"  {e}" for e in errors))
+        return params
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    def digest(self) -> str:
+        """sha256 of the validated settings: the same settings give the same hash whatever the YAML layout."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def validate(cls: type, raw: Any, where: str, errors: list[str]) -> Any:
+    """Build dataclass `cls` from `raw`, appending one line per problem ("finetune.lr: must be > 0, got -1")."""
+    if not isinstance(raw, dict):
+        errors.append(f"{where.rstrip('.') or 'the file'}: expected a mapping of keys, got {type(raw).__name__}")
+        return None
+    before = len(errors)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw.keys() - fields.keys():
+        near = difflib.get_close_matches(str(key), fields, n=1)
+        errors.append(f"{where}{key}: unknown key" + (f" (did you mean {near[0]}?)" if near else ""))
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        path = f"{where}{name}"
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                errors.append(f"{path}: required")
+            continue
+        values[name] = _value(hints[name], raw[name], path, errors)
+        _check_bounds(values[name], f.metadata, path, errors)
+    return cls(**values) if len(errors) == before else None
+
+
+def _value(tp: Any, v: Any, path: str, errors: list[str]) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return validate(tp, v, f"{path}.", errors)
+    if origin in (typing.Union, types.UnionType):
+        if v is None and type(None) in args:
+            return None
+        return _value(next(a for a in args if a is not type(None)), v, path, errors)
+    if origin is list:
+        if not isinstance(v, list):
+            errors.append(f"{path}: expected a list, got {v!r}")
+            return v
+        return [_value(args[0], item, f"{path}[{i}]", errors) for i, item in enumerate(v)]
+    if tp is float and isinstance(v, int | float) and not isinstance(v, bool):
+        return float(v)
+    if tp is float and isinstance(v, str):
+        errors.append(f"{path}: expected a number, got the string {v!r} (YAML needs a dot: write 2.0e-5, not 2e-5)")
         return v
+    if tp is Path and isinstance(v, str):
+        return Path(v)
+    if tp in (int, bool, str) and type(v) is tp:
+        return v
+    errors.append(f"{path}: expected {getattr(tp, '__name__', tp)}, got {v!r}")
+    return v
 
 
-class EvaluateParams(Section):
-    n_bootstrap: int = Field(2000, ge=100)
-    seed: int = 0
-
-
-class RegisterParams(Section):
-    model_name: str = Field(min_length=1)
-    experiment: str = Field(min_length=1)
-    max_regression: float = Field(0.0, ge=0, le=1)
-
-
-class ExportParams(Section):
-    opset: int = Field(17, ge=13)
-    atol: float = Field(1e-4, gt=0)
-    rtol: float = Field(1e-4, ge=0)
-    min_top1_agreement: float = Field(0.999, gt=0, le=1)
-    batch_size: int = Field(256, ge=1)
-
-
-with warnings.catch_warnings():
-    # pydantic warns that the field `register` shadows ABCMeta.register on the class; instances (all we
-    # use) resolve it to the field, and `register` is the stage's name, so we keep it.
-    warnings.filterwarnings("ignore", message='Field name "register"')
-
-    class Params(Section):
-        paths: Paths
-        prepare: PrepareParams
-        model: ModelParams
-        finetune: FinetuneParams
-        baseline: BaselineParams
-        evaluate: EvaluateParams
-        register: RegisterParams
-        export: ExportParams
-
-        @classmethod
-        def load(cls, path: Path = Path("params.yaml")) -> Params:
-            return cls.from_dict(read_yaml(path), source=path)
-
-        @classmethod
-        def from_dict(cls, raw: Any, source: Path | str = "params.yaml") -> Params:
-            try:
-                return cls.model_validate(raw)
-            except ValidationError as e:
-                # One line per problem, as "prepare.per_clas: Extra inputs are not permitted", so the
-                # person reading it sees the key to fix rather than pydantic's internals.
-                lines = [f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
-                raise ValueError(f"{source} is not valid:\n" + "\n".join(lines)) from None
-
-        def digest(self) -> str:
-            """sha256 of the validated settings: the same settings give the same hash whatever the YAML layout."""
-            blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
-            return hashlib.sha256(blob).hexdigest()
+def _check_bounds(v: Any, bounds: Any, path: str, errors: list[str]) -> None:
+    checks = {"ge": (lambda a, b: a >= b, ">="), "gt": (lambda a, b: a > b, ">"),
+              "le": (lambda a, b: a <= b, "<="), "lt": (lambda a, b: a < b, "<")}  # fmt: skip
+    for item in v if isinstance(v, list) else [v]:
+        if not isinstance(item, int | float) or isinstance(item, bool):
+            continue
+        for name, bound in bounds.items():
+            ok, sign = checks[name]
+            if not ok(item, bound):
+                errors.append(f"{path}: must be {sign} {bound}, got {item}")
 
 
 def read_yaml(path: Path) -> Any:
-    if not path.exists():
+    if not Path(path).exists():
         raise FileNotFoundError(f"{path} not found: run from the project root, or pass the params file")
     with open(path) as f:
         return yaml.safe_load(f)

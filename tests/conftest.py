@@ -39,6 +39,20 @@ def tiny_source(tmp_path: Path) -> Path:
     return src
 
 
+def tiny_params(tmp_path: Path, source: Path) -> Path:
+    """params.yaml with every output under tmp_path and settings small enough for a test."""
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["paths"] = {k: str(source if k == "source" else tmp_path / v) for k, v in raw["paths"].items()}
+    raw["prepare"].update(per_class=4, val_per_class=2, test_per_class=2)
+    raw["model"]["image_size"] = 32
+    raw["finetune"].update(epochs=1, batch_size=8)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 @pytest.fixture(scope="session")
 def mlflow_store(tmp_path_factory):
     from stages.register import Store

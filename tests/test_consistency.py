@@ -1,5 +1,6 @@
 """dvc.yaml, the stage modules, the flow and params.yaml must describe the same pipeline."""
 
+import dataclasses
 import importlib
 import re
 
@@ -31,7 +32,7 @@ def test_each_dvc_stage_runs_its_own_module_and_depends_on_its_code():
 
 def test_dvc_paths_and_params_come_from_params_yaml():
     params = Params.load(ROOT / "params.yaml")
-    sections = set(Params.model_fields) - {"paths"}
+    sections = {f.name for f in dataclasses.fields(Params)} - {"paths"}
     text = (ROOT / "dvc.yaml").read_text()
     for key in re.findall(r"\$\{paths\.(\w+)\}", text):
         assert hasattr(params.paths, key), key
@@ -88,3 +89,33 @@ def test_every_module_that_shapes_a_stage_result_is_a_dvc_dependency():
         needed = {f"stages/{m}.py" for m in _imported_stage_modules(name) - plumbing}
         missing = needed - set(stage["deps"])
         assert not missing, f"dvc.yaml stage {name} imports {sorted(missing)} but does not list them as deps"
+
+
+GPU_NODE_BLOCKER = """
+import runpy, sys
+BLOCKED = {"prefect", "mlflow", "dvc", "pydantic", "sklearn", "scipy", "matplotlib", "onnx", "onnxruntime",
+           "ruamel", "pandas"}
+for name in BLOCKED:  # what an absent package looks like: `import` fails, importlib.util.find_spec is None
+    sys.modules[name] = None
+sys.argv = ["stages.finetune", "--params", sys.argv[1]]
+runpy.run_module("stages.finetune", run_name="__main__")
+"""
+
+
+def test_finetune_runs_with_only_the_training_stack(tiny_source, tmp_path):
+    """GPU nodes have torch, torchvision, timm, transformers and their dependencies, nothing else."""
+    import subprocess
+    import sys
+
+    from stages.params import Params
+    from stages.prepare import run as prepare
+
+    from .conftest import tiny_params
+
+    params_file = tiny_params(tmp_path, tiny_source)
+    params = Params.load(params_file)
+    prepare(params.paths.source, params.paths.prepared, params.prepare)
+    res = subprocess.run([sys.executable, "-c", GPU_NODE_BLOCKER, str(params_file)], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (params.paths.finetuned / "model.safetensors").exists()

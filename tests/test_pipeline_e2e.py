@@ -4,6 +4,7 @@ pre-trained weights: 8 labels per class, 32 px, one epoch, 200 test images."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -69,7 +70,7 @@ def test_flow_runs_every_stage_and_writes_every_declared_output(project, first_r
     params = Params.load(project / "params.yaml")
     for stage in ("prepare", "finetune", "baseline", "evaluate", "register", "export"):
         assert f"Running stage '{stage}'" in first_run.stdout, stage
-    for name, path in params.paths:
+    for name, path in dataclasses.asdict(params.paths).items():
         if name in ("source", "mlflow_artifacts"):
             continue
         assert (project / path).exists(), f"paths.{name} = {path} was not written"
