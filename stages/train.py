@@ -112,7 +112,8 @@ def fit(
             loss_sum += loss.detach() * len(idx)
             correct += (logits.argmax(1) == yb).sum()
             if step % 10 == 0 or step == steps_per_epoch:  # a host sync: only now and then
-                bar.set_postfix(loss=f"{loss_sum.item() / min(step * cfg.batch_size, len(order)):.3f}")
+                seen = min(step * cfg.batch_size, len(order))
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
         bar.close()
 
         train_loss = loss_sum.item() / len(order)
