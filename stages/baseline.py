@@ -62,10 +62,7 @@ def _linear_probe(train, val, classes, out, model_p, p) -> float:
     f_train = predict(model, train.x, pre, fn=zoo.features, desc="probe features (train)")
     f_val = predict(model, val.x, pre, fn=zoo.features, desc="probe features (val)")
     clf, c, acc = _best_logreg(f_train, train, f_val, val, p.probe_c)
-    head = model.get_classifier()
-    with torch.no_grad():
-        head.weight.copy_(torch.from_numpy(clf.coef_).float())
-        head.bias.copy_(torch.from_numpy(clf.intercept_).float())
+    _load_linear(model.get_classifier(), clf)
     zoo.save_checkpoint(out, model, _meta("linear_probe", model_p.name, "pretrained", sha, classes, pre, {
         "C": c, "val_accuracy": acc, "seconds": round(time.perf_counter() - start, 2)}))
     return acc
@@ -78,10 +75,7 @@ def _floor(train, val, classes, out, p) -> float:
     flat = lambda s: s.x.reshape(len(s.x), -1).astype(np.float32) / 255.0  # noqa: E731
     clf, c, acc = _best_logreg(flat(train), train, flat(val), val, [p.floor_c])
     model = zoo.build(zoo.PIXEL_LINEAR, len(classes), pre)
-    linear: nn.Linear = model[1]
-    with torch.no_grad():
-        linear.weight.copy_(torch.from_numpy(clf.coef_).float())
-        linear.bias.copy_(torch.from_numpy(clf.intercept_).float())
+    _load_linear(model[1], clf)
     zoo.save_checkpoint(out, model, _meta("floor", zoo.PIXEL_LINEAR, "logistic_regression", None, classes, pre, {
         "C": c, "val_accuracy": acc, "seconds": round(time.perf_counter() - start, 2)}))
     return acc
@@ -95,6 +89,13 @@ def _best_logreg(x_train, train: Split, x_val, val: Split, cs: list[float]):
         if best is None or acc > best[2]:
             best = (clf, c, acc)
     return best
+
+
+def _load_linear(layer: nn.Linear, clf: LogisticRegression) -> None:
+    """Put a fitted multinomial logistic regression into a torch Linear layer (same logits)."""
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(clf.coef_).float())
+        layer.bias.copy_(torch.from_numpy(clf.intercept_).float())
 
 
 def _meta(kind, arch, init, sha, classes, pre, train) -> dict:
