@@ -154,6 +154,9 @@ def summary(params: Params) -> str:
         out.append(f"ONNX: {e['onnx_path']}, top-1 agreement {e['top1_agreement']:.4%}, max |logit diff| "
                    f"{e['max_abs_diff']:.1e} ({e['worst_tolerance_use']:.0%} of the tolerance) on "
                    f"{e['n_examples']} test images")
+        out.append(f"ONNX int8: {e['onnx_int8_path']}, test accuracy {e['int8_accuracy']:.4f} vs fp32 "
+                   f"{e['fp32_accuracy']:.4f} ({'accepted' if e['int8_accepted'] else 'rejected'}), "
+                   f"{e['int8_size_bytes'] / 1e6:.1f} MB vs {e['size_bytes'] / 1e6:.1f} MB")
     out.append("Browse runs and the registry: make ui  (then open http://127.0.0.1:5000)")
     return "\n".join(out)
 

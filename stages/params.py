@@ -40,6 +40,7 @@ class Paths:
     evaluate_plots: Path
     registered: Path
     onnx: Path
+    onnx_int8: Path
     export_metrics: Path
     mlflow_db: Path
     mlflow_artifacts: Path
@@ -100,6 +101,7 @@ class ExportParams:
     atol: float = _f(1e-4, gt=0)
     rtol: float = _f(1e-4, ge=0)
     min_top1_agreement: float = _f(0.999, gt=0, le=1)
+    int8_max_relative_drop: float = _f(0.01, ge=0, le=1)
     batch_size: int = _f(256, ge=1)
 
 

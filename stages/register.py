@@ -225,11 +225,16 @@ if __name__ == "__main__":
     main()
 
 
-def attach_onnx(receipt: dict[str, Any], onnx_path: Path, parity: dict[str, Any]) -> None:
-    """Log the exported ONNX file to the run of the registered version and tag the version with its parity.
-    Called by the export stage, so that MLflow stays in this module."""
+def attach_onnx(receipt: dict[str, Any], files: dict[str, Path], report: dict[str, Any]) -> None:
+    """Log the exported ONNX files to the run of the registered version and tag the version with their
+    parity, accuracy and size. Called by the export stage, so that MLflow stays in this module."""
     mlflow.set_tracking_uri(receipt["tracking_uri"])
     client = MlflowClient()
-    client.log_artifact(receipt["run_id"], str(onnx_path), artifact_path="onnx")
-    for k in ("max_abs_diff", "worst_tolerance_use", "top1_agreement"):
-        client.set_model_version_tag(receipt["model_name"], receipt["version"], f"onnx_{k}", str(parity[k]))
+    for path in files.values():
+        client.log_artifact(receipt["run_id"], str(path), artifact_path="onnx")
+    keys = ("max_abs_diff", "worst_tolerance_use", "top1_agreement", "fp32_accuracy", "int8_accuracy",
+            "int8_relative_drop", "int8_accepted", "size_bytes", "int8_size_bytes")
+    for k in keys:
+        client.set_model_version_tag(receipt["model_name"], receipt["version"], f"onnx_{k}", str(report[k]))
+    for k in ("fp32_accuracy", "int8_accuracy", "size_bytes", "int8_size_bytes"):
+        client.log_metric(receipt["run_id"], f"onnx_{k}", float(report[k]))

@@ -114,6 +114,11 @@ def test_onnx_export_matches_pytorch_on_the_test_set(project, first_run):
     assert ex["worst_tolerance_use"] <= 1
     assert ex["max_abs_diff"] < 1e-2
     assert (project / ex["onnx_path"]).stat().st_size > 1_000_000
+    # the int8 model: smaller, scored on the same test set, accepted exactly when within the allowed drop
+    assert ex["int8_size_bytes"] < ex["size_bytes"] / 2
+    assert ex["int8_relative_drop"] == pytest.approx((ex["fp32_accuracy"] - ex["int8_accuracy"]) / ex["fp32_accuracy"])
+    assert ex["int8_accepted"] == (ex["int8_relative_drop"] <= Params.load(project / "params.yaml").export.int8_max_relative_drop)
+    assert ex["fp32_accuracy"] == pytest.approx(json.loads((project / "metrics/evaluate.json").read_text())["finetuned"]["accuracy"], abs=0.01)
 
 
 def test_registered_version_lineage_and_alias_rule(project, first_run):
@@ -136,7 +141,7 @@ def test_registered_version_lineage_and_alias_rule(project, first_run):
     assert ("challenger" in receipt["aliases"]) == (ev["verdict"] == "positive")
     assert sorted(version.aliases) == receipt["aliases"]
     # the ONNX file went to the run of the registered version, with its parity on the version
-    assert [a.path for a in client.list_artifacts(receipt["run_id"], "onnx")] == ["onnx/model.onnx"]
+    assert [a.path for a in client.list_artifacts(receipt["run_id"], "onnx")] == ["onnx/model.onnx", "onnx/model_int8.onnx"]
     assert float(version.tags["onnx_top1_agreement"]) >= 0.999
     # one parent run with a nested run per model
     runs = client.search_runs([client.get_experiment_by_name("headstart").experiment_id])

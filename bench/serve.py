@@ -1,0 +1,98 @@
+"""What serving the fine-tuned model costs on this CPU: PyTorch eager vs ONNX Runtime fp32 vs ONNX Runtime
+int8, measured in one process, interleaved (each round times every engine once, so machine noise hits
+all of them alike), after warm-up, on real test images.
+
+Run after `make run` (it reads the pipeline's outputs):  .venv/bin/python bench/serve.py
+Prints a table and writes bench/results/serve.json. Times are for the model call alone: preprocessing
+(resize, normalise) is done once beforehand, the same for all engines. Threads: --threads for both."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from stages import zoo  # noqa: E402
+from stages.data import load_split, to_model_input  # noqa: E402
+from stages.params import Params  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--rounds", type=int, default=200, help="timed batch-1 requests per engine (default: %(default)s)")
+    ap.add_argument("--batch-rounds", type=int, default=20, help="timed batch-64 calls per engine")
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/serve.json"))
+    args = ap.parse_args()
+
+    import onnxruntime as ort
+    import torch
+
+    torch.set_num_threads(args.threads)
+    paths = Params.load(args.params).paths
+    model, meta = zoo.load_checkpoint(paths.finetuned)
+    test = load_split(paths.prepared, "test")
+    x = to_model_input(test.x[:512], meta["preprocessing"]).numpy()
+
+    def session(path: Path):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = args.threads
+        s = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return lambda batch: s.run(None, {"input": batch})[0]
+
+    @torch.inference_mode()
+    def eager(batch):
+        return model(torch.from_numpy(batch)).numpy()
+
+    engines = {"pytorch_eager": eager, "onnx_fp32": session(paths.onnx), "onnx_int8": session(paths.onnx_int8)}
+    rng = np.random.default_rng(0)
+
+    def timed(batch_size: int, rounds: int) -> dict[str, list[float]]:
+        times = {name: [] for name in engines}
+        for r in range(args.warmup + rounds):
+            start = rng.integers(0, len(x) - batch_size + 1)
+            batch = np.ascontiguousarray(x[start : start + batch_size])
+            for name, fn in engines.items():  # interleaved: one call of each engine per round
+                t = time.perf_counter()
+                fn(batch)
+                if r >= args.warmup:
+                    times[name].append(time.perf_counter() - t)
+        return times
+
+    single, batched = timed(1, args.rounds), timed(64, args.batch_rounds)
+    model_name = f"{meta['architecture']}@{meta['preprocessing']['image_size']}px"
+    row = {}
+    for name in engines:
+        p50, p95 = (float(np.percentile(single[name], q) * 1e3) for q in (50, 95))
+        row[name] = {"p50_ms_b1": p50, "p95_ms_b1": p95, "throughput_b64": 64 / statistics.median(batched[name])}
+    base = row["pytorch_eager"]["p50_ms_b1"]
+    result = {model_name: {
+        "speedup_fp32_b1": base / row["onnx_fp32"]["p50_ms_b1"],
+        "speedup_int8_b1": base / row["onnx_int8"]["p50_ms_b1"],
+        "engines": row,
+        "settings": {"threads": args.threads, "rounds": args.rounds, "batch_rounds": args.batch_rounds,
+                     "warmup": args.warmup, "cpu": platform.processor() or platform.machine()},
+    }}  # fmt: skip
+    print(f"{model_name}, {args.threads} threads, batch-1 p50/p95 over {args.rounds} interleaved requests, "
+          f"batch-64 median over {args.batch_rounds}")
+    print(f"{'engine':<15}{'p50 ms':>9}{'p95 ms':>9}{'b64 img/s':>11}{'speedup b1':>12}")
+    for name, r in row.items():
+        print(f"{name:<15}{r['p50_ms_b1']:>9.2f}{r['p95_ms_b1']:>9.2f}{r['throughput_b64']:>11.0f}"
+              f"{base / r['p50_ms_b1']:>11.2f}x")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

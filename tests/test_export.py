@@ -1,0 +1,53 @@
+"""ONNX export: no batch size baked into the graph (parity at batch 1, 7 and 64), and the int8 model."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from stages import zoo
+from stages.export import export_onnx, onnx_logits, parity, quantize_int8
+from stages.train import predict
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    pre = zoo.preprocessing("efficientnet_lite0", 32)
+    torch.manual_seed(0)
+    model, _ = zoo.pretrained("efficientnet_lite0", 10, pre)
+    model.eval()
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    export_onnx(model, pre, path, opset=17)
+    images = np.random.default_rng(0).integers(0, 256, (64, 28, 28), dtype=np.uint8)
+    return model, pre, path, images
+
+
+def test_the_batch_axis_is_symbolic(exported):
+    _, _, path, _ = exported
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch" and not dims[0].dim_value
+    assert [d.dim_value for d in dims[1:]] == [3, 32, 32]
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_onnx_matches_pytorch_at_every_batch_size(exported, batch):
+    model, pre, path, images = exported
+    result, logits = parity(model, path, images[:batch], pre, batch_size=batch, atol=1e-4, rtol=1e-4)
+    assert logits.shape == (batch, 10)
+    assert result["worst_tolerance_use"] <= 1
+    assert result["top1_agreement"] == 1.0
+
+
+def test_int8_model_runs_at_every_batch_size_and_tracks_fp32(exported, tmp_path):
+    model, pre, path, images = exported
+    out = tmp_path / "int8.onnx"
+    quantize_int8(path, out, images[:16], pre)
+    assert out.stat().st_size < path.stat().st_size / 2
+    assert not (tmp_path / "int8.prep.onnx").exists()
+    fp32 = predict(model, images, pre)
+    for batch in (1, 7, 64):
+        logits = onnx_logits(out, images[:batch], pre, batch_size=batch)
+        assert logits.shape == (batch, 10) and np.isfinite(logits).all()
+    int8 = onnx_logits(out, images, pre, batch_size=64)
+    # quantisation noise, not a different model: logits stay strongly correlated with fp32
+    assert np.corrcoef(int8.ravel(), fp32.ravel())[0, 1] > 0.95
