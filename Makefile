@@ -14,7 +14,7 @@ TASK ?= image
 # pyproject.toml cannot silently run on stale pins.
 DEPS_HASH = $(shell $(PYTHON) -c "import tomllib,hashlib,json; p=tomllib.load(open('pyproject.toml','rb'))['project']; print(hashlib.sha256(json.dumps([p['dependencies'], p.get('optional-dependencies')], sort_keys=True).encode()).hexdigest())")
 
-.PHONY: help setup data run test test-fast ui lock clean
+.PHONY: help setup data run test test-fast ui serve bench lock clean
 help:  ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
 
@@ -52,6 +52,12 @@ test-fast: setup  ## unit tests only
 
 ui:  ## open the MLflow UI on the project's tracking store
 	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$$($(BIN)/python -c 'from stages.params import Params; print(Params.load().paths.mlflow_db)')" --port 5000
+
+serve: setup  ## serve the champion model over HTTP on port 8000 (python -m flows.serve --help)
+	$(BIN)/python -m flows.serve --alias champion
+
+bench: setup  ## measure serving latency: PyTorch vs ONNX Runtime fp32 vs int8 (after make run)
+	$(BIN)/python bench/serve.py
 
 lock:  ## re-resolve dependencies from pyproject.toml into requirements.lock
 	rm -rf $(VENV).lock-tmp && $(PYTHON) -m venv $(VENV).lock-tmp

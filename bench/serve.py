@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -18,6 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+# Three engines share 2 cores in one process. Busy-waiting worker threads (OpenMP's for PyTorch,
+# ONNX Runtime's spinning pool) would steal the CPU from whichever engine runs next and make the
+# interleaved timings measure each other; both are told to sleep when idle instead.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from stages import zoo  # noqa: E402
@@ -47,6 +52,7 @@ def main() -> None:
     def session(path: Path):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = args.threads
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         s = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         return lambda batch: s.run(None, {"input": batch})[0]
 

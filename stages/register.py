@@ -238,3 +238,20 @@ def attach_onnx(receipt: dict[str, Any], files: dict[str, Path], report: dict[st
         client.set_model_version_tag(receipt["model_name"], receipt["version"], f"onnx_{k}", str(report[k]))
     for k in ("fp32_accuracy", "int8_accuracy", "size_bytes", "int8_size_bytes"):
         client.log_metric(receipt["run_id"], f"onnx_{k}", float(report[k]))
+
+
+def fetch_alias(store: Store, name: str, alias: str, dst: Path, int8: bool = False) -> tuple[str, Path, Path]:
+    """Resolve `models:/<name>@<alias>` to a concrete version now, and download what serving it needs:
+    the version, its checkpoint JSON (classes, preprocessing) and its ONNX file."""
+    mlflow.set_tracking_uri(store.uri())
+    client = MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        raise LookupError(f"no version of {name} has the alias {alias!r}: set it in the MLflow UI (make ui)") from None
+    if int8 and version.tags.get("onnx_int8_accepted") != "True":
+        raise ValueError(f"{name} version {version.version}: its int8 model was not accepted by export; serve fp32")
+    fetch = lambda path: Path(mlflow.artifacts.download_artifacts(  # noqa: E731
+        run_id=version.run_id, artifact_path=path, dst_path=str(dst)))
+    onnx_file = "model_int8.onnx" if int8 else "model.onnx"
+    return str(version.version), fetch("checkpoint/model.json"), fetch(f"onnx/{onnx_file}")

@@ -196,3 +196,47 @@ def test_mlflow_ui_serves_the_registered_version_and_alias(project, first_run):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_server_resolves_an_alias_to_a_concrete_version(project, first_run):
+    """A person sets `champion` (here through the client, as the UI does); the server serves that version."""
+    import socket
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    receipt = json.loads((project / "reports/registered.json").read_text())
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    client.set_registered_model_alias(receipt["model_name"], "champion", receipt["version"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "flows.serve", "--alias", "champion", "--port", str(port)],
+                              cwd=project, env=flow_env(project), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    health = json.loads(r.read())
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise AssertionError(server.stdout.read().decode()[-3000:] if server.poll() is not None
+                                         else "server did not answer") from None
+                time.sleep(1)
+        assert health["model_version"] == str(receipt["version"])
+        assert health["onnx"].endswith("model.onnx")
+        from stages.data import load_split
+
+        test = load_split(project / "data/prepared", "test")
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/predict",
+                                     data=json.dumps({"images": test.x[:5].tolist()}).encode(),
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            body = json.loads(r.read())
+        assert body["model_version"] == str(receipt["version"]) and len(body["predictions"]) == 5
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        client.delete_registered_model_alias(receipt["model_name"], "champion")
