@@ -3,8 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import json
+import socket
 import struct
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +19,38 @@ import pytest
 from stages.data import FASHION_MNIST_FILES
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def http_server(cmd: list[str], ready_path: str, cwd: Path, env: dict | None = None, timeout: float = 90):
+    """Start a server process on a free localhost port (`{port}` in `cmd`), wait until GET `ready_path`
+    answers, yield (base_url, the first answer's JSON), and stop it however the test ends."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([c.replace("{port}", str(port)) for c in cmd], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(base + ready_path, timeout=5) as r:
+                    first = json.loads(r.read())
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise AssertionError(f"{cmd[:3]} exited: {proc.stdout.read().decode()[-3000:]}") from None
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{cmd[:3]} did not answer {ready_path} in {timeout}s") from None
+                time.sleep(0.5)
+        yield base, first
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

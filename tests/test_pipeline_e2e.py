@@ -18,7 +18,7 @@ import yaml
 
 from stages.params import Params
 
-from .conftest import ROOT
+from .conftest import ROOT, http_server
 
 TINY = [
     "prepare.per_class=8", "prepare.val_per_class=4", "prepare.test_per_class=20",
@@ -162,81 +162,43 @@ def test_second_run_with_nothing_changed_retrains_nothing(project, first_run):
 
 def test_mlflow_ui_serves_the_registered_version_and_alias(project, first_run):
     """What `make ui` shows: a real `mlflow ui` process on the project's store, asked over HTTP."""
-    import socket
     import urllib.request
 
     receipt = json.loads((project / "reports/registered.json").read_text())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    server = subprocess.Popen(
-        [str(mlflow_bin), "ui", "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}", "--host", "127.0.0.1",
-         "--port", str(port)], cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        url = (f"http://127.0.0.1:{port}/api/2.0/mlflow/model-versions/get"
-               f"?name={receipt['model_name']}&version={receipt['version']}")
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    body = json.loads(r.read())
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(1)
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    cmd = [mlflow_bin, "ui", "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}", "--host", "127.0.0.1",
+           "--port", "{port}"]
+    query = f"/api/2.0/mlflow/model-versions/get?name={receipt['model_name']}&version={receipt['version']}"
+    with http_server(cmd, query, project) as (base, body):
         mv = body["model_version"]
         tags = {t["key"]: t["value"] for t in mv.get("tags", [])}
         assert tags["verdict"] == json.loads((project / "metrics/evaluate.json").read_text())["verdict"]
         assert sorted(mv.get("aliases", [])) == receipt["aliases"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+        with urllib.request.urlopen(f"{base}/", timeout=10) as r:
             assert r.status == 200  # the UI page itself
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_server_resolves_an_alias_to_a_concrete_version(project, first_run):
     """A person sets `champion` (here through the client, as the UI does); the server serves that version."""
-    import socket
     import urllib.request
 
     from mlflow.tracking import MlflowClient
 
+    from stages.data import load_split
+
     receipt = json.loads((project / "reports/registered.json").read_text())
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     client.set_registered_model_alias(receipt["model_name"], "champion", receipt["version"])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "flows.serve", "--alias", "champion", "--port", str(port)],
-                              cwd=project, env=flow_env(project), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    cmd = [sys.executable, "-m", "flows.serve", "--alias", "champion", "--port", "{port}"]
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    health = json.loads(r.read())
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise AssertionError(server.stdout.read().decode()[-3000:] if server.poll() is not None
-                                         else "server did not answer") from None
-                time.sleep(1)
-        assert health["model_version"] == str(receipt["version"])
-        assert health["onnx"].endswith("model.onnx")
-        from stages.data import load_split
-
-        test = load_split(project / "data/prepared", "test")
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/predict",
-                                     data=json.dumps({"images": test.x[:5].tolist()}).encode(),
-                                     headers={"content-type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            body = json.loads(r.read())
-        assert body["model_version"] == str(receipt["version"]) and len(body["predictions"]) == 5
+        with http_server(cmd, "/health", project, flow_env(project)) as (base, health):
+            assert health["model_version"] == str(receipt["version"])
+            assert health["onnx"].endswith("model.onnx")
+            test = load_split(project / "data/prepared", "test")
+            req = urllib.request.Request(f"{base}/predict", data=json.dumps({"images": test.x[:5].tolist()}).encode(),
+                                         headers={"content-type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                body = json.loads(r.read())
+            assert body["model_version"] == str(receipt["version"]) and len(body["predictions"]) == 5
     finally:
-        server.terminate()
-        server.wait(timeout=30)
         client.delete_registered_model_alias(receipt["model_name"], "champion")

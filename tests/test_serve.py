@@ -1,10 +1,7 @@
 """The model server, as a user meets it: a real process on localhost, real HTTP requests."""
 
 import json
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -16,7 +13,7 @@ from flows.serve import validate_images
 from stages import zoo
 from stages.export import export_onnx, onnx_logits
 
-from .conftest import ROOT
+from .conftest import ROOT, http_server
 
 
 def test_validation_names_the_problem():
@@ -52,26 +49,9 @@ def test_server_answers_real_requests_and_refuses_bad_ones(tmp_path):
     zoo.save_checkpoint(tmp_path / "ckpt", model, {"architecture": "efficientnet_lite0", "classes": classes,
                                                    "preprocessing": pre})
     export_onnx(model.eval(), pre, tmp_path / "model.onnx", opset=17)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "flows.serve", "--checkpoint", str(tmp_path / "ckpt"), "--onnx",
-         str(tmp_path / "model.onnx"), "--port", str(port), "--max-batch", "8", "--max-body-bytes", "200000"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
-                    health = json.loads(r.read())
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise AssertionError(f"server did not start: {server.stderr.read().decode()[-2000:]}") from None
-                time.sleep(0.5)
+    cmd = [sys.executable, "-m", "flows.serve", "--checkpoint", str(tmp_path / "ckpt"), "--onnx",
+           str(tmp_path / "model.onnx"), "--port", "{port}", "--max-batch", "8", "--max-body-bytes", "200000"]
+    with http_server(cmd, "/health", ROOT) as (base, health):
         assert health["status"] == "ok" and health["classes"] == classes
 
         images = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
@@ -89,6 +69,3 @@ def test_server_answers_real_requests_and_refuses_bad_ones(tmp_path):
         assert status == 422
         status, body = _post(f"{base}/predict", b" " * 300_000)
         assert status == 413
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
