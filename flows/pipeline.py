@@ -24,10 +24,10 @@ from prefect import flow, get_run_logger, task
 
 from stages.params import Params
 
-STAGES = ("prepare", "finetune", "baseline", "evaluate", "register", "export")
+STAGES = ("prepare", "finetune", "baseline", "evaluate", "export", "register")
 # Training is deterministic: retrying a failure repeats it. Talking to a tracking store is not, so the
 # stages that do are retried, and only for failures that look transient.
-RETRIES = {"register": 2, "export": 2}
+RETRIES = {"register": 2}
 TRANSIENT = ("ConnectionError", "Connection refused", "Max retries exceeded", "database is locked",
              "timed out", "Read timed out", "503 Server Error", "502 Server Error", "504 Server Error")
 

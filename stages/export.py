@@ -1,11 +1,10 @@
 """Export the fine-tuned model to ONNX (dynamic batch axis, pinned opset), check the graph, and prove
 parity with PyTorch on the real test set with onnxruntime: every logit within
 export.atol + export.rtol * |logit| and top-1 agreement of at least export.min_top1_agreement, or the
-stage fails and the previous export stays. The file is then logged to the MLflow run of the registered version.
+stage fails and the previous export stays. The register stage logs the files to MLflow.
 Also writes a static int8 model (calibrated on the validation split) and its test accuracy; it is
 marked accepted when its relative accuracy drop is within export.int8_max_relative_drop.
-Reads paths.finetuned, paths.prepared, paths.registered; writes paths.onnx, paths.onnx_int8 and
-paths.export_metrics.
+Reads paths.finetuned, paths.prepared; writes paths.onnx, paths.onnx_int8 and paths.export_metrics.
 Run: dvc repro export   (or: python -m stages.export)"""
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import torch
 
 from stages import zoo
 from stages.data import batches, load_split, to_model_input
-from stages.files import atomic_path, read_json, write_json
+from stages.files import atomic_path, write_json
 from stages.params import ExportParams, cli
 from stages.train import predict
 
@@ -95,9 +94,7 @@ def parity(
     }, ort_logits
 
 
-def run(
-    finetuned: Path, prepared: Path, registered: Path, out: Path, out_int8: Path, metrics: Path, p: ExportParams
-) -> dict:
+def run(finetuned: Path, prepared: Path, out: Path, out_int8: Path, metrics: Path, p: ExportParams) -> dict:
     model, meta = zoo.load_checkpoint(finetuned)
     pre = meta["preprocessing"]
     test, val = load_split(prepared, "test"), load_split(prepared, "val")
@@ -128,22 +125,16 @@ def run(
               f"fp32 {fp32_acc:.4f} (relative drop {drop:.2%}, allowed {p.int8_max_relative_drop:.2%}: "
               f"{'accepted' if result['int8_accepted'] else 'rejected'}); "
               f"{result['size_bytes'] / 1e6:.1f} MB -> {result['int8_size_bytes'] / 1e6:.1f} MB")
-        receipt = read_json(registered)
-        from stages.register import attach_onnx  # MLflow stays in the register module
-
-        attach_onnx(receipt, {"fp32": tmp, "int8": tmp_int8}, result)
-    result.update({"onnx_path": str(out), "onnx_int8_path": str(out_int8), "opset": p.opset,
-                   "model_version": receipt["version"]})
+    result.update({"parity_passed": True, "onnx_path": str(out), "onnx_int8_path": str(out_int8), "opset": p.opset})
     write_json(metrics, result)
-    print(f"exported {out} and {out_int8}, logged to run {receipt['run_id']}")
+    print(f"exported {out} and {out_int8}")
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
     params = cli(__doc__, argv)
     paths = params.paths
-    run(paths.finetuned, paths.prepared, paths.registered, paths.onnx, paths.onnx_int8, paths.export_metrics,
-        params.export)
+    run(paths.finetuned, paths.prepared, paths.onnx, paths.onnx_int8, paths.export_metrics, params.export)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,8 @@ class EvaluateParams:
 class RegisterParams:
     model_name: str
     experiment: str
+    min_accuracy: float = _f(0.8, ge=0, le=1)
+    min_gain: float = _f(0.0, ge=-1, le=1)
     max_regression: float = _f(0.0, ge=0, le=1)
 
 

@@ -1,10 +1,11 @@
 """Record the pipeline run in MLflow and register the fine-tuned model. The only module that imports mlflow.
 One parent run per pipeline run, a nested run per model (params, per-epoch metrics, test metrics,
-confusion matrix); the fine-tuned model is registered under register.model_name with lineage tags, and
-the alias `challenger` is set only for a positive verdict when the model is not worse than the current
-`champion` on the same test set.
-Reads paths.prepared, paths.finetuned, paths.baselines, the training histories and paths.evaluate_*;
-writes the receipt paths.registered. Tracking store: $MLFLOW_TRACKING_URI, else SQLite at paths.mlflow_db.
+confusion matrix); the fine-tuned model is registered under register.model_name with lineage tags, its
+ONNX files and a model card. The promotion gate (minimum accuracy, gain over scratch judged by its CI,
+ONNX parity, no regression against the current `champion`) is recorded check by check as tags
+gate.<check>.value / gate.<check>.passed and gate.passed; `challenger` is set only when every check passes.
+Reads paths.prepared, paths.finetuned, paths.baselines, the training histories, paths.evaluate_*,
+paths.onnx, paths.onnx_int8 and paths.export_metrics; writes the receipt paths.registered. Tracking store: $MLFLOW_TRACKING_URI, else SQLite at paths.mlflow_db.
 Run: dvc repro register   (or: python -m stages.register)"""
 
 from __future__ import annotations
@@ -53,17 +54,35 @@ def connect(store: Store, experiment: str) -> str:
     return mlflow.create_experiment(experiment, artifact_location=location)
 
 
-def challenger_decision(
-    verdict: str, accuracy: float, champion_accuracy: float | None, max_regression: float
-) -> tuple[bool, str]:
-    """Whether the candidate earns `challenger`, and why, in words that go on the model version."""
-    if verdict != "positive":
-        return False, f"verdict is {verdict}: transfer not shown to beat scratch"
+@dataclass(frozen=True)
+class Check:
+    """One promotion-gate check, recorded on the model version as tags gate.<name>.value / .passed."""
+
+    name: str
+    value: str
+    rule: str
+    passed: bool
+
+
+def gate(report: dict, export: dict, champion_accuracy: float | None, p: RegisterParams) -> list[Check]:
+    """The checks a version must pass to become `challenger` (and, unless forced, `champion`)."""
+    acc = report["finetuned"]["accuracy"]
+    gain_low = report["transfer_gain_ci95"][0]
+    checks = [
+        Check("min_accuracy", f"{acc:.4f}", f"test accuracy >= {p.min_accuracy}", acc >= p.min_accuracy),
+        Check("gain_over_scratch", f"{gain_low:+.4f}", f"95% CI of the gain over scratch lies above {p.min_gain}",
+              gain_low > p.min_gain),
+        Check("onnx_parity", f"{export['worst_tolerance_use']:.2f}",
+              "ONNX logits within the export tolerance (<= 1.00 of it) on the whole test set",
+              bool(export.get("parity_passed")) and export["worst_tolerance_use"] <= 1),
+    ]
     if champion_accuracy is None:
-        return True, "verdict positive; no champion yet"
-    if accuracy < champion_accuracy - max_regression:
-        return False, f"accuracy {accuracy:.4f} is below the champion's {champion_accuracy:.4f} on the same test set"
-    return True, f"verdict positive; accuracy {accuracy:.4f} vs champion {champion_accuracy:.4f} on the same test set"
+        checks.append(Check("vs_champion", "no champion", f"accuracy >= champion's - {p.max_regression}", True))
+    else:
+        delta = acc - champion_accuracy
+        checks.append(Check("vs_champion", f"{delta:+.4f}", f"accuracy >= champion's - {p.max_regression} "
+                            "on the same test set", delta >= -p.max_regression))
+    return checks
 
 
 def run(
@@ -73,12 +92,14 @@ def run(
     histories: dict[str, Path],
     evaluation: Path,
     plots: Path,
+    exported: Path,
+    onnx_files: dict[str, Path],
     out: Path,
     store: Store,
     p: RegisterParams,
     lineage: dict[str, str],
 ) -> dict[str, Any]:
-    report = read_json(evaluation)
+    report, export = read_json(evaluation), read_json(exported)
     experiment_id = connect(store, p.experiment)
     client = MlflowClient()
 
@@ -93,10 +114,22 @@ def run(
         for name, path in zoo.model_dirs(finetuned, baselines).items():
             runs[name] = _log_model_run(experiment_id, name, path, histories.get(name), report[name], plots)
         version = _register(client, runs["finetuned"], finetuned, p.model_name, report, lineage)
+        _attach_onnx(client, runs["finetuned"], p.model_name, version, onnx_files, export)
 
     champion_acc = _champion_accuracy(client, p.model_name, report, prepared)
-    ok, reason = challenger_decision(report["verdict"], report["finetuned"]["accuracy"], champion_acc, p.max_regression)
+    checks = gate(report, export, champion_acc, p)
+    ok = all(c.passed for c in checks)
+    for c in checks:
+        client.set_model_version_tag(p.model_name, version, f"gate.{c.name}.value", c.value)
+        client.set_model_version_tag(p.model_name, version, f"gate.{c.name}.passed", str(c.passed).lower())
+    client.set_model_version_tag(p.model_name, version, "gate.passed", str(ok).lower())
+    failed = [c.name for c in checks if not c.passed]
+    reason = "all gate checks passed" if ok else f"gate failed: {', '.join(failed)}"
     client.set_model_version_tag(p.model_name, version, "challenger_decision", reason)
+    meta = read_json(Path(finetuned) / "model.json")
+    card = model_card(p.model_name, version, meta, report, export, checks, lineage)
+    client.update_model_version(p.model_name, version, description=card)
+    client.log_text(runs["finetuned"], card, "model_card.md")
     if ok:
         client.set_registered_model_alias(p.model_name, CHALLENGER, version)
     aliases = sorted(client.get_model_version(p.model_name, version).aliases)
@@ -215,29 +248,67 @@ def main(argv: list[str] | None = None) -> None:
     run(
         paths.prepared, paths.finetuned, paths.baselines,
         {"finetuned": paths.finetune_history, "scratch": paths.scratch_history},
-        paths.evaluate_metrics, paths.evaluate_plots, paths.registered,
+        paths.evaluate_metrics, paths.evaluate_plots, paths.export_metrics,
+        {"fp32": paths.onnx, "int8": paths.onnx_int8}, paths.registered,
         Store(paths.mlflow_db, paths.mlflow_artifacts), params.register,
         lineage(paths.prepared, params.digest()),
     )  # fmt: skip
 
 
-if __name__ == "__main__":
-    main()
 
-
-def attach_onnx(receipt: dict[str, Any], files: dict[str, Path], report: dict[str, Any]) -> None:
-    """Log the exported ONNX files to the run of the registered version and tag the version with their
-    parity, accuracy and size. Called by the export stage, so that MLflow stays in this module."""
-    mlflow.set_tracking_uri(receipt["tracking_uri"])
-    client = MlflowClient()
+def _attach_onnx(client: MlflowClient, run_id: str, name: str, version: int, files: dict[str, Path], export: dict) -> None:
+    """Log the exported ONNX files to the version's run; tag the version with their parity, accuracy, size."""
     for path in files.values():
-        client.log_artifact(receipt["run_id"], str(path), artifact_path="onnx")
+        client.log_artifact(run_id, str(path), artifact_path="onnx")
     keys = ("max_abs_diff", "worst_tolerance_use", "top1_agreement", "fp32_accuracy", "int8_accuracy",
             "int8_relative_drop", "int8_accepted", "size_bytes", "int8_size_bytes")
     for k in keys:
-        client.set_model_version_tag(receipt["model_name"], receipt["version"], f"onnx_{k}", str(report[k]))
+        client.set_model_version_tag(name, version, f"onnx_{k}", str(export[k]))
     for k in ("fp32_accuracy", "int8_accuracy", "size_bytes", "int8_size_bytes"):
-        client.log_metric(receipt["run_id"], f"onnx_{k}", float(report[k]))
+        client.log_metric(run_id, f"onnx_{k}", float(export[k]))
+
+
+def model_card(
+    name: str, version: int, meta: dict, report: dict, export: dict, checks: list[Check], lineage: dict
+) -> str:
+    """A short markdown card: what the model is, how good, where it came from, and the gate's verdict."""
+    def ci(v: list[float]) -> str:
+        return f"[{v[0]:.4f}, {v[1]:.4f}]"
+
+    rows = "\n".join(
+        f"| {m} | {report[m]['accuracy']:.4f} | {ci(report[m]['accuracy_ci95'])} | {report[m]['macro_f1']:.4f} |"
+        for m in ("finetuned", *zoo.BASELINES)
+    )
+    gate_rows = "\n".join(f"| {c.name} | {c.value} | {c.rule} | {'pass' if c.passed else 'FAIL'} |" for c in checks)
+    return f"""# {name} version {version}
+
+{meta['architecture']} fine-tuned (all layers, {meta['train'].get('epochs')} epochs, best epoch
+{meta['train'].get('best_epoch')}) from pre-trained weights sha256 `{meta['pretrained_sha256']}`, on
+{meta['train'].get('n_train')} labelled images at {meta['preprocessing']['image_size']} px; classes: {', '.join(meta['classes'])}.
+Verdict on transfer: **{report['verdict']}**, gain over the same network trained from scratch
+{report['transfer_gain']:+.4f} (95% CI {ci(report['transfer_gain_ci95'])}, McNemar p = {report['mcnemar_p']:.2g}),
+on {report['n_test']} test images (test set sha256 `{report['test_sha256'][:16]}`).
+
+| model | test accuracy | 95% CI | macro-F1 |
+|---|---|---|---|
+{rows}
+
+## Gate: {'passed' if all(c.passed for c in checks) else 'FAILED'}
+
+| check | value | rule | result |
+|---|---|---|---|
+{gate_rows}
+
+## Deployment
+
+ONNX fp32: {export['size_bytes'] / 1e6:.1f} MB, parity with PyTorch: max |logit diff| {export['max_abs_diff']:.1e},
+top-1 agreement {export['top1_agreement']:.4%}. ONNX int8: {export['int8_size_bytes'] / 1e6:.1f} MB, test accuracy
+{export['int8_accuracy']:.4f} vs fp32 {export['fp32_accuracy']:.4f} ({'accepted' if export['int8_accepted'] else 'rejected'}).
+
+## Lineage
+
+{chr(10).join(f"- {k}: `{v}`" for k, v in lineage.items())}
+"""
 
 
 def fetch_alias(store: Store, name: str, alias: str, dst: Path, int8: bool = False) -> tuple[str, Path, Path]:
@@ -255,3 +326,55 @@ def fetch_alias(store: Store, name: str, alias: str, dst: Path, int8: bool = Fal
         run_id=version.run_id, artifact_path=path, dst_path=str(dst)))
     onnx_file = "model_int8.onnx" if int8 else "model.onnx"
     return str(version.version), fetch("checkpoint/model.json"), fetch(f"onnx/{onnx_file}")
+
+
+GATE_CHECKS = ("min_accuracy", "gain_over_scratch", "onnx_parity", "vs_champion")
+
+
+class PromotionRefused(Exception):
+    """The version's recorded gate does not allow promotion and it was not forced."""
+
+
+def promote_version(
+    store: Store, name: str, version: int, alias: str = CHAMPION, force: bool = False, reason: str = "",
+    by: str = "unknown",
+) -> dict[str, Any]:
+    """Point `alias` at `version` when its gate tags all say passed; otherwise refuse, unless forced
+    with a reason, which is recorded on the version. Moving the alias back to an older version is a
+    rollback. Returns what was done."""
+    import time
+
+    if force and not reason.strip():
+        raise ValueError("--force needs --reason: say why this version is promoted despite its gate")
+    mlflow.set_tracking_uri(store.uri())
+    client = MlflowClient()
+    try:
+        mv = client.get_model_version(name, str(version))
+    except MlflowException:
+        raise LookupError(f"{name} has no version {version}") from None
+    problems = [f"gate.{c}.passed is {mv.tags.get(f'gate.{c}.passed', 'missing')}" for c in GATE_CHECKS
+                if mv.tags.get(f"gate.{c}.passed") != "true"]
+    if mv.tags.get("gate.passed") != "true":
+        problems.append(f"gate.passed is {mv.tags.get('gate.passed', 'missing')}")
+    if problems and not force:
+        raise PromotionRefused(
+            f"refusing to make {name} version {version} {alias}: " + "; ".join(problems)
+            + ". Promote a version that passed, or use --force --reason '...' (recorded on the version)."
+        )
+    try:
+        previous = int(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        previous = None
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    tags = {f"{alias}.promoted_at": stamp, f"{alias}.promoted_by": by, f"{alias}.previous": str(previous)}
+    if problems:
+        tags.update({f"{alias}.forced": "true", f"{alias}.forced_reason": reason, f"{alias}.forced_over": "; ".join(problems)})
+    for k, v in tags.items():
+        client.set_model_version_tag(name, str(version), k, v)
+    client.set_registered_model_alias(name, alias, str(version))
+    return {"model_name": name, "version": int(version), "alias": alias, "previous": previous,
+            "forced": bool(problems), "reason": reason}
+
+
+if __name__ == "__main__":
+    main()

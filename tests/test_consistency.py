@@ -119,3 +119,11 @@ def test_finetune_runs_with_only_the_training_stack(tiny_source, tmp_path):
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (params.paths.finetuned / "model.safetensors").exists()
+
+
+def test_entry_points_run_main_last():
+    # `python -m` executes the module top to bottom: a function defined below `main()` does not exist yet
+    for path in [*(ROOT / "stages").glob("*.py"), *(ROOT / "flows").glob("*.py")]:
+        text = path.read_text()
+        if '\nif __name__ == "__main__":' in text:
+            assert text.rstrip().endswith('if __name__ == "__main__":\n    main()'), path.name

@@ -68,7 +68,7 @@ def first_run(project: Path) -> subprocess.CompletedProcess:
 
 def test_flow_runs_every_stage_and_writes_every_declared_output(project, first_run):
     params = Params.load(project / "params.yaml")
-    for stage in ("prepare", "finetune", "baseline", "evaluate", "register", "export"):
+    for stage in ("prepare", "finetune", "baseline", "evaluate", "export", "register"):
         assert f"Running stage '{stage}'" in first_run.stdout, stage
     for name, path in dataclasses.asdict(params.paths).items():
         if name in ("source", "mlflow_artifacts"):
@@ -81,7 +81,7 @@ def test_flow_runs_every_stage_and_writes_every_declared_output(project, first_r
 
 def test_overrides_are_recorded_by_dvc_and_nothing_is_left_stale(project, first_run):
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert list(lock["stages"]) == ["prepare", "finetune", "baseline", "evaluate", "register", "export"]
+    assert list(lock["stages"]) == ["prepare", "finetune", "baseline", "evaluate", "export", "register"]
     assert lock["stages"]["finetune"]["params"]["params.yaml"]["finetune"]["epochs"] == 1
     assert "epochs: 1" in (project / "params.yaml").read_text()
     assert "# peak of the one-cycle schedule" in (project / "params.yaml").read_text()  # comments kept
@@ -137,8 +137,15 @@ def test_registered_version_lineage_and_alias_rule(project, first_run):
     assert version.tags["verdict"] == ev["verdict"]
     assert float(version.tags["transfer_gain"]) == pytest.approx(ev["transfer_gain"], abs=1e-6)
     assert len(version.tags["pretrained_sha256"]) == 64
-    # challenger only for a positive verdict (no champion exists in this fresh store)
-    assert ("challenger" in receipt["aliases"]) == (ev["verdict"] == "positive")
+    # the gate, check by check; challenger exactly when every check passed
+    checks = ("min_accuracy", "gain_over_scratch", "onnx_parity", "vs_champion")
+    passed = {c: version.tags[f"gate.{c}.passed"] for c in checks}
+    assert set(passed.values()) <= {"true", "false"}
+    assert passed["gain_over_scratch"] == str(ev["transfer_gain_ci95"][0] > 0).lower()
+    assert passed["onnx_parity"] == "true" and passed["vs_champion"] == "true"  # no champion in a fresh store
+    assert version.tags["gate.passed"] == str(all(v == "true" for v in passed.values())).lower()
+    assert ("challenger" in receipt["aliases"]) == (version.tags["gate.passed"] == "true")
+    assert version.description.startswith(f"# {receipt['model_name']} version {receipt['version']}")
     assert sorted(version.aliases) == receipt["aliases"]
     # the ONNX file went to the run of the registered version, with its parity on the version
     assert [a.path for a in client.list_artifacts(receipt["run_id"], "onnx")] == ["onnx/model.onnx", "onnx/model_int8.onnx"]

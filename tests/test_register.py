@@ -4,29 +4,46 @@ import json
 
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from stages import zoo
 from stages.files import write_json
 from stages.params import RegisterParams
-from stages.register import challenger_decision, run
+from stages.register import gate, run
+
+
+EXPORT = {"max_abs_diff": 1e-5, "worst_tolerance_use": 0.1, "top1_agreement": 1.0, "fp32_accuracy": 0.8,
+          "int8_accuracy": 0.8, "int8_relative_drop": 0.0, "int8_accepted": True, "size_bytes": 10,
+          "int8_size_bytes": 5, "parity_passed": True}
+
+
+def _report(acc: float, gain_ci: tuple[float, float]) -> dict:
+    return {"finetuned": {"accuracy": acc}, "transfer_gain_ci95": list(gain_ci)}
 
 
 @pytest.mark.parametrize(
-    ("verdict", "acc", "champion", "max_reg", "expected"),
+    ("acc", "gain_ci", "champion", "parity", "failed"),
     [
-        ("positive", 0.80, None, 0.0, True),
-        ("inconclusive", 0.99, None, 0.0, False),
-        ("negative", 0.99, None, 0.0, False),
-        ("positive", 0.80, 0.81, 0.0, False),
-        ("positive", 0.80, 0.81, 0.02, True),
-        ("positive", 0.81, 0.81, 0.0, True),
+        (0.85, (0.05, 0.15), None, 0.5, []),
+        (0.75, (0.05, 0.15), None, 0.5, ["min_accuracy"]),
+        (0.85, (-0.01, 0.15), None, 0.5, ["gain_over_scratch"]),
+        (0.85, (0.05, 0.15), 0.86, 0.5, ["vs_champion"]),
+        (0.85, (0.05, 0.15), 0.85, 0.5, []),
+        (0.85, (0.05, 0.15), None, 1.5, ["onnx_parity"]),
     ],
 )
-def test_challenger_needs_a_positive_verdict_and_no_regression(verdict, acc, champion, max_reg, expected):
-    ok, reason = challenger_decision(verdict, acc, champion, max_reg)
-    assert ok is expected
-    assert reason
+def test_gate_fails_exactly_the_checks_that_are_not_met(acc, gain_ci, champion, parity, failed):
+    checks = gate(_report(acc, gain_ci), {**EXPORT, "worst_tolerance_use": parity}, champion,
+                  RegisterParams(model_name="m", experiment="e"))
+    assert [c.name for c in checks] == ["min_accuracy", "gain_over_scratch", "onnx_parity", "vs_champion"]
+    assert [c.name for c in checks if not c.passed] == failed
+    assert all(c.value and c.rule for c in checks)
+
+
+def test_max_regression_allows_trailing_the_champion_a_little():
+    p = RegisterParams(model_name="m", experiment="e", max_regression=0.02)
+    assert all(c.passed for c in gate(_report(0.85, (0.05, 0.1)), EXPORT, 0.86, p))
 
 
 def _workspace(tmp_path, verdict: str, accuracy: float):
@@ -40,9 +57,13 @@ def _workspace(tmp_path, verdict: str, accuracy: float):
         zoo.save_checkpoint(tmp_path / path, zoo.build(zoo.PIXEL_LINEAR, 10, pre), meta)
     model_metrics = {"accuracy": accuracy, "accuracy_ci95": [accuracy - 0.01, accuracy + 0.01], "macro_f1": accuracy}
     report = {name: model_metrics for name in ("finetuned", "scratch", "linear_probe", "floor")}
-    report.update({"transfer_gain": 0.1, "transfer_gain_ci95": [0.05, 0.15], "mcnemar_p": 0.001,
+    gain_ci = [0.05, 0.15] if verdict == "positive" else [-0.02, 0.1]
+    report.update({"transfer_gain": 0.1, "transfer_gain_ci95": gain_ci, "mcnemar_p": 0.001,
                    "verdict": verdict, "test_sha256": "t" * 64, "n_test": 100})
     write_json(tmp_path / "evaluate.json", report)
+    write_json(tmp_path / "export.json", EXPORT)
+    for name in ("model.onnx", "model_int8.onnx"):
+        (tmp_path / name).write_bytes(b"onnx bytes")
     history = tmp_path / "history.csv"
     history.write_text("epoch,train_loss,val_accuracy\n1,2.0,0.5\n2,1.0,0.7\n")
     return history
@@ -51,8 +72,10 @@ def _workspace(tmp_path, verdict: str, accuracy: float):
 def _register(tmp_path, store, verdict, accuracy, name):
     history = _workspace(tmp_path, verdict, accuracy)
     return run(tmp_path / "prepared", tmp_path / "finetuned", tmp_path / "baselines", {"finetuned": history},
-               tmp_path / "evaluate.json", tmp_path / "plots", tmp_path / "registered.json", store,
-               RegisterParams(model_name=name, experiment="test"), {"git_commit": "abc", "params_sha256": "p"})
+               tmp_path / "evaluate.json", tmp_path / "plots", tmp_path / "export.json",
+               {"fp32": tmp_path / "model.onnx", "int8": tmp_path / "model_int8.onnx"}, tmp_path / "registered.json",
+               store, RegisterParams(model_name=name, experiment="test", min_accuracy=0.7),
+               {"git_commit": "abc", "params_sha256": "p"})
 
 
 @pytest.mark.slow
@@ -68,20 +91,73 @@ def test_register_sets_challenger_only_when_earned(tmp_path, mlflow_store, monke
     version = client.get_model_version(name, first["version"])
     assert version.tags["verdict"] == "positive" and version.tags["git_commit"] == "abc"
     assert version.tags["test_sha256"] == "t" * 64
+    assert version.tags["gate.passed"] == "true" and version.tags["onnx_int8_accepted"] == "True"
+    assert "## Gate: passed" in version.description and "| vs_champion | no champion |" in version.description
+    assert [a.path for a in client.list_artifacts(first["run_id"], "onnx")] == ["onnx/model.onnx", "onnx/model_int8.onnx"]
     history = client.get_metric_history(first["run_id"], "val_accuracy")
     assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.7)]
 
     # A person promotes version 1; a worse candidate on the same test set does not become challenger.
     client.set_registered_model_alias(name, "champion", first["version"])
     worse = _register(tmp_path / "2", mlflow_store, "positive", 0.75, name)
-    assert worse["aliases"] == [] and "below the champion" in worse["challenger_reason"]
+    assert worse["aliases"] == [] and worse["challenger_reason"] == "gate failed: vs_champion"
+    tags = client.get_model_version(name, worse["version"]).tags
+    assert tags["gate.passed"] == "false" and tags["gate.vs_champion.passed"] == "false"
+    assert tags["gate.vs_champion.value"] == "-0.0500" and tags["gate.min_accuracy.passed"] == "true"
     assert client.get_model_version_by_alias(name, "challenger").version == first["version"]
 
     # An inconclusive verdict never earns it, however accurate.
     inconclusive = _register(tmp_path / "3", mlflow_store, "inconclusive", 0.95, name)
-    assert inconclusive["aliases"] == []
+    assert inconclusive["aliases"] == [] and "gain_over_scratch" in inconclusive["challenger_reason"]
 
     better = _register(tmp_path / "4", mlflow_store, "positive", 0.85, name)
     assert better["aliases"] == ["challenger"]
     assert better["version"] == first["version"] + 3
     assert client.get_model_version_by_alias(name, "champion").version == first["version"]
+
+
+@pytest.mark.slow
+def test_promotion_needs_a_passed_gate_or_a_recorded_reason(tmp_path, mlflow_store, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from stages.params import Params
+    from stages.register import PromotionRefused, promote_version
+
+    from .conftest import ROOT
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    name = Params.load(ROOT / "params.yaml").register.model_name  # what the CLI reads
+    good = _register(tmp_path / "good", mlflow_store, "positive", 0.85, name)["version"]
+    bad = _register(tmp_path / "bad", mlflow_store, "inconclusive", 0.85, name)["version"]
+    client = MlflowClient()
+
+    # the CLI, as a person runs it: refused, exit status 1, the failing check named
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store.uri(), "PREFECT_HOME": str(tmp_path / "prefect")}
+    res = subprocess.run([sys.executable, "-m", "flows.promote", str(bad)], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "gate.gain_over_scratch.passed is false" in res.stderr
+    with pytest.raises(MlflowException):
+        client.get_model_version_by_alias(name, "champion")
+
+    with pytest.raises(ValueError, match="--force needs --reason"):
+        promote_version(mlflow_store, name, bad, force=True)
+    with pytest.raises(PromotionRefused):
+        promote_version(mlflow_store, name, bad)
+
+    res = subprocess.run([sys.executable, "-m", "flows.promote", str(good)], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert client.get_model_version_by_alias(name, "champion").version == good
+
+    forced = promote_version(mlflow_store, name, bad, force=True, reason="hotfix for class 6", by="alice")
+    assert forced["forced"] and forced["previous"] == good
+    tags = client.get_model_version(name, bad).tags
+    assert tags["champion.forced_reason"] == "hotfix for class 6" and tags["champion.promoted_by"] == "alice"
+    assert "gain_over_scratch" in tags["champion.forced_over"]
+
+    rollback = promote_version(mlflow_store, name, good, by="alice")  # moving the alias back
+    assert rollback["previous"] == bad and not rollback["forced"]
+    assert client.get_model_version_by_alias(name, "champion").version == good

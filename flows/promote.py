@@ -1,0 +1,52 @@
+"""Promote a registered version to `champion` (or another alias), as a person would in the MLflow UI, but
+checked: the version's promotion gate (tags gate.<check>.passed, written by the register stage) must
+have passed, or the promotion must be forced with a reason, which is recorded on the version.
+
+Run:  python -m flows.promote 3                          # make version 3 the champion
+      python -m flows.promote 3 --force --reason "..."   # despite a failed gate; the reason is kept
+      python -m flows.promote 2                          # rollback: point champion back at version 2
+Exit status 1 and the failing checks when refused."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from stages.params import Params
+from stages.register import CHAMPION, PromotionRefused, Store, promote_version
+
+
+@flow(name="headstart-promote", log_prints=True)
+def promote(version: int, alias: str = CHAMPION, force: bool = False, reason: str = "",
+            params_file: str = "params.yaml", by: str = "") -> dict:
+    params = Params.load(Path(params_file))
+    store = Store(params.paths.mlflow_db, params.paths.mlflow_artifacts)
+    done = promote_version(store, params.register.model_name, version, alias, force, reason, by or "prefect")
+    get_run_logger().info("%s", done)
+    return done
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("version", type=int, help="the model version to promote")
+    ap.add_argument("--alias", default=CHAMPION, help="alias to set (default: %(default)s)")
+    ap.add_argument("--force", action="store_true", help="promote even if the version's gate failed (needs --reason)")
+    ap.add_argument("--reason", default="", help="why: required with --force, recorded as a tag")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    try:
+        done = promote(args.version, args.alias, args.force, args.reason, args.params, by=getpass.getuser())
+    except (PromotionRefused, LookupError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    moved = f" (was version {done['previous']})" if done["previous"] else ""
+    print(f"{done['model_name']}@{done['alias']} -> version {done['version']}{moved}"
+          + (f", forced: {done['reason']}" if done["forced"] else ""))
+
+
+if __name__ == "__main__":
+    main()
