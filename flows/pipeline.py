@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="change a setting in the params file before running, e.g. --set prepare.per_class=50")
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.overrides)
-    params = Params.load(Path(args.params))  # fail on a bad params file before anything starts
+    Params.load(Path(args.params))  # fail on a bad params file before anything starts
     if overrides:
         apply_overrides(Path(args.params), overrides)
     if stale_stages():
