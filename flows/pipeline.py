@@ -40,10 +40,14 @@ def _retry_if_transient(task, task_run, state) -> bool:
     return is_transient(str(state.result(raise_on_failure=False)))
 
 
+def _env() -> dict[str, str]:
+    """This environment's bin first on PATH, so `python -m stages.<name>` in dvc.yaml runs in it too."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 def dvc(*args: str, capture: bool = True) -> subprocess.CompletedProcess:
-    """Run the dvc of this Python environment; stage commands find this environment's `python` first."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=capture, text=True, env=env)
+    """Run the dvc of this Python environment."""
+    return subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=capture, text=True, env=_env())
 
 
 def stale_stages() -> list[str]:
@@ -59,10 +63,9 @@ def _repro(name: str) -> str:
     """Run one stage through DVC, passing its output (progress bars too) through to the terminal."""
     log = get_run_logger()
     start = time.perf_counter()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "dvc", "repro", "--single-item", name],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(),
     )  # fmt: skip
     raw = bytearray()
     for chunk in iter(lambda: proc.stdout.read1(4096), b""):
