@@ -3,6 +3,7 @@ decides what is out of date and dvc.lock stays the record; Prefect adds retries,
 
 Run:  python -m flows.pipeline                           (what `make run` does)
       python -m flows.pipeline --set finetune.epochs=3   (change a setting in params.yaml, then run)
+      python -m flows.pipeline --preset presets/smoke.yaml   (apply a preset: a partial params.yaml)
 With PREFECT_API_URL set, the run is recorded on that server; otherwise Prefect starts a temporary local
 one. When `dvc status` says nothing changed, the flow is not started at all: nothing would run, and
 starting Prefect costs more than checking.
@@ -174,13 +175,29 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def read_preset(path: Path) -> dict[str, Any]:
+    """A preset is a partial params.yaml; flattened to dotted keys ({"finetune.epochs": 1}) for apply_overrides."""
+    def flatten(node: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(node, dict):
+            return {k: v for key, sub in node.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): node}
+
+    raw = yaml.safe_load(Path(path).read_text())
+    if not isinstance(raw, dict):
+        raise SystemExit(f"{path}: a preset is a mapping of params.yaml sections, e.g. 'finetune: {{epochs: 1}}'")
+    return flatten(raw, "")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="change a setting in the params file before running, e.g. --set prepare.per_class=50")
+    parser.add_argument("--preset", type=Path, action="append", default=[], metavar="FILE",
+                        help="apply a partial params file (e.g. presets/smoke.yaml) before running; --set wins")
     args = parser.parse_args(argv)
-    overrides = parse_overrides(args.overrides)
+    overrides = {k: v for preset in args.preset for k, v in read_preset(preset).items()}
+    overrides.update(parse_overrides(args.overrides))
     Params.load(Path(args.params))  # fail on a bad params file before anything starts
     if overrides:
         apply_overrides(Path(args.params), overrides)

@@ -6,9 +6,13 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import os
+import shutil
+import signal
 import socket
 import struct
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -19,6 +23,62 @@ import pytest
 from stages.data import FASHION_MNIST_FILES
 
 ROOT = Path(__file__).resolve().parent.parent
+# What a fresh clone of the project needs to run the pipeline (end-to-end tests work in such a copy).
+PROJECT_FILES = ["stages", "flows", "presets", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".dvcignore", ".gitignore"]
+
+
+def sh(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
+    return res
+
+
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+
+
+def copy_project(proj: Path) -> Path:
+    """The project's code and config in `proj`, as a git repository with one commit (no outputs, no store)."""
+    for name in PROJECT_FILES:
+        src, dst = ROOT / name, proj / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
+         else shutil.copy(src, dst))
+    sh(["git", "init", "-q"], proj)
+    sh(GIT + ["add", "-A"], proj)
+    sh(GIT + ["commit", "-qm", "project copy"], proj)
+    return proj
+
+
+def flow_env(proj: Path, **extra: str) -> dict:
+    """The environment a user's shell would give: no tracking server or Prefect server unless `extra` sets one."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    env.update({"PREFECT_HOME": str(proj / ".prefect"), "PYTHONUNBUFFERED": "1", **extra})
+    return env
+
+
+@contextlib.contextmanager
+def background(cmd: list[str], cwd: Path, env: dict | None = None, log: Path | None = None):
+    """A long-running process in its own process group, so stopping it also stops what it started (a
+    worker's flow runs, a server's workers), however the test ends. Output goes to `log` (or a temporary
+    file: a pipe nobody reads would fill up and stall a chatty server); `proc.output()` reads it back."""
+    out = open(log, "w+b") if log else tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.output = lambda: (out.flush(), out.seek(0), out.read().decode(errors="replace"))[-1]
+    try:
+        yield proc
+    finally:
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        with contextlib.suppress(ProcessLookupError):  # children that outlived the leader
+            os.killpg(proc.pid, signal.SIGKILL)
+        out.close()
 
 
 @contextlib.contextmanager
@@ -28,10 +88,8 @@ def http_server(cmd: list[str], ready_path: str, cwd: Path, env: dict | None = N
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([c.replace("{port}", str(port)) for c in cmd], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    try:
+    with background([c.replace("{port}", str(port)) for c in cmd], cwd, env) as proc:
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -40,17 +98,11 @@ def http_server(cmd: list[str], ready_path: str, cwd: Path, env: dict | None = N
                 break
             except OSError:
                 if proc.poll() is not None:
-                    raise AssertionError(f"{cmd[:3]} exited: {proc.stdout.read().decode()[-3000:]}") from None
+                    raise AssertionError(f"{cmd[:3]} exited: {proc.output()[-3000:]}") from None
                 if time.monotonic() > deadline:
                     raise AssertionError(f"{cmd[:3]} did not answer {ready_path} in {timeout}s") from None
                 time.sleep(0.5)
         yield base, first
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -1,13 +1,11 @@
 """The real thing on tiny settings: `python -m flows.pipeline` (Prefect's temporary server, DVC, the
 stages, a SQLite MLflow store) in a fresh copy of the project, on real Fashion-MNIST and real
-pre-trained weights: 8 labels per class, 32 px, one epoch, 200 test images."""
+pre-trained weights, with presets/smoke.yaml: 8 labels per class, 32 px, one epoch, 200 test images."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -18,51 +16,21 @@ import yaml
 
 from stages.params import Params
 
-from .conftest import ROOT, http_server
-
-TINY = [
-    "prepare.per_class=8", "prepare.val_per_class=4", "prepare.test_per_class=20",
-    "model.image_size=32", "finetune.epochs=1", "finetune.batch_size=16",
-    "baseline.probe_c=[1.0]", "evaluate.n_bootstrap=200",
-]  # fmt: skip
-PROJECT_FILES = ["stages", "flows", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".dvcignore", ".gitignore"]
+from .conftest import ROOT, copy_project, flow_env, http_server, sh
 
 pytestmark = pytest.mark.slow
-
-
-def sh(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
-    return res
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     if not Path(Params.load(ROOT / "params.yaml").paths.source, "train-images-idx3-ubyte.gz").exists():
         pytest.fail("Fashion-MNIST is not installed: run `make data` (make test does it)")
-    proj = tmp_path_factory.mktemp("project")
-    for name in PROJECT_FILES:
-        src, dst = ROOT / name, proj / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
-         else shutil.copy(src, dst))
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    sh(["git", "init", "-q"], proj)
-    sh(git + ["add", "-A"], proj)
-    sh(git + ["commit", "-qm", "project copy"], proj)
-    return proj
-
-
-def flow_env(proj: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
-    env.update(PREFECT_HOME=str(proj / ".prefect"), PYTHONUNBUFFERED="1")
-    return env
+    return copy_project(tmp_path_factory.mktemp("project"))
 
 
 @pytest.fixture(scope="module")
 def first_run(project: Path) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "flows.pipeline"] + [a for kv in TINY for a in ("--set", kv)]
+    args = [sys.executable, "-m", "flows.pipeline", "--preset", "presets/smoke.yaml"]
     return sh(args, project, flow_env(project))
 
 
@@ -209,3 +177,18 @@ def test_server_resolves_an_alias_to_a_concrete_version(project, first_run):
             assert body["model_version"] == str(receipt["version"]) and len(body["predictions"]) == 5
     finally:
         client.delete_registered_model_alias(receipt["model_name"], "champion")
+
+
+def test_report_from_the_real_run(project, first_run):
+    """What the pull-request workflow posts: `python -m flows.report --base <rev>`, also written to a file."""
+    res = sh([sys.executable, "-m", "flows.report", "--base", "HEAD"], project, flow_env(project))
+    text = (project / "reports/report.md").read_text()
+    assert text == res.stdout.rstrip("\n") + "\n"
+    ev = json.loads((project / "metrics/evaluate.json").read_text())
+    receipt = json.loads((project / "reports/registered.json").read_text())
+    assert f"**Transfer verdict: {ev['verdict']}**" in text
+    assert f"| finetuned | {ev['finetuned']['accuracy']:.4f} |" in text
+    assert f"version {receipt['version']}" in text
+    assert [f"| {c['name']} |" in text for c in receipt["gate"]] == [True] * 4
+    assert "| metrics/evaluate.json | finetuned.accuracy | – |" in text  # HEAD of the copy has no metrics yet
+    assert "- `plots/evaluate/confusion_finetuned.png`" in text

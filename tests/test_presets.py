@@ -1,0 +1,41 @@
+"""Presets (partial params files) and the deploy command's refusal without a Prefect server."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from flows.pipeline import apply_overrides, read_preset
+from stages.params import Params
+
+from .conftest import ROOT, flow_env, sh
+
+
+def test_smoke_preset_flattens_to_valid_overrides(tmp_path):
+    overrides = read_preset(ROOT / "presets/smoke.yaml")
+    assert overrides["finetune.epochs"] == 1 and overrides["baseline.probe_c"] == [1.0]
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    apply_overrides(params, overrides)
+    p = Params.load(params)
+    assert (p.finetune.epochs, p.model.image_size, p.prepare.per_class) == (1, 32, 8)
+    assert "# peak of the one-cycle schedule" in params.read_text()  # the file keeps its comments
+
+
+def test_a_preset_with_an_unknown_key_is_refused_naming_it(tmp_path):
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("finetune:\n  epoch: 1\n")
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    with pytest.raises(KeyError, match="no key 'epoch' under finetune"):
+        apply_overrides(params, read_preset(preset))
+    preset.write_text("- just a list\n")
+    with pytest.raises(SystemExit, match="a preset is a mapping"):
+        read_preset(preset)
+
+
+def test_deploy_without_a_prefect_server_says_how_to_start_one(tmp_path):
+    res = sh([sys.executable, "-m", "flows.deploy"], ROOT, flow_env(tmp_path), check=False)
+    assert res.returncode != 0
+    assert "PREFECT_API_URL is not set" in res.stderr and "make prefect-server" in res.stderr
