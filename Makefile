@@ -14,9 +14,9 @@ TASK ?= image
 # pyproject.toml cannot silently run on stale pins.
 DEPS_HASH = $(shell $(PYTHON) -c "import tomllib,hashlib,json; p=tomllib.load(open('pyproject.toml','rb'))['project']; print(hashlib.sha256(json.dumps([p['dependencies'], p.get('optional-dependencies')], sort_keys=True).encode()).hexdigest())")
 
-.PHONY: help setup data run test test-fast ui serve bench lock clean
+.PHONY: help setup data run smoke report test test-fast ui serve bench prefect-server deploy worker lock clean
 help:  ## show the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
 
 setup: $(STAMP) data .dvc/config  ## create/refresh .venv from requirements.lock and install the default data
 
@@ -44,6 +44,12 @@ data: $(STAMP)  ## install Fashion-MNIST from Debian when the default source fol
 run: setup  ## run the pipeline (only what changed) and print the summary
 	$(BIN)/python -m flows.pipeline
 
+smoke: setup  ## the pipeline on presets/smoke.yaml (CI on pull requests; WRITES those settings into params.yaml)
+	$(BIN)/python -m flows.pipeline --preset presets/smoke.yaml
+
+report: setup  ## markdown report of the last run vs BASE (default HEAD) and the champion -> reports/report.md
+	$(BIN)/python -m flows.report --base $(or $(BASE),HEAD)
+
 test: setup  ## run every test, the slow end-to-end ones included
 	$(BIN)/python -m pytest
 
@@ -58,6 +64,18 @@ serve: setup  ## serve the champion model over HTTP on port 8000 (python -m flow
 
 bench: setup  ## measure serving latency: PyTorch vs ONNX Runtime fp32 vs int8 (after make run)
 	$(BIN)/python bench/serve.py
+
+PREFECT_PORT ?= 4200
+# deploy and worker talk to this server: the local one by default, or whatever PREFECT_API_URL you export
+deploy worker: export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
+prefect-server: setup  ## a local Prefect server (UI and API) on port 4200, state in .prefect/
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+deploy: setup  ## deploy the nightly schedule (params.yaml schedule:) to the server at PREFECT_API_URL
+	$(BIN)/python -m flows.deploy
+
+worker: setup  ## a process worker that runs the scheduled pipeline runs (needs PREFECT_API_URL)
+	$(BIN)/prefect worker start --pool "$$($(BIN)/python -c 'from stages.params import Params; print(Params.load().schedule.work_pool)')" --type process
 
 lock:  ## re-resolve dependencies from pyproject.toml into requirements.lock
 	rm -rf $(VENV).lock-tmp && $(PYTHON) -m venv $(VENV).lock-tmp

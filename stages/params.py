@@ -108,6 +108,14 @@ class ExportParams:
 
 
 @dataclass(frozen=True)
+class ScheduleParams:
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+    work_pool: str = "headstart"
+    deployment: str = "nightly"
+
+
+@dataclass(frozen=True)
 class Params:
     paths: Paths
     prepare: PrepareParams
@@ -117,6 +125,7 @@ class Params:
     evaluate: EvaluateParams
     register: RegisterParams
     export: ExportParams
+    schedule: ScheduleParams = field(default_factory=ScheduleParams)
 
     @classmethod
     def load(cls, path: Path = Path("params.yaml")) -> Params:
