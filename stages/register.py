@@ -14,7 +14,7 @@ import csv
 import os
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +134,8 @@ def run(
         client.set_registered_model_alias(p.model_name, CHALLENGER, version)
     aliases = sorted(client.get_model_version(p.model_name, version).aliases)
     receipt = {"model_name": p.model_name, "version": version, "run_id": runs["finetuned"], "aliases": aliases,
-               "parent_run_id": parent.info.run_id, "tracking_uri": store.uri(), "challenger_reason": reason}
+               "parent_run_id": parent.info.run_id, "tracking_uri": store.uri(), "challenger_reason": reason,
+               "gate": [asdict(c) for c in checks]}
     write_json(out, receipt)
     print(f"registered {p.model_name} version {version} (aliases: {', '.join(aliases) or 'none'}): {reason}")
     return receipt
@@ -326,6 +327,16 @@ def fetch_alias(store: Store, name: str, alias: str, dst: Path, int8: bool = Fal
         run_id=version.run_id, artifact_path=path, dst_path=str(dst)))
     onnx_file = "model_int8.onnx" if int8 else "model.onnx"
     return str(version.version), fetch("checkpoint/model.json"), fetch(f"onnx/{onnx_file}")
+
+
+def describe_alias(store: Store, name: str, alias: str) -> dict[str, Any] | None:
+    """The version holding `alias` now, as {"version", "run_id", "tags"}; None when no version holds it."""
+    mlflow.set_tracking_uri(store.uri())
+    try:
+        mv = MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    return {"version": int(mv.version), "run_id": mv.run_id, "tags": dict(mv.tags)}
 
 
 GATE_CHECKS = ("min_accuracy", "gain_over_scratch", "onnx_parity", "vs_champion")

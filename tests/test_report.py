@@ -1,0 +1,72 @@
+"""The pull-request report, rendered from what a run writes (a report from a real run: test_pipeline_e2e)."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.report import diff_table, render
+
+
+def evaluation(gain_ci=(0.05, 0.15), verdict="positive") -> dict:
+    model = lambda acc: {"accuracy": acc, "accuracy_ci95": [acc - 0.01, acc + 0.01], "macro_f1": acc - 0.001}  # noqa: E731
+    return {"finetuned": model(0.85), "scratch": model(0.75), "linear_probe": model(0.78), "floor": model(0.79),
+            "transfer_gain": 0.10, "transfer_gain_ci95": list(gain_ci), "mcnemar_p": 1e-9, "verdict": verdict,
+            "n_test": 1000, "test_sha256": "abc"}
+
+
+EXPORT = {"n_examples": 1000, "top1_agreement": 1.0, "max_abs_diff": 1e-4, "worst_tolerance_use": 0.5,
+          "parity_passed": True, "size_bytes": 13_000_000, "int8_size_bytes": 4_000_000, "int8_accuracy": 0.849,
+          "fp32_accuracy": 0.85, "int8_accepted": True}
+GATE = [{"name": "min_accuracy", "value": "0.8500", "rule": "test accuracy >= 0.8", "passed": True},
+        {"name": "vs_champion", "value": "-0.0100", "rule": "accuracy >= champion's - 0.0", "passed": False}]
+RECEIPT = {"model_name": "m", "version": 4, "aliases": [], "challenger_reason": "gate failed: vs_champion", "gate": GATE}
+
+
+def test_verdict_models_gate_and_onnx_are_all_in_the_report():
+    text = render(evaluation(), EXPORT, RECEIPT, None, {}, {}, "origin/main", ["plots/evaluate/confusion_finetuned.png"])
+    assert "**Transfer verdict: positive**" in text and "+0.1000 (95% CI [+0.0500, +0.1500]" in text
+    for m in ("finetuned", "scratch", "linear_probe", "floor"):
+        assert f"| {m} |" in text
+    assert "version 4 (aliases: none): gate failed: vs_champion" in text
+    assert "| vs_champion | -0.0100 | accuracy >= champion's - 0.0 | **FAIL** |" in text
+    assert "| min_accuracy | 0.8500 | test accuracy >= 0.8 | pass |" in text
+    assert "top-1 agreement 100.00%" in text and "passed" in text
+    assert "No version has the `champion` alias" in text
+    assert "- `plots/evaluate/confusion_finetuned.png`" in text
+
+
+def test_champion_comparison_says_whether_the_test_sets_match():
+    champ = {"version": 2, "tags": {"test_accuracy": "0.860000", "test_sha256": "abc"}}
+    text = render(evaluation(), None, None, champ, None, None, "main", [])
+    assert "`champion` is version 2: test accuracy 0.8600 (the same test set), this run 0.8500 (-0.0100)" in text
+    champ["tags"]["test_sha256"] = "other"
+    assert "(a different test set)" in render(evaluation(), None, None, champ, None, None, "main", [])
+    assert "Not registered" in render(evaluation(), None, None, None, None, None, "main", [])
+
+
+def test_metrics_against_base_headline_first_and_params_changes_flagged():
+    metrics = {"metrics/evaluate.json": {
+        "finetuned.accuracy": {"old": 0.84, "new": 0.85, "diff": 0.01},
+        "finetuned.per_class_accuracy.Bag": {"old": 0.9, "new": 0.95, "diff": 0.05},
+        "verdict": {"old": "inconclusive", "new": "positive"}}}
+    params = {"params.yaml": {"finetune.epochs": {"old": 10, "new": 1}}}
+    text = render(evaluation(), None, None, None, metrics, params, "origin/main", [])
+    head, fold = text.split("<details>")
+    assert "| metrics/evaluate.json | finetuned.accuracy | 0.84 | 0.85 | 0.01 |" in head
+    assert "| metrics/evaluate.json | verdict | inconclusive | positive |  |" in head
+    assert "per_class_accuracy.Bag" in fold and "per_class_accuracy" not in head
+    assert "| params.yaml | finetune.epochs | 10 | 1 |  |" in text
+    assert "comparison of settings, not of code alone" in text
+    unchanged = render(evaluation(), None, None, None, metrics, {}, "origin/main", [])
+    assert "Params: unchanged." in unchanged and "comparison of settings" not in unchanged
+
+
+def test_an_unreadable_base_is_said_not_hidden():
+    text = render(evaluation(), None, None, None, None, None, "origin/main", [])
+    assert "`origin/main` could not be read" in text
+
+
+@pytest.mark.parametrize("value, cell", [(None, "–"), (0.123456, "0.1235"), ("a|b", "a\\|b"), (3, "3")])
+def test_table_cells(value, cell):
+    rows = diff_table({"f": {"k": {"old": value, "new": value}}}, "base")
+    assert rows[2] == f"| f | k | {cell} | {cell} |  |"
