@@ -100,7 +100,7 @@ class RegisterParams:
 @dataclass(frozen=True)
 class ExportParams:
     opset: int = _f(17, ge=13)
-    atol: float = _f(1e-4, gt=0)
+    atol: float = _f(5e-4, gt=0)
     rtol: float = _f(1e-4, ge=0)
     min_top1_agreement: float = _f(0.999, gt=0, le=1)
     int8_max_relative_drop: float = _f(0.01, ge=0, le=1)
