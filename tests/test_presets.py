@@ -14,12 +14,12 @@ from .conftest import ROOT, flow_env, sh
 
 def test_smoke_preset_flattens_to_valid_overrides(tmp_path):
     overrides = read_preset(ROOT / "presets/smoke.yaml")
-    assert overrides["finetune.epochs"] == 1 and overrides["baseline.probe_c"] == [1.0]
+    assert overrides["finetune.epochs"] == 5 and overrides["baseline.probe_c"] == [1.0]
     params = tmp_path / "params.yaml"
     params.write_text((ROOT / "params.yaml").read_text())
     apply_overrides(params, overrides)
     p = Params.load(params)
-    assert (p.finetune.epochs, p.model.image_size, p.prepare.per_class) == (1, 32, 8)
+    assert (p.finetune.epochs, p.model.image_size, p.prepare.per_class) == (5, 48, 20)
     assert "# peak of the one-cycle schedule" in params.read_text()  # the file keeps its comments
 
 
