@@ -122,9 +122,10 @@ def render(
     return "\n".join(out) + "\n"
 
 
-def dvc_diff(kind: str, base: str) -> dict | None:
-    """`dvc metrics diff` / `dvc params diff` against `base` as a dict, or None when it cannot be computed."""
-    cmd = [sys.executable, "-m", "dvc", kind, "diff", "--all", "--json", base]
+def dvc_diff(kind: str, base: str, unchanged: bool) -> dict | None:
+    """`dvc metrics diff` / `dvc params diff` against `base` as a dict (with the unchanged entries when
+    `unchanged`), or None when it cannot be computed."""
+    cmd = [sys.executable, "-m", "dvc", kind, "diff", *(["--all"] if unchanged else []), "--json", base]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         return None
@@ -156,7 +157,8 @@ def build(params: Params, base: str, with_champion: bool = True) -> str:
     return render(
         read(paths.evaluate_metrics), read(paths.export_metrics), read(paths.registered),
         champion_of(params) if with_champion else None,
-        dvc_diff("metrics", base), dvc_diff("params", base), base, plots,
+        # every headline metric, changed or not; only the params that changed
+        dvc_diff("metrics", base, unchanged=True), dvc_diff("params", base, unchanged=False), base, plots,
     )
 
 

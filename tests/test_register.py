@@ -123,7 +123,7 @@ def test_promotion_needs_a_passed_gate_or_a_recorded_reason(tmp_path, mlflow_sto
     import sys
 
     from stages.params import Params
-    from stages.register import PromotionRefused, promote_version
+    from stages.register import CHALLENGER, CHAMPION, PromotionRefused, promote_version
 
     from .conftest import ROOT
 
@@ -161,3 +161,16 @@ def test_promotion_needs_a_passed_gate_or_a_recorded_reason(tmp_path, mlflow_sto
     rollback = promote_version(mlflow_store, name, good, by="alice")  # moving the alias back
     assert rollback["previous"] == bad and not rollback["forced"]
     assert client.get_model_version_by_alias(name, "champion").version == good
+
+    # The README's UI steps and tables name exactly the aliases and tags the code writes.
+    readme = (ROOT / "README.md").read_text()
+    written = set(client.get_model_version(name, bad).tags) | set(client.get_model_version(name, good).tags)
+    for tag in sorted(t for t in written if t.startswith(("gate.", "champion.", "challenger"))):
+        parts = tag.split(".")
+        if len(parts) == 3 and parts[0] == "gate":  # gate.<check>.value / .passed: the generic name + the check
+            assert f"`gate.<check>.{parts[2]}`" in readme and f"`{parts[1]}`" in readme, tag
+        else:
+            assert f"`{tag}`" in readme, f"README does not mention the tag {tag}"
+    for alias in (CHALLENGER, CHAMPION):
+        assert f"`{alias}`" in readme
+    assert f"Models → `{name}`" in readme
