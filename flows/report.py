@@ -115,10 +115,11 @@ def render(
         changed = diff_table(params_diff or {}, base)
         out += ["", "Params changed:" if changed else "Params: unchanged.", *([""] + changed if changed else [])]
         if changed:
-            out.append("(Different params make the metrics above a comparison of settings, not of code alone.)")
+            out += ["", "Different params make the metrics above a comparison of settings, not of code alone."]
 
     if plots:
-        out += ["", "### Plots", *[f"- `{p}`" for p in plots]]
+        out += ["", "### Plots", "In the run's workspace (the pull-request workflow uploads them as an artifact):",
+                *[f"- `{p}`" for p in plots]]
     return "\n".join(out) + "\n"
 
 
