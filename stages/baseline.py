@@ -9,7 +9,6 @@ Run: dvc repro baseline   (or: python -m stages.baseline)"""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -46,7 +45,7 @@ def _scratch(train, val, classes, out, history, model_p, ft, p) -> float:
     seed_everything(p.seed)
     model = zoo.build(model_p.name, len(classes), pre)
     # Same budget as finetune (epochs, batch, schedule, early stopping); only the peak lr differs.
-    cfg = TrainConfig(**{**dataclasses.asdict(ft), "lr": p.scratch_lr, "freeze_epochs": 0, "seed": p.seed})
+    cfg = TrainConfig.of(ft, lr=p.scratch_lr, freeze_epochs=0, seed=p.seed)
     print(f"training {model_p.name} from random weights on {len(train.y)} images")
     result = fit(model, train, val, pre, cfg, head=zoo.head_parameters(model), desc="scratch")
     write_history(history, result.history)

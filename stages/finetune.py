@@ -2,28 +2,39 @@
 Reads paths.prepared, writes paths.finetuned (model.safetensors + model.json) and paths.finetune_history.
 Run: dvc repro finetune   (or: python -m stages.finetune)
 
+With finetune.processes > 1 it restarts itself under torchrun (DDP, see stages/train.py); started by
+torchrun directly (e.g. across nodes) it joins that job. Only rank 0 writes.
+
 Imports only torch, timm and the standard stack: it must run on a GPU box with no prefect/mlflow/dvc."""
 
 from __future__ import annotations
 
-import dataclasses
+import os
+import sys
 from pathlib import Path
 
 from stages import zoo
 from stages.data import load_split
 from stages.files import read_json
 from stages.params import FinetuneParams, ModelParams, cli
-from stages.train import FitResult, TrainConfig, device, fit, seed_everything, write_history
+from stages.train import FitResult, TrainConfig, device, distributed, fit, seed_everything, write_history
 
 
 def run(prepared: Path, out: Path, history: Path, model_p: ModelParams, p: FinetuneParams) -> FitResult:
+    with distributed() as (rank, world):
+        return _run(prepared, out, history, model_p, p, rank, world)
+
+
+def _run(prepared, out, history, model_p, p, rank: int, world: int) -> FitResult:
     classes = read_json(Path(prepared) / "manifest.json")["classes"]
     train, val = load_split(prepared, "train"), load_split(prepared, "val")
     pre = zoo.preprocessing(model_p.name, model_p.image_size)
     seed_everything(p.seed)  # the new head's initial weights come from the global generator
     model, weights_sha = zoo.pretrained(model_p.name, len(classes), pre)
-    print(f"fine-tuning {model_p.name} (pre-trained, {weights_sha[:12]}) on {len(train.y)} images, device {device()}")
-    cfg = TrainConfig(**dataclasses.asdict(p))
+    if rank == 0:
+        print(f"fine-tuning {model_p.name} (pre-trained, {weights_sha[:12]}) on {len(train.y)} images, device "
+              f"{device()}" + (f", {world} data-parallel processes" if world > 1 else ""))
+    cfg = TrainConfig.of(p)
     result = fit(model, train, val, pre, cfg, head=zoo.head_parameters(model), desc="finetune")
     meta = {
         "kind": "finetuned",
@@ -33,8 +44,10 @@ def run(prepared: Path, out: Path, history: Path, model_p: ModelParams, p: Finet
         "classes": classes,
         "preprocessing": pre,
         "train": {**cfg.__dict__, "best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
-                  "seconds": result.seconds, "n_train": int(len(train.y))},
+                  "seconds": result.seconds, "n_train": int(len(train.y)), "processes": world},
     }
+    if rank != 0:  # every rank holds the same weights; one writes
+        return result
     zoo.save_checkpoint(out, model, meta)
     write_history(history, result.history)
     print(f"best validation accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch} -> {out}")
@@ -43,6 +56,13 @@ def run(prepared: Path, out: Path, history: Path, model_p: ModelParams, p: Finet
 
 def main(argv: list[str] | None = None) -> None:
     params = cli(__doc__, argv)
+    if params.finetune.processes > 1 and "LOCAL_RANK" not in os.environ:
+        # Restart under torchrun: N copies of this command, one per process, joined by torch.distributed.
+        args = sys.argv[1:] if argv is None else argv
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={params.finetune.processes}", "-m", "stages.finetune", *args]
+        print("running under torchrun: " + " ".join(cmd[1:]), flush=True)
+        os.execv(sys.executable, cmd)
     run(params.paths.prepared, params.paths.finetuned, params.paths.finetune_history, params.model, params.finetune)
 
 

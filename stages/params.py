@@ -72,6 +72,8 @@ class FinetuneParams:
     augment: bool = True
     label_smoothing: float = _f(0.1, ge=0, lt=1)
     seed: int = 0
+    compile: bool = False
+    processes: int = _f(1, ge=1)
 
 
 @dataclass(frozen=True)

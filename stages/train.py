@@ -1,17 +1,29 @@
 """The one training loop (fine-tuning and from-scratch training share it) and batched inference.
 Plain PyTorch so every step can be read: AdamW, one-cycle schedule, optional frozen backbone for the
-first epochs, early stopping on validation accuracy keeping the best weights."""
+first epochs, early stopping on validation accuracy keeping the best weights.
+
+Under `torchrun` (WORLD_SIZE > 1) the same loop is data-parallel: `distributed()` joins the process group
+(NCCL on CUDA, gloo on CPU), each rank trains on its DistributedSampler shard of every epoch with
+1/world of the batch (the global batch and the schedule stay as configured), gradients are averaged by
+DDP, loss and accuracy are all-reduced, validation runs on rank 0 with rank 0's BatchNorm statistics and
+its decision is broadcast, and only rank 0 prints and writes."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import functools
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
@@ -29,6 +41,13 @@ class TrainConfig:
     seed: int
     augment: bool = False
     label_smoothing: float = 0.0
+    compile: bool = False  # torch.compile the model for training (pays off on GPU for long runs)
+
+    @classmethod
+    def of(cls, settings: Any, **changes: Any) -> TrainConfig:
+        """The training fields of a params section (e.g. FinetuneParams), with `changes` applied."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in dataclasses.asdict(settings).items() if k in names}, **changes})
 
 
 @dataclass
@@ -40,7 +59,29 @@ class FitResult:
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+@contextlib.contextmanager
+def distributed() -> Iterator[tuple[int, int]]:
+    """Join the torchrun process group when started by torchrun (WORLD_SIZE > 1); yields (rank, world)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield rank_and_world()
+        return
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(device())
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    try:
+        yield rank_and_world()
+    finally:
+        dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:
@@ -57,22 +98,46 @@ def fit(
     head: list[str],
     desc: str = "train",
 ) -> FitResult:
-    """Train `model` in place; on return it holds the weights of the best validation epoch."""
-    seed_everything(cfg.seed)
+    """Train `model` in place; on return it holds the weights of the best validation epoch (on every rank)."""
+    rank, world = rank_and_world()
+    # Each process its own random stream (dropout masks): with one shared seed every process would drop the
+    # same units for its share of the batch, which weakens dropout (measured: higher train, lower val
+    # accuracy). The weights start equal anyway: DDP copies rank 0's at wrap time.
+    seed_everything(cfg.seed + rank)
+    lead = rank == 0
     dev = device()
     cuda = dev.type == "cuda"
     model.to(dev)
     if cuda:  # channels_last feeds tensor cores for convolutions; a no-op for non-4D weights
         model.to(memory_format=torch.channels_last)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # BatchNorm over the global batch, as one process computes it: each process's share of a batch of
+        # 32 is small, and per-process statistics slowed learning markedly (measured on CPU: 0.62 vs 0.89).
+        sync_batchnorm(model)
+        net = DistributedDataParallel(model, device_ids=[dev.index] if cuda else None)
+    if cfg.compile:
+        net = torch.compile(net)
 
     x_train = to_model_input(train.x, pre)  # a few hundred images: preprocess once, keep in memory
     y_train = torch.from_numpy(train.y)
-    steps_per_epoch = math.ceil(len(y_train) / cfg.batch_size)
+    if cuda:  # pinned host memory: the copies below overlap with compute
+        x_train, y_train = x_train.pin_memory(), y_train.pin_memory()
+    per_rank_batch = math.ceil(cfg.batch_size / world)
+    sampler = None
+    if world > 1:
+        from torch.utils.data import DistributedSampler
+
+        sampler = DistributedSampler(range(len(y_train)), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    n_local = len(sampler) if sampler is not None else len(y_train)
+    steps_per_epoch = math.ceil(n_local / per_rank_batch)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.25
     )
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + rank)  # each rank augments differently
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     head_set = set(head)
 
@@ -83,16 +148,21 @@ def fit(
         frozen = epoch <= cfg.freeze_epochs
         for name, p in model.named_parameters():
             p.requires_grad_(not frozen or name in head_set)
-        model.train()
-        order = torch.randperm(len(y_train), generator=gen)
+        net.train()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+            order = torch.tensor(list(sampler))
+        else:
+            order = torch.randperm(len(y_train), generator=gen)
         loss_sum = torch.zeros((), device=dev)
         correct = torch.zeros((), device=dev, dtype=torch.long)
         bar = tqdm(
-            batches(len(order), cfg.batch_size),
+            batches(len(order), per_rank_batch),
             total=steps_per_epoch,
             desc=f"{desc} {epoch}/{cfg.epochs}" + (" (head only)" if frozen else ""),
             leave=False,
             dynamic_ncols=True,
+            disable=not lead,
         )
         for step, sl in enumerate(bar, 1):
             idx = order[sl]
@@ -103,7 +173,7 @@ def fit(
             if cuda:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-                logits = model(xb)
+                logits = net(xb)
                 loss = loss_fn(logits.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -111,22 +181,31 @@ def fit(
             sched.step()
             loss_sum += loss.detach() * len(idx)
             correct += (logits.argmax(1) == yb).sum()
-            if step % 10 == 0 or step == steps_per_epoch:  # a host sync: only now and then
-                seen = min(step * cfg.batch_size, len(order))
+            if lead and (step % 10 == 0 or step == steps_per_epoch):  # a host sync: only now and then
+                seen = min(step * per_rank_batch, len(order))
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
         bar.close()
 
-        train_loss = loss_sum.item() / len(order)
+        seen = torch.tensor([loss_sum.item(), correct.item(), len(order)], dtype=torch.float64)
+        if world > 1:  # the epoch's loss and accuracy over every rank's examples
+            dist.all_reduce(seen)
+            for buf in model.buffers():  # rank 0's BatchNorm statistics everywhere, as DDP does each step
+                dist.broadcast(buf, src=0)
+        train_loss, train_acc = float(seen[0] / seen[2]), float(seen[1] / seen[2])
         if not math.isfinite(train_loss):
             raise FloatingPointError(
                 f"{desc}: training loss became {train_loss} in epoch {epoch}; lower the learning rate "
                 f"(now {cfg.lr}) or check the data"
             )
-        val_acc = accuracy(model, val, pre)
+        val_acc = accuracy(model, val, pre) if lead else 0.0
+        if world > 1:  # one decision for every rank: early stopping must stop them all at once
+            decided = torch.tensor([val_acc], dtype=torch.float64)
+            dist.broadcast(decided, src=0)
+            val_acc = float(decided[0])
         row = {
             "epoch": epoch,
             "train_loss": round(train_loss, 6),
-            "train_accuracy": round(correct.item() / len(order), 6),
+            "train_accuracy": round(train_acc, 6),
             "val_accuracy": round(val_acc, 6),
             "lr": opt.param_groups[0]["lr"],
             "seconds": round(time.perf_counter() - start, 2),
@@ -136,12 +215,14 @@ def fit(
         if improved:
             best.best_epoch, best.best_val_accuracy = epoch, val_acc
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        tqdm.write(
-            f"{desc} epoch {epoch}/{cfg.epochs}: loss {train_loss:.4f}  train acc {row['train_accuracy']:.3f}  "
-            f"val acc {val_acc:.3f}{'  (best)' if improved else ''}"
-        )
+        if lead:
+            tqdm.write(
+                f"{desc} epoch {epoch}/{cfg.epochs}: loss {train_loss:.4f}  train acc {train_acc:.3f}  "
+                f"val acc {val_acc:.3f}{'  (best)' if improved else ''}"
+            )
         if epoch - best.best_epoch >= cfg.patience:
-            tqdm.write(f"{desc}: no better validation accuracy for {cfg.patience} epochs, stopping early")
+            if lead:
+                tqdm.write(f"{desc}: no better validation accuracy for {cfg.patience} epochs, stopping early")
             break
 
     for p in model.parameters():
@@ -152,17 +233,60 @@ def fit(
     return best
 
 
+def sync_batchnorm(model: nn.Module) -> None:
+    """Make every BatchNorm of `model` normalise with the mean and variance of the global batch (all
+    processes) in training, in place. torch's SyncBatchNorm is CUDA-only, so this does the same with an
+    autograd-aware all-reduce of per-channel sums, which works on gloo too; eval mode is unchanged. timm's
+    BatchNormAct2d (norm, then dropout and activation) is a BatchNorm2d and keeps its activation."""
+    from torch.distributed.nn.functional import all_reduce
+
+    def forward(bn: nn.modules.batchnorm._BatchNorm, local_forward: Callable, x: torch.Tensor) -> torch.Tensor:
+        if not bn.training:
+            return local_forward(x)
+        c = x.shape[1]
+        dims = [d for d in range(x.ndim) if d != 1]
+        count = torch.full((1,), x.numel() / c, dtype=torch.float32, device=x.device)
+        xf = x.float()
+        stats = all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)
+        if bn.track_running_stats:
+            with torch.no_grad():
+                bn.num_batches_tracked += 1
+                m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+                bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), m)
+                bn.running_var.lerp_((var * n / (n - 1)).to(bn.running_var.dtype), m)
+        shape = [1, c] + [1] * (x.ndim - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var + bn.eps).view(shape)
+        if bn.affine:
+            y = y * bn.weight.view(shape) + bn.bias.view(shape)
+        y = y.to(x.dtype)
+        if hasattr(bn, "act"):  # timm BatchNormAct2d
+            y = bn.act(bn.drop(y))
+        return y
+
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.forward = functools.partial(forward, module, module.forward)
+
+
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random horizontal flip and a shift of up to 1/16 of the side: label-preserving for photos of objects
     and clothes, and the cheapest defence against memorising a few hundred images. (A 1/8 shift left
-    fine-tuning underfitting in 10 epochs: train accuracy 0.87.)"""
-    n, _, h, w = x.shape
+    fine-tuning underfitting in 10 epochs: train accuracy 0.87.) One gather for the whole batch, so a GPU
+    sees a single kernel rather than one per image."""
+    n, c, h, w = x.shape
     flip = torch.rand(n, generator=gen) < 0.5
     x = torch.where(flip.view(n, 1, 1, 1).to(x.device), x.flip(3), x)
     pad = max(1, h // 16)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
-    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=gen).tolist()
-    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=gen).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
 
 
 @torch.no_grad()
