@@ -1,0 +1,130 @@
+"""infra/ checked statically (no Docker engine or cluster on CI machines): the compose file and the
+Kubernetes manifests parse, pin every image, take every secret from the environment / a Secret, and
+give every server its ports and health checks."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import ROOT
+
+INFRA = ROOT / "infra"
+SECRET_WORDS = ("PASSWORD", "SECRET", "ACCESS_KEY", "_USER")
+PINNED = re.compile(r"^[\w./-]+:(?!latest$)[\w.-]*\d[\w.-]*$")  # name:tag, the tag has a version number
+
+
+def compose() -> dict:
+    return yaml.safe_load((INFRA / "compose.yaml").read_text())
+
+
+def k8s_docs() -> list[dict]:
+    docs = []
+    for path in sorted((INFRA / "k8s").glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def containers(doc: dict) -> list[dict]:
+    spec = doc.get("spec", {})
+    pod = spec.get("template", {}).get("spec", {}) or spec.get("jobTemplate", {}).get("spec", {}).get("template", {}).get("spec", {})
+    return pod.get("containers", [])
+
+
+def test_compose_has_the_services_with_pinned_images():
+    services = compose()["services"]
+    assert {"postgres", "minio", "mlflow", "prefect-server", "prefect-worker"} <= set(services)
+    for name, svc in services.items():
+        assert "image" in svc, name
+        assert PINNED.match(svc["image"]), f"{name}: image {svc['image']!r} is not pinned to a version tag"
+    for dockerfile in INFRA.rglob("Dockerfile"):
+        for line in dockerfile.read_text().splitlines():
+            if line.startswith("FROM "):
+                assert PINNED.match(line.split()[1]), f"{dockerfile}: {line}"
+
+
+def test_compose_takes_every_secret_from_the_env_file_without_defaults():
+    text = (INFRA / "compose.yaml").read_text()
+    example = (INFRA / ".env.example").read_text()
+    for name, svc in compose()["services"].items():
+        env = svc.get("environment", {})
+        for key, value in env.items():
+            if any(w in key for w in SECRET_WORDS):
+                assert re.fullmatch(r"\$\{(\w+):\?[^}]+\}", str(value)), f"{name}.{key} = {value!r}: not a required env var"
+    required = set(re.findall(r"\$\{(\w+):\?", text))
+    declared = set(re.findall(r"^(\w+)=", example, flags=re.M))
+    assert required <= declared, f"missing from .env.example: {required - declared}"
+    for line in example.splitlines():
+        if "PASSWORD=" in line:
+            assert line.endswith("="), f".env.example must not carry a password: {line}"
+    assert ".env" in (INFRA / ".gitignore").read_text().split()
+
+
+def test_compose_servers_have_ports_and_healthchecks():
+    services = compose()["services"]
+    for name in ("postgres", "minio", "mlflow", "prefect-server", "prefect-worker"):
+        assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+    for name, port in (("minio", "9000:9000"), ("mlflow", "5000:5000"), ("prefect-server", "4200:4200")):
+        assert port in services[name]["ports"], name
+    command = " ".join(services["mlflow"]["command"])
+    for flag in ("--backend-store-uri \"postgresql", "--artifacts-destination s3://", "--serve-artifacts",
+                 "--allowed-hosts", "--app-name basic-auth"):
+        assert flag in command, flag
+    auth = (INFRA / "mlflow/basic_auth.ini.template").read_text()
+    assert "admin_password = ${MLFLOW_ADMIN_PASSWORD}" in auth  # never MLflow's default password
+    assert "postgresql+asyncpg://" in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert "prefect worker start --pool headstart --type process" in " ".join(services["prefect-worker"]["command"])
+
+
+def test_k8s_manifests_parse_and_pin_images_and_read_secrets_from_a_secret():
+    docs = k8s_docs()
+    kinds = {(d["kind"], d["metadata"].get("name") or d["metadata"].get("generateName")) for d in docs}
+    for needed in [("Deployment", "mlflow"), ("Deployment", "prefect-server"), ("Deployment", "prefect-worker"),
+                   ("StatefulSet", "postgres"), ("Deployment", "minio"), ("Job", "headstart-finetune-")]:
+        assert needed in kinds, needed
+    for doc in docs:
+        for c in containers(doc):
+            assert PINNED.match(c["image"]), f"{doc['metadata']}: {c['image']}"
+            for env in c.get("env", []):
+                if any(w in env["name"] for w in SECRET_WORDS):
+                    assert env.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == "headstart-secrets", env
+                    assert "value" not in env, env
+
+
+@pytest.mark.parametrize("name, port", [("mlflow", 5000), ("prefect-server", 4200), ("postgres", 5432), ("minio", 9000)])
+def test_k8s_servers_have_services_ports_and_probes(name, port):
+    docs = k8s_docs()
+    workload = next(d for d in docs if d["kind"] in ("Deployment", "StatefulSet") and d["metadata"]["name"] == name)
+    (c,) = containers(workload)
+    assert port in [p["containerPort"] for p in c["ports"]]
+    assert c.get("readinessProbe") and c.get("livenessProbe"), name
+    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == name)
+    assert port in [p["port"] for p in service["spec"]["ports"]]
+
+
+def test_k8s_has_a_kubernetes_work_pool_and_a_torchrun_training_job():
+    docs = k8s_docs()
+    worker = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "prefect-worker")
+    assert "--type kubernetes" in " ".join(containers(worker)[0]["args"])
+    job = next(d for d in docs if d["kind"] == "Job" and d["metadata"].get("generateName") == "headstart-finetune-")
+    (c,) = containers(job)
+    cmd = c["command"]
+    assert cmd[:3] == ["python", "-m", "torch.distributed.run"] and cmd[-2:] == ["-m", "stages.finetune"]
+    nproc = int(next(a for a in cmd if a.startswith("--nproc_per_node=")).split("=")[1])
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == nproc
+
+
+def test_dvc_remote_on_minio_is_configured_but_not_the_default():
+    config = (ROOT / ".dvc/config").read_text()
+    assert "['remote \"minio\"']" in config and "url = s3://dvc" in config
+    assert "endpointurl = http://localhost:9000" in config
+    assert "remote = minio" not in config  # a fresh clone must not try to push to a server it lacks
+
+
+def test_worker_image_build_context_leaves_out_local_state_and_secrets():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for path in (".venv/", ".dvc/cache/", "mlflow.db", "mlartifacts/", "data/", "models/", "infra/.env"):
+        assert path in ignored, path
