@@ -14,7 +14,7 @@ TASK ?= image
 # pyproject.toml cannot silently run on stale pins.
 DEPS_HASH = $(shell $(PYTHON) -c "import tomllib,hashlib,json; p=tomllib.load(open('pyproject.toml','rb'))['project']; print(hashlib.sha256(json.dumps([p['dependencies'], p.get('optional-dependencies')], sort_keys=True).encode()).hexdigest())")
 
-.PHONY: help setup data run smoke report test test-fast ui serve bench prefect-server deploy worker lock clean
+.PHONY: help setup data postgres run smoke report test test-fast ui serve bench bench-overhead bench-gpu prefect-server deploy worker lock clean
 help:  ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
 
@@ -50,8 +50,17 @@ smoke: setup  ## the pipeline on presets/smoke.yaml (CI on pull requests; WRITES
 report: setup  ## markdown report of the last run vs BASE (default HEAD) and the champion -> reports/report.md
 	$(BIN)/python -m flows.report --base $(or $(BASE),HEAD)
 
-test: setup  ## run every test, the slow end-to-end ones included
+test: setup postgres  ## run every test, the slow end-to-end ones included
 	$(BIN)/python -m pytest
+
+postgres:  # PostgreSQL binaries for tests/test_servers.py (Debian's postgresql package; started by the test)
+	@if command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "Installing PostgreSQL (Debian package postgresql)"; \
+	  apt-get update -qq && apt-get install -y -qq postgresql >/dev/null; \
+	else \
+	  echo "PostgreSQL is not installed: sudo apt-get install postgresql (tests/test_servers.py needs it)" >&2; exit 1; \
+	fi
 
 test-fast: setup  ## unit tests only
 	$(BIN)/python -m pytest -m "not slow"
@@ -64,6 +73,12 @@ serve: setup  ## serve the champion model over HTTP on port 8000 (python -m flow
 
 bench: setup  ## measure serving latency: PyTorch vs ONNX Runtime fp32 vs int8 (after make run)
 	$(BIN)/python bench/serve.py
+
+bench-overhead: setup  ## measure what Prefect + DVC add to the stages' own time (smoke preset, scratch copy)
+	$(BIN)/python bench/overhead.py
+
+bench-gpu: setup  ## training throughput vs a plain PyTorch loop (CUDA; bash bench/gpu.sh --cpu-tiny on CPU)
+	PYTHON=$(BIN)/python bash bench/gpu.sh
 
 PREFECT_PORT ?= 4200
 # deploy and worker talk to this server: the local one by default, or whatever PREFECT_API_URL you export
