@@ -25,7 +25,8 @@ from stages.train import TrainConfig, fit, predict, seed_everything, write_histo
 
 
 def run(
-    prepared: Path, out: Path, history: Path, model_p: ModelParams, ft: FinetuneParams, p: BaselineParams
+    prepared: Path, out: Path, history: Path, model_p: ModelParams, ft: FinetuneParams, p: BaselineParams,
+    checkpoints: Path | None = None,
 ) -> dict[str, float]:
     """Train the three baselines; return each one's validation accuracy."""
     classes = read_json(Path(prepared) / "manifest.json")["classes"]
@@ -33,21 +34,22 @@ def run(
     val_acc = {}
     with atomic_path(out) as tmp:  # the three are one output: all of them or none
         tmp.mkdir()
-        val_acc["scratch"] = _scratch(train, val, classes, tmp / "scratch", history, model_p, ft, p)
+        val_acc["scratch"] = _scratch(train, val, classes, tmp / "scratch", history, model_p, ft, p,
+                                     checkpoints / "scratch" if checkpoints else None)
         val_acc["linear_probe"] = _linear_probe(train, val, classes, tmp / "linear_probe", model_p, p)
         val_acc["floor"] = _floor(train, val, classes, tmp / "floor", p)
     print("validation accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in val_acc.items()) + f" -> {out}")
     return val_acc
 
 
-def _scratch(train, val, classes, out, history, model_p, ft, p) -> float:
+def _scratch(train, val, classes, out, history, model_p, ft, p, checkpoints) -> float:
     pre = zoo.preprocessing(model_p.name, model_p.image_size)
     seed_everything(p.seed)
     model = zoo.build(model_p.name, len(classes), pre)
     # Same budget as finetune (epochs, batch, schedule, early stopping); only the peak lr differs.
     cfg = TrainConfig.of(ft, lr=p.scratch_lr, freeze_epochs=0, seed=p.seed)
     print(f"training {model_p.name} from random weights on {len(train.y)} images")
-    result = fit(model, train, val, pre, cfg, head=zoo.head_parameters(model), desc="scratch")
+    result = fit(model, train, val, pre, cfg, head=zoo.head_parameters(model), desc="scratch", checkpoints=checkpoints)
     write_history(history, result.history)
     zoo.save_checkpoint(out, model, _meta("scratch", model_p.name, "random", None, classes, pre, {
         **cfg.__dict__, "best_epoch": result.best_epoch, "seconds": result.seconds}))
@@ -105,7 +107,7 @@ def _meta(kind, arch, init, sha, classes, pre, train) -> dict:
 def main(argv: list[str] | None = None) -> None:
     params = cli(__doc__, argv)
     run(params.paths.prepared, params.paths.baselines, params.paths.scratch_history,
-        params.model, params.finetune, params.baseline)
+        params.model, params.finetune, params.baseline, params.paths.checkpoints)
 
 
 if __name__ == "__main__":

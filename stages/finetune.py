@@ -20,12 +20,14 @@ from stages.params import FinetuneParams, ModelParams, cli
 from stages.train import FitResult, TrainConfig, device, distributed, fit, seed_everything, write_history
 
 
-def run(prepared: Path, out: Path, history: Path, model_p: ModelParams, p: FinetuneParams) -> FitResult:
+def run(
+    prepared: Path, out: Path, history: Path, model_p: ModelParams, p: FinetuneParams, checkpoints: Path | None = None
+) -> FitResult:
     with distributed() as (rank, world):
-        return _run(prepared, out, history, model_p, p, rank, world)
+        return _run(prepared, out, history, model_p, p, rank, world, checkpoints)
 
 
-def _run(prepared, out, history, model_p, p, rank: int, world: int) -> FitResult:
+def _run(prepared, out, history, model_p, p, rank: int, world: int, checkpoints: Path | None) -> FitResult:
     classes = read_json(Path(prepared) / "manifest.json")["classes"]
     train, val = load_split(prepared, "train"), load_split(prepared, "val")
     pre = zoo.preprocessing(model_p.name, model_p.image_size)
@@ -35,7 +37,8 @@ def _run(prepared, out, history, model_p, p, rank: int, world: int) -> FitResult
         print(f"fine-tuning {model_p.name} (pre-trained, {weights_sha[:12]}) on {len(train.y)} images, device "
               f"{device()}" + (f", {world} data-parallel processes" if world > 1 else ""))
     cfg = TrainConfig.of(p)
-    result = fit(model, train, val, pre, cfg, head=zoo.head_parameters(model), desc="finetune")
+    result = fit(model, train, val, pre, cfg, head=zoo.head_parameters(model), desc="finetune",
+                 checkpoints=checkpoints / "finetune" if checkpoints else None)
     meta = {
         "kind": "finetuned",
         "architecture": model_p.name,
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
                f"--nproc_per_node={params.finetune.processes}", "-m", "stages.finetune", *args]
         print("running under torchrun: " + " ".join(cmd[1:]), flush=True)
         os.execv(sys.executable, cmd)
-    run(params.paths.prepared, params.paths.finetuned, params.paths.finetune_history, params.model, params.finetune)
+    paths = params.paths
+    run(paths.prepared, paths.finetuned, paths.finetune_history, params.model, params.finetune, paths.checkpoints)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ class Paths:
     export_metrics: Path
     mlflow_db: Path
     mlflow_artifacts: Path
+    checkpoints: Path
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class FinetuneParams:
     seed: int = 0
     compile: bool = False
     processes: int = _f(1, ge=1)
+    checkpoint_every_steps: int = _f(0, ge=0)
 
 
 @dataclass(frozen=True)

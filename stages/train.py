@@ -14,11 +14,16 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 import os
+import pickle
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +47,7 @@ class TrainConfig:
     augment: bool = False
     label_smoothing: float = 0.0
     compile: bool = False  # torch.compile the model for training (pays off on GPU for long runs)
+    checkpoint_every_steps: int = 0  # with a checkpoint folder: also save mid-epoch every this many steps
 
     @classmethod
     def of(cls, settings: Any, **changes: Any) -> TrainConfig:
@@ -97,12 +103,16 @@ def fit(
     cfg: TrainConfig,
     head: list[str],
     desc: str = "train",
+    checkpoints: Path | None = None,
 ) -> FitResult:
-    """Train `model` in place; on return it holds the weights of the best validation epoch (on every rank)."""
+    """Train `model` in place; on return it holds the weights of the best validation epoch (on every rank).
+
+    With `checkpoints` (a folder), the whole training state is saved there after every epoch and every
+    `cfg.checkpoint_every_steps` steps, and a run that finds a complete checkpoint of the same training
+    (same settings, data and model) resumes from it: killed and restarted, it ends with the weights an
+    uninterrupted run ends with (CPU, deterministic ops). The folder is emptied when training completes."""
     rank, world = rank_and_world()
-    # Each process its own random stream (dropout masks): with one shared seed every process would drop the
-    # same units for its share of the batch, which weakens dropout (measured: higher train, lower val
-    # accuracy). The weights start equal anyway: DDP copies rank 0's at wrap time.
+    # Each process its own random stream (dropout, where a model has it); DDP copies rank 0's weights.
     seed_everything(cfg.seed + rank)
     lead = rank == 0
     dev = device()
@@ -134,28 +144,52 @@ def fit(
     n_local = len(sampler) if sampler is not None else len(y_train)
     steps_per_epoch = math.ceil(n_local / per_rank_batch)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.25
-    )
+    sched = schedule(opt, cfg.lr, cfg.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(cfg.seed + rank)  # each rank augments differently
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     head_set = set(head)
 
     best = FitResult(best_epoch=-1, best_val_accuracy=-1.0, seconds=0.0)
     best_state = None
-    start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    saver = Checkpoints(checkpoints, fingerprint(model, train, cfg, desc)) if checkpoints and world == 1 else None
+    resumed = saver.latest() if saver else None
+    first_epoch, skip_steps, epoch_gen = 1, 0, None
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        opt.load_state_dict(resumed["opt"])
+        sched.load_state_dict(resumed["sched"])
+        torch.set_rng_state(resumed["torch_rng"])
+        best_state, best.history = resumed["best_state"], resumed["history"]
+        best.best_epoch, best.best_val_accuracy = resumed["best_epoch"], resumed["best_val_accuracy"]
+        first_epoch, skip_steps = resumed["epoch"], resumed["step"]
+        epoch_gen = resumed["epoch_gen"]
+        gen.set_state(resumed["gen"])
+        tqdm.write(f"{desc}: resuming from the checkpoint at epoch {first_epoch}, step {skip_steps} "
+                   f"({checkpoints})")
+    start = time.perf_counter() - (best.history[-1]["seconds"] if best.history else 0.0)
+    for epoch in range(first_epoch, cfg.epochs + 1):
         frozen = epoch <= cfg.freeze_epochs
         for name, p in model.named_parameters():
             p.requires_grad_(not frozen or name in head_set)
         net.train()
+        resuming_mid_epoch = resumed is not None and epoch == first_epoch and skip_steps > 0
+        if resuming_mid_epoch:  # the same order as the interrupted epoch, then the generator where it was
+            now = gen.get_state()
+            gen.set_state(epoch_gen)
+        epoch_gen = gen.get_state()
         if sampler is not None:
             sampler.set_epoch(epoch)
             order = torch.tensor(list(sampler))
         else:
             order = torch.randperm(len(y_train), generator=gen)
-        loss_sum = torch.zeros((), device=dev)
-        correct = torch.zeros((), device=dev, dtype=torch.long)
+        if resuming_mid_epoch:
+            gen.set_state(now)
+            loss_sum = resumed["loss_sum"].to(dev)
+            correct = resumed["correct"].to(dev)
+        else:
+            loss_sum = torch.zeros((), device=dev)
+            correct = torch.zeros((), device=dev, dtype=torch.long)
+        bad_step = torch.full((), -1, device=dev, dtype=torch.long)  # first step with a non-finite loss
         bar = tqdm(
             batches(len(order), per_rank_batch),
             total=steps_per_epoch,
@@ -165,6 +199,8 @@ def fit(
             disable=not lead,
         )
         for step, sl in enumerate(bar, 1):
+            if resuming_mid_epoch and step <= skip_steps:
+                continue
             idx = order[sl]
             xb = x_train[idx].to(dev, non_blocking=True)
             yb = y_train[idx].to(dev, non_blocking=True)
@@ -181,9 +217,20 @@ def fit(
             sched.step()
             loss_sum += loss.detach() * len(idx)
             correct += (logits.argmax(1) == yb).sum()
-            if lead and (step % 10 == 0 or step == steps_per_epoch):  # a host sync: only now and then
-                seen = min(step * per_rank_batch, len(order))
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
+            # recorded on the device: no host sync per step; read at the next sync below
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()),
+                                   (epoch - 1) * steps_per_epoch + step, bad_step)
+            if step % 10 == 0 or step == steps_per_epoch:  # a host sync: only now and then
+                if bad_step.item() >= 0:
+                    raise FloatingPointError(
+                        f"{desc}: the training loss became NaN or infinite at step {bad_step.item()} (epoch "
+                        f"{epoch}); nothing was written. Lower the learning rate (now {cfg.lr}) or check the data")
+                if lead:
+                    seen = min(step * per_rank_batch, len(order))
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
+            if saver and cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step < steps_per_epoch:
+                saver.save({"epoch": epoch, "step": step, "epoch_gen": epoch_gen, "loss_sum": loss_sum.cpu(),
+                            "correct": correct.cpu(), **_state(model, opt, sched, gen, best, best_state)})
         bar.close()
 
         seen = torch.tensor([loss_sum.item(), correct.item(), len(order)], dtype=torch.float64)
@@ -192,11 +239,6 @@ def fit(
             for buf in model.buffers():  # rank 0's BatchNorm statistics everywhere, as DDP does each step
                 dist.broadcast(buf, src=0)
         train_loss, train_acc = float(seen[0] / seen[2]), float(seen[1] / seen[2])
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(
-                f"{desc}: training loss became {train_loss} in epoch {epoch}; lower the learning rate "
-                f"(now {cfg.lr}) or check the data"
-            )
         val_acc = accuracy(model, val, pre) if lead else 0.0
         if world > 1:  # one decision for every rank: early stopping must stop them all at once
             decided = torch.tensor([val_acc], dtype=torch.float64)
@@ -220,7 +262,10 @@ def fit(
                 f"{desc} epoch {epoch}/{cfg.epochs}: loss {train_loss:.4f}  train acc {train_acc:.3f}  "
                 f"val acc {val_acc:.3f}{'  (best)' if improved else ''}"
             )
-        if epoch - best.best_epoch >= cfg.patience:
+        stop = epoch - best.best_epoch >= cfg.patience
+        if saver and not stop and epoch < cfg.epochs:  # the next epoch starts from here
+            saver.save({"epoch": epoch + 1, "step": 0, "epoch_gen": None, **_state(model, opt, sched, gen, best, best_state)})
+        if stop:
             if lead:
                 tqdm.write(f"{desc}: no better validation accuracy for {cfg.patience} epochs, stopping early")
             break
@@ -230,7 +275,85 @@ def fit(
     model.load_state_dict(best_state)
     model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     best.seconds = round(time.perf_counter() - start, 2)
+    if saver:
+        saver.clear()  # the caller writes the model; a later run must not resume a finished training
     return best
+
+
+def schedule(opt: torch.optim.Optimizer, lr: float, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """One-cycle: a quarter of the steps warming up to `lr`, then annealing. OneCycleLR needs at least a
+    full step in each phase, so very short runs (a handful of steps) warm up longer or keep `lr` constant."""
+    if total_steps < 4:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps,
+                                               pct_start=max(0.25, 1.5 / total_steps))
+
+
+def _state(model, opt, sched, gen, best: FitResult, best_state) -> dict[str, Any]:
+    return {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
+            "torch_rng": torch.get_rng_state(), "best_state": best_state, "history": best.history,
+            "best_epoch": best.best_epoch, "best_val_accuracy": best.best_val_accuracy}
+
+
+def fingerprint(model: nn.Module, train: Split, cfg: TrainConfig, desc: str) -> str:
+    """What must match for a checkpoint to be resumed: the settings, the training data and the model's shape."""
+    h = hashlib.sha256(json.dumps([desc, dataclasses.asdict(cfg)], sort_keys=True, default=str).encode())
+    h.update(np.ascontiguousarray(train.x).tobytes())
+    h.update(np.ascontiguousarray(train.y).tobytes())
+    h.update(json.dumps([(k, list(v.shape)) for k, v in model.state_dict().items()]).encode())
+    return h.hexdigest()
+
+
+class Checkpoints:
+    """Training state in `folder`/<epoch>-<step>/: `state.pt` plus `complete.json` (its sha256 and the
+    fingerprint of the training). Each is built in a temporary folder and renamed into place, so a kill at
+    any moment leaves either the previous checkpoint or the new one, never half of one. Loaded with
+    `torch.load(weights_only=True)`: tensors and plain values only, no code."""
+
+    def __init__(self, folder: Path, fingerprint: str) -> None:
+        self.folder, self.fingerprint = Path(folder), fingerprint
+
+    def save(self, state: dict[str, Any]) -> None:
+        from stages.files import atomic_path, sha256_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self.folder / f"{state['epoch']:04d}-{state['step']:06d}"
+        with atomic_path(target) as tmp:
+            tmp.mkdir()
+            torch.save(state, tmp / "state.pt")
+            marker = {"sha256": sha256_file(tmp / "state.pt"), "fingerprint": self.fingerprint,
+                      "epoch": state["epoch"], "step": state["step"]}
+            (tmp / "complete.json").write_text(json.dumps(marker))
+        for old in self.folder.iterdir():  # only the newest is needed
+            if old.is_dir() and old.name != target.name and not old.name.startswith("."):
+                shutil.rmtree(old, ignore_errors=True)
+
+    def latest(self) -> dict[str, Any] | None:
+        """The newest complete checkpoint of this same training, or None."""
+        from stages.files import sha256_file
+
+        if not self.folder.is_dir():
+            return None
+        for path in sorted((p for p in self.folder.iterdir() if p.is_dir()), reverse=True):
+            try:
+                marker = json.loads((path / "complete.json").read_text())
+            except (OSError, ValueError):
+                continue  # no marker: not a complete checkpoint
+            if marker.get("fingerprint") != self.fingerprint:
+                tqdm.write(f"ignoring checkpoint {path}: it is from a different training (settings, data or model)")
+                continue
+            if marker.get("sha256") != sha256_file(path / "state.pt"):
+                tqdm.write(f"ignoring checkpoint {path}: state.pt does not match its recorded sha256")
+                continue
+            try:
+                return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise ValueError(f"{path}/state.pt holds more than tensors and plain values (refused to unpickle "
+                                 f"it, nothing in it ran); delete {self.folder} to start training afresh") from e
+        return None
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def sync_batchnorm(model: nn.Module) -> None:
