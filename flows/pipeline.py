@@ -12,6 +12,8 @@ starting Prefect costs more than checking.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -31,6 +33,45 @@ STAGES = ("prepare", "finetune", "baseline", "evaluate", "export", "register")
 RETRIES = {"register": 2}
 TRANSIENT = ("ConnectionError", "Connection refused", "Max retries exceeded", "database is locked",
              "timed out", "Read timed out", "503 Server Error", "502 Server Error", "504 Server Error")
+
+
+LOCK_FILE = Path(".headstart.lock")  # in the project root, beside dvc.yaml
+_held = 0  # re-entrant within one process: main() holds it around the flow, which takes it too
+
+
+@contextlib.contextmanager
+def workspace_lock(path: Path = LOCK_FILE):
+    """One pipeline run per workspace at a time. A second run (a scheduler firing twice, a person running
+    `make run` during the nightly run) fails at once, naming the holder, instead of interleaving writes
+    to params.yaml, dvc.lock and the outputs. The OS releases the lock when its holder dies, even by kill -9."""
+    global _held
+    if _held:
+        _held += 1
+        try:
+            yield
+        finally:
+            _held -= 1
+        return
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise RuntimeError(f"another headstart pipeline run holds this workspace ({holder}); wait for it to finish "
+                           f"or stop it, then run again. Lock file: {path.resolve()}") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+    f.flush()
+    _held = 1
+    try:
+        yield
+    finally:
+        _held = 0
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
 
 
 def is_transient(message: str) -> bool:
@@ -102,15 +143,16 @@ def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None 
     """Run every out-of-date stage in order; `overrides` ({"finetune.epochs": 3}) are written to params.yaml
     first, so DVC records them in dvc.lock like any other change."""
     log = get_run_logger()
-    if overrides:
-        apply_overrides(Path(params_file), overrides)
-        log.info("params.yaml updated: %s", overrides)
-    stale = stale_stages()
-    if not stale:
-        log.info("dvc status: data, code and params unchanged; nothing to retrain")
-        return {name: "up to date, skipped" for name in STAGES}
-    log.info("out of date: %s", ", ".join(stale))
-    return {name: TASKS[name](name) for name in STAGES}
+    with workspace_lock():
+        if overrides:
+            apply_overrides(Path(params_file), overrides)
+            log.info("params.yaml updated: %s", overrides)
+        stale = stale_stages()
+        if not stale:
+            log.info("dvc status: data, code and params unchanged; nothing to retrain")
+            return {name: "up to date, skipped" for name in STAGES}
+        log.info("out of date: %s", ", ".join(stale))
+        return {name: TASKS[name](name) for name in STAGES}
 
 
 def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
@@ -199,12 +241,18 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {k: v for preset in args.preset for k, v in read_preset(preset).items()}
     overrides.update(parse_overrides(args.overrides))
     Params.load(Path(args.params))  # fail on a bad params file before anything starts
-    if overrides:
-        apply_overrides(Path(args.params), overrides)
-    if stale_stages():
-        pipeline(params_file=args.params)
-    else:
-        print("dvc status: data, code and params unchanged since the last run; nothing to retrain.")
+    try:
+        with workspace_lock():
+            if overrides:
+                apply_overrides(Path(args.params), overrides)
+            if stale_stages():
+                pipeline(params_file=args.params)
+            else:
+                print("dvc status: data, code and params unchanged since the last run; nothing to retrain.")
+    except RuntimeError as e:
+        if "holds this workspace" not in str(e):
+            raise
+        raise SystemExit(f"error: {e}") from None
     print(summary(Params.load(Path(args.params))))
 
 

@@ -27,7 +27,7 @@ class ModelService:
     """An ONNX model plus the preprocessing and class names from its headstart checkpoint JSON."""
 
     def __init__(self, checkpoint_json: Path, onnx_path: Path, version: str | None = None) -> None:
-        import onnxruntime as ort
+        from stages.export import safe_session
 
         meta = json.loads(Path(checkpoint_json).read_text())
         self.classes: list[str] = meta["classes"]
@@ -35,7 +35,7 @@ class ModelService:
         self.input_shape = tuple(meta.get("input_shape", (28, 28)))
         self.version = version
         self.onnx_path = str(onnx_path)
-        self.session = ort.InferenceSession(self.onnx_path, providers=["CPUExecutionProvider"])
+        self.session = safe_session(Path(self.onnx_path))
 
     def predict(self, images: np.ndarray) -> list[dict[str, Any]]:
         from stages.data import to_model_input

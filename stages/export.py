@@ -37,8 +37,25 @@ def export_onnx(model: torch.nn.Module, pre: dict, path: Path, opset: int) -> No
     onnx.checker.check_model(str(path), full_check=True)
 
 
+def safe_session(onnx_path: Path) -> ort.InferenceSession:
+    """An ONNX Runtime session for a model file whose external data (if any) stays inside its own folder.
+    An ONNX file may name other files to read its weights from; a path that escapes the folder
+    ("../../etc/...", an absolute path) is how a crafted model reads files it should not, so it is refused."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    folder = Path(onnx_path).resolve().parent
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if Path(location).is_absolute() or not target.is_relative_to(folder):
+            raise ValueError(f"{onnx_path}: tensor {tensor.name!r} reads external data from {location!r}, outside "
+                             f"the model's folder {folder}; refusing to load this model")
+    return ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+
+
 def onnx_logits(onnx_path: Path, x_uint8: np.ndarray, pre: dict, batch_size: int) -> np.ndarray:
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = safe_session(onnx_path)
     return np.concatenate([
         session.run(["logits"], {"input": to_model_input(x_uint8[sl], pre).numpy()})[0]
         for sl in batches(len(x_uint8), batch_size)

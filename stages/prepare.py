@@ -53,6 +53,12 @@ def run(source: Path, out: Path, p: PrepareParams) -> dict:
     for name, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
         if len(x) != len(y):
             raise ValueError(f"{source}: {name} has {len(x)} images but {len(y)} labels")
+        if x.ndim != 3:
+            raise ValueError(f"{source}: {name} images have shape {x.shape}; expected (count, height, width)")
+        bad = np.flatnonzero((y < 0) | (y >= len(FASHION_MNIST_CLASSES)))
+        if bad.size:
+            raise ValueError(f"{source}: {name} label {int(y[bad[0]])} at index {int(bad[0])} is not a class "
+                             f"(0-{len(FASHION_MNIST_CLASSES) - 1}); {bad.size} such labels in all")
 
     tr, va = stratified_indices(train_y, p.per_class, p.val_per_class, p.seed)
     te = np.arange(len(test_y)) if p.test_per_class is None else stratified_indices(test_y, p.test_per_class, 0, p.seed)[0]

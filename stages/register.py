@@ -47,7 +47,12 @@ class Store:
 def connect(store: Store, experiment: str) -> str:
     """Point mlflow at the store and return the experiment id, creating it on first use."""
     mlflow.set_tracking_uri(store.uri())
-    found = mlflow.get_experiment_by_name(experiment)
+    try:
+        found = mlflow.get_experiment_by_name(experiment)
+    except Exception as e:  # an HTTP error, a refused connection, a locked or unreadable database
+        raise ConnectionError(
+            f"cannot reach the MLflow tracking store at {store.uri()}: {str(e).splitlines()[0][:300]}. Nothing was "
+            "registered; rerun when it is back (the flow retries this stage by itself)") from e
     if found is not None:
         return found.experiment_id
     location = None if os.environ.get("MLFLOW_TRACKING_URI") else Path(store.artifacts).resolve().as_uri()
