@@ -101,4 +101,4 @@ lock:  ## re-resolve dependencies from pyproject.toml into requirements.lock
 	rm -rf $(VENV).lock-tmp
 
 clean:  ## remove pipeline outputs (not the venv, not the MLflow store)
-	rm -rf data/prepared models plots metrics reports
+	rm -rf data/prepared models plots metrics reports checkpoints
