@@ -107,19 +107,32 @@ def run(
     report, export = read_json(evaluation), read_json(exported)
     experiment_id = connect(store, p.experiment)
     client = MlflowClient()
+    key = run_key(finetuned, evaluation, exported, lineage)
+    earlier = _registered_for(client, experiment_id, p.model_name, key)
 
-    with mlflow.start_run(experiment_id=experiment_id, run_name="pipeline") as parent:
-        mlflow.set_tags({"headstart.role": "pipeline", **{f"headstart.{k}": v for k, v in lineage.items()}})
-        mlflow.log_metrics({k: report[k] for k in ("transfer_gain", "mcnemar_p")})
-        mlflow.log_metrics({"transfer_gain_ci95_low": report["transfer_gain_ci95"][0],
-                            "transfer_gain_ci95_high": report["transfer_gain_ci95"][1]})
-        mlflow.set_tag("verdict", report["verdict"])
-        mlflow.log_artifact(str(evaluation))
-        runs = {}
-        for name, path in zoo.model_dirs(finetuned, baselines).items():
-            runs[name] = _log_model_run(experiment_id, name, path, histories.get(name), report[name], plots)
-        version = _register(client, runs["finetuned"], finetuned, p.model_name, report, lineage)
-        _attach_onnx(client, runs["finetuned"], p.model_name, version, onnx_files, export)
+    if earlier is None:
+        with mlflow.start_run(experiment_id=experiment_id, run_name="pipeline") as parent:
+            mlflow.set_tags({"headstart.role": "pipeline", **{f"headstart.{k}": v for k, v in lineage.items()}})
+            mlflow.log_metrics({k: report[k] for k in ("transfer_gain", "mcnemar_p")})
+            mlflow.log_metrics({"transfer_gain_ci95_low": report["transfer_gain_ci95"][0],
+                                "transfer_gain_ci95_high": report["transfer_gain_ci95"][1]})
+            mlflow.set_tag("verdict", report["verdict"])
+            mlflow.log_artifact(str(evaluation))
+            runs = {}
+            for name, path in zoo.model_dirs(finetuned, baselines).items():
+                runs[name] = _log_model_run(experiment_id, name, path, histories.get(name), report[name], plots)
+            # Marks the run before the version exists: a rerun after a failure past this point finds the
+            # version by it and completes that one instead of registering the same model twice.
+            client.set_tag(runs["finetuned"], RUN_KEY, key)
+            version = _register(client, runs["finetuned"], finetuned, p.model_name, report, lineage)
+            _attach_onnx(client, runs["finetuned"], p.model_name, version, onnx_files, export)
+        parent_id = parent.info.run_id
+    else:
+        version, runs = int(earlier.version), {"finetuned": earlier.run_id}
+        parent_id = client.get_run(earlier.run_id).data.tags.get("mlflow.parentRunId", "")
+        print(f"{p.model_name} version {version} was registered from this same model and evaluation by an earlier "
+              "attempt; completing it instead of registering it again")
+        _attach_onnx(client, earlier.run_id, p.model_name, version, onnx_files, export)
 
     champion_acc = _champion_accuracy(client, p.model_name, report, prepared)
     checks = gate(report, export, champion_acc, p)
@@ -139,11 +152,33 @@ def run(
         client.set_registered_model_alias(p.model_name, CHALLENGER, version)
     aliases = sorted(client.get_model_version(p.model_name, version).aliases)
     receipt = {"model_name": p.model_name, "version": version, "run_id": runs["finetuned"], "aliases": aliases,
-               "parent_run_id": parent.info.run_id, "tracking_uri": store.uri(), "challenger_reason": reason,
+               "parent_run_id": parent_id, "tracking_uri": store.uri(), "challenger_reason": reason,
                "gate": [asdict(c) for c in checks]}
     write_json(out, receipt)
     print(f"registered {p.model_name} version {version} (aliases: {', '.join(aliases) or 'none'}): {reason}")
     return receipt
+
+
+RUN_KEY = "headstart.run_key"
+
+
+def run_key(finetuned: Path, evaluation: Path, exported: Path, lineage: dict[str, str]) -> str:
+    """Identifies one pipeline result: the same weights, evaluation, export and settings give the same key."""
+    import hashlib
+
+    parts = [sha256_file(Path(finetuned) / "model.safetensors"), sha256_file(evaluation), sha256_file(exported),
+             lineage.get("params_sha256", "")]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _registered_for(client: MlflowClient, experiment_id: str, name: str, key: str):
+    """The model version an earlier attempt registered for this run key, or None."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY}` = '{key}'")
+    for r in runs:
+        found = client.search_model_versions(f"name='{name}' and run_id='{r.info.run_id}'")
+        if found:
+            return found[0]
+    return None
 
 
 def _log_model_run(experiment_id: str, name: str, path: Path, history: Path | None, metrics: dict, plots: Path) -> str:
