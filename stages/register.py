@@ -11,6 +11,7 @@ Run: dvc repro register   (or: python -m stages.register)"""
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import subprocess
 import tempfile
@@ -164,8 +165,6 @@ RUN_KEY = "headstart.run_key"
 
 def run_key(finetuned: Path, evaluation: Path, exported: Path, lineage: dict[str, str]) -> str:
     """Identifies one pipeline result: the same weights, evaluation, export and settings give the same key."""
-    import hashlib
-
     parts = [sha256_file(Path(finetuned) / "model.safetensors"), sha256_file(evaluation), sha256_file(exported),
              lineage.get("params_sha256", "")]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
@@ -355,18 +354,15 @@ top-1 agreement {export['top1_agreement']:.4%}. ONNX int8: {export['int8_size_by
 def fetch_alias(store: Store, name: str, alias: str, dst: Path, int8: bool = False) -> tuple[str, Path, Path]:
     """Resolve `models:/<name>@<alias>` to a concrete version now, and download what serving it needs:
     the version, its checkpoint JSON (classes, preprocessing) and its ONNX file."""
-    mlflow.set_tracking_uri(store.uri())
-    client = MlflowClient()
-    try:
-        version = client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        raise LookupError(f"no version of {name} has the alias {alias!r}: set it in the MLflow UI (make ui)") from None
-    if int8 and version.tags.get("onnx_int8_accepted") != "True":
-        raise ValueError(f"{name} version {version.version}: its int8 model was not accepted by export; serve fp32")
+    version = describe_alias(store, name, alias)
+    if version is None:
+        raise LookupError(f"no version of {name} has the alias {alias!r}: set it in the MLflow UI (make ui)")
+    if int8 and version["tags"].get("onnx_int8_accepted") != "True":
+        raise ValueError(f"{name} version {version['version']}: its int8 model was not accepted by export; serve fp32")
     fetch = lambda path: Path(mlflow.artifacts.download_artifacts(  # noqa: E731
-        run_id=version.run_id, artifact_path=path, dst_path=str(dst)))
+        run_id=version["run_id"], artifact_path=path, dst_path=str(dst)))
     onnx_file = "model_int8.onnx" if int8 else "model.onnx"
-    return str(version.version), fetch("checkpoint/model.json"), fetch(f"onnx/{onnx_file}")
+    return str(version["version"]), fetch("checkpoint/model.json"), fetch(f"onnx/{onnx_file}")
 
 
 def describe_alias(store: Store, name: str, alias: str) -> dict[str, Any] | None:
