@@ -35,6 +35,10 @@ TRANSIENT = ("ConnectionError", "Connection refused", "Max retries exceeded", "d
              "timed out", "Read timed out", "503 Server Error", "502 Server Error", "504 Server Error")
 
 
+class WorkspaceBusy(RuntimeError):
+    """Another pipeline run holds this workspace."""
+
+
 LOCK_FILE = Path(".headstart.lock")  # in the project root, beside dvc.yaml
 _held = 0  # re-entrant within one process: main() holds it around the flow, which takes it too
 
@@ -59,7 +63,7 @@ def workspace_lock(path: Path = LOCK_FILE):
         f.seek(0)
         holder = f.read().strip() or "unknown"
         f.close()
-        raise RuntimeError(f"another headstart pipeline run holds this workspace ({holder}); wait for it to finish "
+        raise WorkspaceBusy(f"another headstart pipeline run holds this workspace ({holder}); wait for it to finish "
                            f"or stop it, then run again. Lock file: {path.resolve()}") from None
     f.seek(0)
     f.truncate()
@@ -249,9 +253,7 @@ def main(argv: list[str] | None = None) -> None:
                 pipeline(params_file=args.params)
             else:
                 print("dvc status: data, code and params unchanged since the last run; nothing to retrain.")
-    except RuntimeError as e:
-        if "holds this workspace" not in str(e):
-            raise
+    except WorkspaceBusy as e:
         raise SystemExit(f"error: {e}") from None
     print(summary(Params.load(Path(args.params))))
 
