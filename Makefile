@@ -8,8 +8,10 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 export PYTHONUNBUFFERED := 1
-# TASK selects a params preset later (TASK=text); today there is one task, the image demo.
-TASK ?= image
+# TASK=<name> applies presets/<name>.yaml to params.yaml before running: TASK=text is the WordNet text demo,
+# TASK=image switches back to the image demo (restored from DVC's run cache when nothing else changed).
+TASK ?=
+PRESET = $(if $(TASK),--preset presets/$(TASK).yaml)
 # requirements.lock records a hash of the dependency lists it was resolved from, so an edited
 # pyproject.toml cannot silently run on stale pins.
 DEPS_HASH = $(shell $(PYTHON) -c "import tomllib,hashlib,json; p=tomllib.load(open('pyproject.toml','rb'))['project']; print(hashlib.sha256(json.dumps([p['dependencies'], p.get('optional-dependencies')], sort_keys=True).encode()).hexdigest())")
@@ -30,19 +32,23 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	@touch $@
 
-data: $(STAMP)  ## install Fashion-MNIST from Debian when the default source folder is empty
-	@src=$$($(BIN)/python -c 'from stages.params import Params; print(Params.load().paths.source)'); \
-	if ls "$$src"/train-images-idx3-ubyte.gz >/dev/null 2>&1; then exit 0; fi; \
-	if [ "$$src" = /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "Installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
-	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+data: $(STAMP)  ## install the demo dataset the run will read (Debian) when it is missing
+	@$(if $(TASK),test -f presets/$(TASK).yaml || { echo "TASK=$(TASK): no presets/$(TASK).yaml (try TASK=image or TASK=text)" >&2; exit 1; };) \
+	src=$$($(BIN)/python -c 'import sys, yaml; from stages.params import Params; p = sys.argv[1:] and yaml.safe_load(open(sys.argv[1])) or {}; print(p.get("paths", {}).get("source") or Params.load().paths.source)' $(if $(TASK),presets/$(TASK).yaml)); \
+	case "$$src" in \
+	  /usr/share/datasets/fashion-mnist) file=$$src/train-images-idx3-ubyte.gz; pkg=dataset-fashion-mnist;; \
+	  /usr/share/wordnet/data.noun) file=$$src; pkg=wordnet-base;; \
+	  *) exit 0;; \
+	esac; \
+	if [ -e "$$file" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "Installing $$pkg (Debian) for $$src"; apt-get update -qq && apt-get install -y -qq $$pkg >/dev/null; \
 	else \
-	  echo "Fashion-MNIST is not in $$src. Run: sudo apt-get install dataset-fashion-mnist," \
-	       "or set paths.source in params.yaml, or prepare.download: true (needs network)." >&2; exit 1; \
+	  echo "$$src is missing. Run: sudo apt-get install $$pkg, or set paths.source in params.yaml." >&2; exit 1; \
 	fi
 
-run: setup  ## run the pipeline (only what changed) and print the summary
-	$(BIN)/python -m flows.pipeline
+run: setup  ## run the pipeline (only what changed) and print the summary; TASK=text|image applies that preset
+	$(BIN)/python -m flows.pipeline $(PRESET)
 
 smoke: setup  ## the pipeline on presets/smoke.yaml (CI on pull requests; WRITES those settings into params.yaml)
 	$(BIN)/python -m flows.pipeline --preset presets/smoke.yaml

@@ -2,7 +2,7 @@
   scratch       the same architecture from random weights, same epochs and batch size (same budget);
   linear_probe  logistic regression on frozen pre-trained features (the regularisation strength chosen
                 on the validation split), written into the network's head;
-  floor         logistic regression on raw pixels.
+  floor         logistic regression on raw pixels (images) or on TF-IDF of the tokens (texts).
 Reads paths.prepared, writes paths.baselines/<name>/ in the fine-tuned model's format, and
 paths.scratch_history.
 Run: dvc repro baseline   (or: python -m stages.baseline)"""
@@ -26,7 +26,7 @@ from stages.train import TrainConfig, fit, predict, seed_everything, write_histo
 
 def run(
     prepared: Path, out: Path, history: Path, model_p: ModelParams, ft: FinetuneParams, p: BaselineParams,
-    checkpoints: Path | None = None,
+    weights_lock: Path, checkpoints: Path | None = None,
 ) -> dict[str, float]:
     """Train the three baselines; return each one's validation accuracy."""
     classes = read_json(Path(prepared) / "manifest.json")["classes"]
@@ -34,52 +34,86 @@ def run(
     val_acc = {}
     with atomic_path(out) as tmp:  # the three are one output: all of them or none
         tmp.mkdir()
-        val_acc["scratch"] = _scratch(train, val, classes, tmp / "scratch", history, model_p, ft, p,
+        val_acc["scratch"] = _scratch(train, val, classes, tmp / "scratch", history, model_p, ft, p, weights_lock,
                                      checkpoints / "scratch" if checkpoints else None)
-        val_acc["linear_probe"] = _linear_probe(train, val, classes, tmp / "linear_probe", model_p, p)
-        val_acc["floor"] = _floor(train, val, classes, tmp / "floor", p)
+        pretrained = zoo.load(model_p, len(classes), weights_lock)
+        val_acc["linear_probe"] = _linear_probe(train, val, classes, tmp / "linear_probe", pretrained, p)
+        val_acc["floor"] = _floor(train, val, classes, tmp / "floor", pretrained.pre, p)
     print("validation accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in val_acc.items()) + f" -> {out}")
     return val_acc
 
 
-def _scratch(train, val, classes, out, history, model_p, ft, p, checkpoints) -> float:
-    pre = zoo.preprocessing(model_p.name, model_p.image_size)
+def _scratch(train, val, classes, out, history, model_p, ft, p, weights_lock, checkpoints) -> float:
     seed_everything(p.seed)
-    model = zoo.build(model_p.name, len(classes), pre)
+    loaded = zoo.load(model_p, len(classes), weights_lock, pretrained=False)
+    model, pre = loaded.model, loaded.pre
     # Same budget as finetune (epochs, batch, schedule, early stopping); only the peak lr differs.
     cfg = TrainConfig.of(ft, lr=p.scratch_lr, freeze_epochs=0, seed=p.seed)
-    print(f"training {model_p.name} from random weights on {len(train.y)} images")
+    print(f"training {model_p.name} from random weights on {len(train.y)} examples")
     result = fit(model, train, val, pre, cfg, head=zoo.head_parameters(model), desc="scratch", checkpoints=checkpoints)
     write_history(history, result.history)
-    zoo.save_checkpoint(out, model, _meta("scratch", model_p.name, "random", None, classes, pre, {
+    zoo.save_checkpoint(out, model, _meta("scratch", loaded.architecture, "random", None, classes, pre, {
         **cfg.__dict__, "best_epoch": result.best_epoch, "seconds": result.seconds}))
     return result.best_val_accuracy
 
 
-def _linear_probe(train, val, classes, out, model_p, p) -> float:
+def _linear_probe(train, val, classes, out, loaded: zoo.Loaded, p) -> float:
     start = time.perf_counter()
-    pre = zoo.preprocessing(model_p.name, model_p.image_size)
-    model, sha = zoo.pretrained(model_p.name, len(classes), pre)
+    model, pre = loaded.model, loaded.pre
     f_train = predict(model, train.x, pre, fn=zoo.features, desc="probe features (train)")
     f_val = predict(model, val.x, pre, fn=zoo.features, desc="probe features (val)")
     clf, c, acc = _best_logreg(f_train, train, f_val, val, p.probe_c)
-    _load_linear(model.get_classifier(), clf)
-    zoo.save_checkpoint(out, model, _meta("linear_probe", model_p.name, "pretrained", sha, classes, pre, {
+    _load_linear(model.get_submodule(zoo.head_name(model)), clf)
+    zoo.save_checkpoint(out, model, _meta("linear_probe", loaded.architecture, "pretrained",
+                                          loaded.weights_sha256, classes, pre, {
         "C": c, "val_accuracy": acc, "seconds": round(time.perf_counter() - start, 2)}))
     return acc
 
 
-def _floor(train, val, classes, out, p) -> float:
+def _floor(train, val, classes, out, model_pre: dict, p) -> float:
     start = time.perf_counter()
-    size = int(train.x.shape[-1])
-    pre = zoo.preprocessing(zoo.PIXEL_LINEAR, size)
-    flat = lambda s: s.x.reshape(len(s.x), -1).astype(np.float32) / 255.0  # noqa: E731
-    clf, c, acc = _best_logreg(flat(train), train, flat(val), val, [p.floor_c])
-    model = zoo.build(zoo.PIXEL_LINEAR, len(classes), pre)
-    _load_linear(model[1], clf)
-    zoo.save_checkpoint(out, model, _meta("floor", zoo.PIXEL_LINEAR, "logistic_regression", None, classes, pre, {
+    if zoo.modality(model_pre) == "text":
+        model, pre, acc, c = _tfidf_floor(train, val, classes, model_pre, p)
+        arch = zoo.TFIDF_LINEAR
+    else:
+        size, channels = int(train.x.shape[1]), 3 if train.x.ndim == 4 else 1
+        pre = zoo.preprocessing(zoo.PIXEL_LINEAR, size, channels)
+        flat = lambda s: s.x.reshape(len(s.x), -1).astype(np.float32) / 255.0  # noqa: E731
+        clf, c, acc = _best_logreg(flat(train), train, flat(val), val, [p.floor_c])
+        model = zoo.build(zoo.PIXEL_LINEAR, len(classes), pre)
+        _load_linear(model[1], clf)
+        arch = zoo.PIXEL_LINEAR
+    zoo.save_checkpoint(out, model, _meta("floor", arch, "logistic_regression", None, classes, pre, {
         "C": c, "val_accuracy": acc, "seconds": round(time.perf_counter() - start, 2)}))
     return acc
+
+
+def _tfidf_floor(train, val, classes, model_pre: dict, p):
+    """TF-IDF of the model's own tokens + logistic regression, moved into a TfidfLinear module."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from stages.text import tokenizer
+
+    pre = {"modality": "text", "files": model_pre["files"], "max_length": model_pre["max_length"]}
+    tok = tokenizer(str(pre["files"]))
+    special = set(tok.all_special_ids)
+
+    def ids(split):  # the token ids the module will count: truncated like every other model's input
+        enc = tok([str(t) for t in split.x], truncation=True, max_length=pre["max_length"])["input_ids"]
+        return [[i for i in row if i not in special] for row in enc]
+
+    vec = TfidfVectorizer(analyzer=lambda row: row, lowercase=False)  # rows are already token ids
+    x_train = vec.fit_transform(ids(train))
+    clf, c, acc = _best_logreg(x_train, train, vec.transform(ids(val)), val, [p.floor_c])
+    model = zoo.build(zoo.TFIDF_LINEAR, len(classes), pre)
+    columns = torch.tensor([int(t) for t in vec.get_feature_names_out()])
+    with torch.no_grad():
+        model.idf.zero_()
+        model.idf[columns] = torch.from_numpy(vec.idf_).float()
+        model.linear.weight.zero_()
+        model.linear.weight[:, columns] = torch.from_numpy(clf.coef_).float()
+        model.linear.bias.copy_(torch.from_numpy(clf.intercept_).float())
+    return model, pre, acc, c
 
 
 def _best_logreg(x_train, train: Split, x_val, val: Split, cs: list[float]):
@@ -107,7 +141,7 @@ def _meta(kind, arch, init, sha, classes, pre, train) -> dict:
 def main(argv: list[str] | None = None) -> None:
     params = cli(__doc__, argv)
     run(params.paths.prepared, params.paths.baselines, params.paths.scratch_history,
-        params.model, params.finetune, params.baseline, params.paths.checkpoints)
+        params.model, params.finetune, params.baseline, params.paths.weights_lock, params.paths.checkpoints)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""Data on disk and on its way into a model: the idx reader, the stratified split, the prepared arrays and
-the preprocessing every model's JSON describes. Shared by every stage that touches examples."""
+"""Data on disk and on its way into a model: the idx reader, the stratified split, the prepared splits
+(images or texts) and the preprocessing every model's JSON describes. Shared by every stage that touches
+examples."""
 
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,67 +44,103 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def stratified_indices(
-    labels: np.ndarray, per_class: int, val_per_class: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Draw `per_class` training and `val_per_class` validation indices from every class, disjoint.
+    labels: np.ndarray, per_class: int, val_per_class: int, seed: int, test_per_class: int | None = 0,
+    classes: list[str] | None = None,
+) -> tuple[np.ndarray, ...]:
+    """Draw `per_class` training and `val_per_class` validation indices from every class, disjoint; with
+    `test_per_class` (a number, or None for every remaining example) also a disjoint test draw.
 
     Each class is shuffled with its own generator derived from (seed, class), so the draw for one class
     does not change when another class gains or loses examples.
     """
-    train, val = [], []
+    train, val, test = [], [], []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
-        need = per_class + val_per_class
+        need = per_class + val_per_class + (test_per_class or 0)
         if idx.size < need:
-            raise ValueError(
-                f"class {c} has {idx.size} examples; prepare.per_class + prepare.val_per_class needs {need}"
-            )
+            name = f"{classes[c]!r}" if classes else str(c)
+            parts = f"prepare.per_class ({per_class}) + prepare.val_per_class ({val_per_class})"
+            if test_per_class:
+                parts += f" + prepare.test_per_class ({test_per_class})"
+            raise ValueError(f"class {name} has {idx.size} examples; {parts} need {need}. Add {need - idx.size} "
+                             "more, or lower those settings")
         rng = np.random.default_rng([seed, int(c)])
         idx = rng.permutation(idx)
         train.append(idx[:per_class])
-        val.append(idx[per_class:need])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+        val.append(idx[per_class : per_class + val_per_class])
+        test.append(idx[per_class + val_per_class : None if test_per_class is None else need])
+    out = np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+    return out if test_per_class == 0 else (*out, np.sort(np.concatenate(test)))
 
 
 @dataclass(frozen=True)
 class Split:
-    x: np.ndarray  # uint8, (N, H, W) grayscale
+    x: np.ndarray  # images: uint8 (N, H, W) grayscale or (N, H, W, 3) RGB; texts: an object array of str
     y: np.ndarray  # int64, (N,)
 
 
-def save_split(path: Path, split: Split) -> None:
-    # safetensors rather than npz: the bytes depend only on the arrays (npz embeds a timestamp), so an
-    # unchanged split keeps its DVC hash and nothing downstream retrains.
+def save_split(folder: Path, name: str, split: Split) -> Path:
+    """Images as safetensors, texts as JSON lines; returns the file written. Both formats' bytes depend only
+    on the content (npz would embed a timestamp), so an unchanged split keeps its DVC hash and nothing
+    downstream retrains."""
+    if split.x.dtype == object:
+        path = Path(folder) / f"{name}.jsonl"
+        lines = (json.dumps({"text": str(t), "label": int(y)}, ensure_ascii=False) for t, y in zip(split.x, split.y))
+        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        return path
     from safetensors.numpy import save_file
 
+    path = Path(folder) / f"{name}.safetensors"
     save_file({"x": np.ascontiguousarray(split.x), "y": split.y.astype(np.int64)}, str(path))
+    return path
 
 
 def load_split(prepared: Path, name: str) -> Split:
+    folder = Path(prepared)
+    if (folder / f"{name}.jsonl").exists():
+        rows = [json.loads(line) for line in (folder / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
+        return Split(x=np.array([r["text"] for r in rows], dtype=object),
+                     y=np.array([r["label"] for r in rows], dtype=np.int64))
     from safetensors.numpy import load_file
 
-    path = Path(prepared) / f"{name}.safetensors"
+    path = folder / f"{name}.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
     arrays = load_file(str(path))
     return Split(x=arrays["x"], y=arrays["y"])
 
 
-def to_model_input(x_uint8: np.ndarray, pre: dict):
-    """uint8 images (N, H, W) -> float tensor (N, C, S, S) exactly as the model's JSON says.
+def split_file(prepared: Path, name: str) -> Path:
+    folder = Path(prepared)
+    return folder / f"{name}.jsonl" if (folder / f"{name}.jsonl").exists() else folder / f"{name}.safetensors"
 
-    `pre` is the "preprocessing" block of a model's JSON: image_size, channels, mean, std. The same
-    function feeds training, evaluation and ONNX parity, so they cannot drift apart.
-    """
+
+def to_model_input(x: np.ndarray, pre: dict):
+    """Examples -> what the model's forward takes, exactly as the model's JSON says: for images a float
+    tensor (N, C, S, S); for texts the tuple (input_ids, attention_mask). The same function feeds
+    training, evaluation and ONNX parity, so they cannot drift apart."""
+    if pre.get("modality") == "text":
+        from stages.text import tokenize
+
+        return tokenize(x, pre)
+    return image_input(x, pre)
+
+
+def image_input(x_uint8: np.ndarray, pre: dict):
+    """uint8 images (N, H, W) or (N, H, W, 3) -> float tensor (N, C, S, S); `pre` holds image_size,
+    channels, mean, std."""
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(np.asarray(x_uint8)).float().div_(255.0).unsqueeze(1)
+    x = torch.from_numpy(np.asarray(x_uint8)).float().div_(255.0)
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
     size = pre["image_size"]
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    if pre["channels"] == 3:  # grayscale repeated: the pre-trained stem expects RGB
+    if pre["channels"] == 3 and x.shape[1] == 1:  # grayscale repeated: the pre-trained stem expects RGB
         x = x.expand(-1, 3, -1, -1)
+    elif pre["channels"] == 1 and x.shape[1] == 3:
+        x = x.mean(1, keepdim=True)
     mean = torch.tensor(pre["mean"], dtype=x.dtype).view(1, -1, 1, 1)
     std = torch.tensor(pre["std"], dtype=x.dtype).view(1, -1, 1, 1)
     return ((x - mean) / std).contiguous()

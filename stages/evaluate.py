@@ -84,7 +84,7 @@ def _confusion_plots(out: Path, y: np.ndarray, preds: dict[str, np.ndarray], cla
             ax.set_yticks(range(k), classes, fontsize=8)
             ax.set_xlabel("predicted")
             ax.set_ylabel("true")
-            ax.set_title(f"{name}: accuracy {np.mean(pred == y):.3f} on {len(y)} test images")
+            ax.set_title(f"{name}: accuracy {np.mean(pred == y):.3f} on {len(y)} test examples")
             fig.colorbar(im, ax=ax, label="fraction of the true class")
             fig.tight_layout()
             fig.savefig(tmp / f"confusion_{name}.png", dpi=110)

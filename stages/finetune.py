@@ -5,7 +5,7 @@ Run: dvc repro finetune   (or: python -m stages.finetune)
 With finetune.processes > 1 it restarts itself under torchrun (DDP, see stages/train.py); started by
 torchrun directly (e.g. across nodes) it joins that job. Only rank 0 writes.
 
-Imports only torch, timm and the standard stack: it must run on a GPU box with no prefect/mlflow/dvc."""
+Imports only torch, timm / transformers and the standard stack: it must run on a GPU box with no prefect/mlflow/dvc."""
 
 from __future__ import annotations
 
@@ -21,29 +21,31 @@ from stages.train import FitResult, TrainConfig, device, distributed, fit, seed_
 
 
 def run(
-    prepared: Path, out: Path, history: Path, model_p: ModelParams, p: FinetuneParams, checkpoints: Path | None = None
+    prepared: Path, out: Path, history: Path, model_p: ModelParams, p: FinetuneParams, weights_lock: Path,
+    checkpoints: Path | None = None,
 ) -> FitResult:
     with distributed() as (rank, world):
-        return _run(prepared, out, history, model_p, p, rank, world, checkpoints)
+        return _run(prepared, out, history, model_p, p, weights_lock, rank, world, checkpoints)
 
 
-def _run(prepared, out, history, model_p, p, rank: int, world: int, checkpoints: Path | None) -> FitResult:
+def _run(prepared, out, history, model_p, p, weights_lock, rank: int, world: int, checkpoints) -> FitResult:
     classes = read_json(Path(prepared) / "manifest.json")["classes"]
     train, val = load_split(prepared, "train"), load_split(prepared, "val")
-    pre = zoo.preprocessing(model_p.name, model_p.image_size)
     seed_everything(p.seed)  # the new head's initial weights come from the global generator
-    model, weights_sha = zoo.pretrained(model_p.name, len(classes), pre)
+    loaded = zoo.load(model_p, len(classes), weights_lock)
+    model, pre = loaded.model, loaded.pre
     if rank == 0:
-        print(f"fine-tuning {model_p.name} (pre-trained, {weights_sha[:12]}) on {len(train.y)} images, device "
-              f"{device()}" + (f", {world} data-parallel processes" if world > 1 else ""))
+        print(f"fine-tuning {model_p.name} (pre-trained, {loaded.weights_sha256[:12]}) on {len(train.y)} examples, "
+              f"device {device()}" + (f", {world} data-parallel processes" if world > 1 else ""))
     cfg = TrainConfig.of(p)
     result = fit(model, train, val, pre, cfg, head=zoo.head_parameters(model), desc="finetune",
                  checkpoints=checkpoints / "finetune" if checkpoints else None)
     meta = {
         "kind": "finetuned",
-        "architecture": model_p.name,
+        "architecture": loaded.architecture,
         "init": "pretrained",
-        "pretrained_sha256": weights_sha,
+        "pretrained_from": zoo.canonical(model_p.name),
+        "pretrained_sha256": loaded.weights_sha256,
         "classes": classes,
         "preprocessing": pre,
         "train": {**cfg.__dict__, "best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
         print("running under torchrun: " + " ".join(cmd[1:]), flush=True)
         os.execv(sys.executable, cmd)
     paths = params.paths
-    run(paths.prepared, paths.finetuned, paths.finetune_history, params.model, params.finetune, paths.checkpoints)
+    run(paths.prepared, paths.finetuned, paths.finetune_history, params.model, params.finetune, paths.weights_lock,
+        paths.checkpoints)
 
 
 if __name__ == "__main__":

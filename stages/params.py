@@ -21,8 +21,8 @@ from typing import Any
 import yaml
 
 
-def _f(default: Any = dataclasses.MISSING, **bounds: float) -> Any:
-    """A field with optional bounds: ge, gt, le, lt."""
+def _f(default: Any = dataclasses.MISSING, **bounds: Any) -> Any:
+    """A field with optional bounds (ge, gt, le, lt) or a tuple of allowed `choices`."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=bounds)
     return field(default=default, metadata=bounds)
@@ -45,21 +45,39 @@ class Paths:
     mlflow_db: Path
     mlflow_artifacts: Path
     checkpoints: Path
+    weights_lock: Path
+    quarantine: Path
+
+
+DATASETS = ("fashion-mnist", "wordnet", "image-folder", "text-table")
 
 
 @dataclass(frozen=True)
 class PrepareParams:
+    dataset: str = _f("fashion-mnist", choices=DATASETS)
     per_class: int = _f(100, ge=1)
     val_per_class: int = _f(30, ge=1)
     test_per_class: int | None = _f(None, ge=1)
     seed: int = 0
     download: bool = False
+    image_size: int = _f(96, ge=8, le=1024)
+    max_pixels: int = _f(50_000_000, ge=1)
+    text_column: str = "text"
+    label_column: str = "label"
+    encoding: str = "utf-8"
+    max_quarantined: float = _f(0.01, ge=0, le=1)
 
 
 @dataclass(frozen=True)
 class ModelParams:
-    name: str = "efficientnet_lite0"
+    name: str = "timm:efficientnet_lite0"
     image_size: int = _f(80, ge=32, le=512)
+    max_length: int = _f(64, ge=4, le=8192)
+    pooling: str = _f("mean", choices=("mean", "cls", "last"))
+    weights: Path | None = None
+    allow_download: bool = False
+    trust_remote_code: bool = False
+    revision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -170,7 +188,11 @@ def validate(cls: type, raw: Any, where: str, errors: list[str]) -> Any:
                 errors.append(f"{path}: required")
             continue
         values[name] = _value(hints[name], raw[name], path, errors)
-        _check_bounds(values[name], f.metadata, path, errors)
+        choices = f.metadata.get("choices")
+        if choices and values[name] not in choices:
+            errors.append(f"{path}: must be one of {', '.join(choices)}, got {values[name]!r}")
+        else:
+            _check_bounds(values[name], {k: v for k, v in f.metadata.items() if k != "choices"}, path, errors)
     return cls(**values) if len(errors) == before else None
 
 

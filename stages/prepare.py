@@ -1,79 +1,46 @@
-"""Draw the labelled subset: `per_class` training images per class, a stratified validation split from the
-rest of the training set, and the full test set. Reads paths.source, writes paths.prepared.
+"""Read the dataset prepare.dataset names from paths.source (stages/datasets.py), and draw the labelled
+subset: `per_class` training examples per class, a stratified validation split, and the test set (the
+source's own, whole or `test_per_class` of each class, or else a stratified draw of its own). Examples that
+cannot be used are listed with their reason in paths.quarantine; more than prepare.max_quarantined of them
+fails the stage. Writes paths.prepared: train/val/test (safetensors for images, JSON lines for texts) and
+manifest.json.
 Run: dvc repro prepare   (or: python -m stages.prepare)"""
 
 from __future__ import annotations
 
 import hashlib
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from stages.data import (
-    FASHION_MNIST_CLASSES,
-    FASHION_MNIST_FILES,
-    Split,
-    read_idx,
-    save_split,
-    stratified_indices,
-)
+from stages import datasets
+from stages.data import Split, save_split, stratified_indices
 from stages.files import atomic_path, sha256_file, write_json
 from stages.params import PrepareParams, cli
 
-INSTALL_HINT = (
-    "Install it with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu; `make run` does this "
-    "when it runs as root), point paths.source in params.yaml at a folder holding the four idx .gz files, "
-    "or set prepare.download: true to fetch them with torchvision (needs network)."
-)
 
-
-def find_source(source: Path, download: bool) -> Path:
-    missing = [f for f in FASHION_MNIST_FILES.values() if not (source / f).exists()]
-    if not missing:
-        return source
-    if not download:
-        raise FileNotFoundError(f"Fashion-MNIST not found in {source} (missing {', '.join(missing)}). {INSTALL_HINT}")
-    from torchvision.datasets import FashionMNIST  # only on explicit request: this goes to the network
-
-    with tempfile.TemporaryDirectory() as tmp:
-        FashionMNIST(tmp, download=True)
-        source.mkdir(parents=True, exist_ok=True)
-        for f in FASHION_MNIST_FILES.values():
-            shutil.copy(Path(tmp) / "FashionMNIST" / "raw" / f, source / f)
-    return source
-
-
-def run(source: Path, out: Path, p: PrepareParams) -> dict:
-    source = find_source(Path(source), p.download)
-    files = {k: source / v for k, v in FASHION_MNIST_FILES.items()}
-    train_x, train_y = read_idx(files["train_images"]), read_idx(files["train_labels"]).astype(np.int64)
-    test_x, test_y = read_idx(files["test_images"]), read_idx(files["test_labels"]).astype(np.int64)
-    for name, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
-        if len(x) != len(y):
-            raise ValueError(f"{source}: {name} has {len(x)} images but {len(y)} labels")
-        if x.ndim != 3:
-            raise ValueError(f"{source}: {name} images have shape {x.shape}; expected (count, height, width)")
-        bad = np.flatnonzero((y < 0) | (y >= len(FASHION_MNIST_CLASSES)))
-        if bad.size:
-            raise ValueError(f"{source}: {name} label {int(y[bad[0]])} at index {int(bad[0])} is not a class "
-                             f"(0-{len(FASHION_MNIST_CLASSES) - 1}); {bad.size} such labels in all")
-
-    tr, va = stratified_indices(train_y, p.per_class, p.val_per_class, p.seed)
-    te = np.arange(len(test_y)) if p.test_per_class is None else stratified_indices(test_y, p.test_per_class, 0, p.seed)[0]
-    splits = {
-        "train": Split(train_x[tr], train_y[tr]),
-        "val": Split(train_x[va], train_y[va]),
-        "test": Split(test_x[te], test_y[te]),
-    }
-    classes = FASHION_MNIST_CLASSES
+def run(source: Path, out: Path, p: PrepareParams, quarantine: Path | None = None) -> dict:
+    src = datasets.read(p.dataset, Path(source), p)
+    classes = src.classes
+    _check_quarantine(src, p, quarantine)
+    if len(src.pool.y) == 0:
+        raise ValueError(f"{source}: the dataset is empty (no usable examples)")
+    if src.test is None:  # no test split of its own: a stratified one, disjoint from train and val
+        tr, va, te = stratified_indices(src.pool.y, p.per_class, p.val_per_class, p.seed, p.test_per_class, classes)
+        test = Split(src.pool.x[te], src.pool.y[te])
+    else:
+        tr, va = stratified_indices(src.pool.y, p.per_class, p.val_per_class, p.seed, 0, classes)
+        te = np.arange(len(src.test.y)) if p.test_per_class is None else stratified_indices(
+            src.test.y, p.test_per_class, 0, p.seed, 0, classes)[0]
+        test = Split(src.test.x[te], src.test.y[te])
+    splits = {"train": Split(src.pool.x[tr], src.pool.y[tr]), "val": Split(src.pool.x[va], src.pool.y[va]),
+              "test": test}
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        for name, split in splits.items():
-            save_split(tmp / f"{name}.safetensors", split)
+        written = {name: save_split(tmp, name, split) for name, split in splits.items()}
         manifest = {
-            "dataset": "fashion-mnist",
+            "dataset": p.dataset,
+            "modality": src.modality,
             "classes": classes,
             "seed": p.seed,
             "per_class": p.per_class,
@@ -81,17 +48,37 @@ def run(source: Path, out: Path, p: PrepareParams) -> dict:
             "counts": {
                 name: {classes[c]: int((s.y == c).sum()) for c in range(len(classes))} for name, s in splits.items()
             },
-            "source_sha256": {f.name: sha256_file(f) for f in files.values()},
+            "source_sha256": src.files,
+            "quarantined": len(src.quarantined),
             # Identifies the test set, so models are only compared on the very same examples.
-            "test_sha256": sha256_file(tmp / "test.safetensors"),
+            "test_sha256": sha256_file(written["test"]),
             "train_indices_sha256": _hash_indices(tr),
         }
         write_json(tmp / "manifest.json", manifest)
+    kind = "images" if src.modality == "image" else "texts"
     print(
-        f"prepared {len(tr)} train / {len(va)} val / {len(te)} test images "
+        f"prepared {len(tr)} train / {len(va)} val / {len(test.y)} test {kind} of {len(classes)} classes "
         f"({p.per_class}+{p.val_per_class} per class, seed {p.seed}) -> {out}"
     )
     return manifest
+
+
+def _check_quarantine(src: datasets.Source, p: PrepareParams, quarantine: Path | None) -> None:
+    """Record every quarantined example with its reason; fail when there are too many to trust the rest."""
+    share = len(src.quarantined) / max(src.seen, 1)
+    if quarantine is not None:
+        write_json(quarantine, {"dataset": p.dataset, "examples_seen": src.seen, "quarantined": len(src.quarantined),
+                                "share": round(share, 6), "max_share": p.max_quarantined, "items": src.quarantined})
+    if not src.quarantined:
+        return
+    listed = "\n".join(f"  {q['file']}: {q['reason']}" for q in src.quarantined[:10])
+    more = f"\n  ... and {len(src.quarantined) - 10} more" if len(src.quarantined) > 10 else ""
+    where = f" (all listed in {quarantine})" if quarantine else ""
+    if share > p.max_quarantined:
+        raise ValueError(f"{len(src.quarantined)} of {src.seen} examples ({share:.1%}) cannot be used, more than "
+                         f"prepare.max_quarantined ({p.max_quarantined:.1%}){where}:\n{listed}{more}\nFix or remove "
+                         "them, or raise prepare.max_quarantined to train on the rest")
+    print(f"quarantined {len(src.quarantined)} of {src.seen} examples{where}:\n{listed}{more}")
 
 
 def _hash_indices(idx: np.ndarray) -> str:
@@ -100,7 +87,7 @@ def _hash_indices(idx: np.ndarray) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     params = cli(__doc__, argv)
-    run(params.paths.source, params.paths.prepared, params.prepare)
+    run(params.paths.source, params.paths.prepared, params.prepare, params.paths.quarantine)
 
 
 if __name__ == "__main__":

@@ -185,7 +185,7 @@ def _log_model_run(experiment_id: str, name: str, path: Path, history: Path | No
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True) as r:
         mlflow.set_tags({"headstart.role": "model", "headstart.model": name, "architecture": meta["architecture"],
                          "init": meta["init"]})
-        mlflow.log_params({"architecture": meta["architecture"], "image_size": meta["preprocessing"]["image_size"],
+        mlflow.log_params({"architecture": meta["architecture"], **_input_params(meta["preprocessing"]),
                            **{f"train.{k}": v for k, v in meta["train"].items()}})
         if history is not None and Path(history).exists():
             with open(history) as f:
@@ -206,12 +206,29 @@ def _log_model_run(experiment_id: str, name: str, path: Path, history: Path | No
 
 def _register(client: MlflowClient, run_id: str, finetuned: Path, name: str, report: dict, lineage: dict) -> int:
     model, meta = zoo.load_checkpoint(finetuned)
-    size = meta["preprocessing"]["image_size"]
-    example = np.zeros((2, meta["preprocessing"]["channels"], size, size), dtype=np.float32)
+    pre = meta["preprocessing"]
+    if zoo.modality(pre) == "text":
+        # Tokens in, logits out (the tokenizer rides along in the checkpoint artifacts). Two texts of
+        # different lengths so neither the batch nor the sequence axis is pinned by the example.
+        from stages.data import to_model_input
+
+        ids, mask = to_model_input(np.array(["a short text", "a somewhat longer text to read"], dtype=object), pre)
+        example = (ids.numpy(), mask.numpy())
+        output = model(ids, mask)
+    else:
+        size = pre["image_size"]
+        example = np.zeros((2, pre["channels"], size, size), dtype=np.float32)
+        output = model(torch.from_numpy(example))
     # A batch of 2: MLflow stores the model as a torch.export graph (pt2, no pickle) traced on this example,
     # and a batch of 1 would pin the batch axis to 1 (../shared/ENVIRONMENT.md). The signature records the
     # batch axis as -1 (any size).
-    signature = mlflow.models.infer_signature(example, model(torch.from_numpy(example)).detach().numpy())
+    signature = mlflow.models.infer_signature(example if not isinstance(example, tuple) else None,
+                                              output.detach().numpy())
+    if isinstance(example, tuple):  # batch and sequence length both free (-1): torch.export keeps them dynamic
+        from mlflow.types.schema import Schema, TensorSpec
+
+        signature.inputs = Schema([TensorSpec(np.dtype(np.int64), (-1, -1), name) for name in
+                                   ("input_ids", "attention_mask")])
     with mlflow.start_run(run_id=run_id, nested=True):
         # Our own checkpoint format rides along, so later runs can re-score this version with headstart's
         # preprocessing (the champion comparison below) without unpickling anything.
@@ -308,6 +325,17 @@ def _attach_onnx(client: MlflowClient, run_id: str, name: str, version: int, fil
         client.log_metric(run_id, f"onnx_{k}", float(export[k]))
 
 
+def _input_params(pre: dict) -> dict[str, Any]:
+    keys = ("max_length", "pooling") if zoo.modality(pre) == "text" else ("image_size",)
+    return {k: pre[k] for k in keys if k in pre}
+
+
+def _inputs(pre: dict) -> str:
+    if zoo.modality(pre) == "text":
+        return f"texts of up to {pre['max_length']} tokens ({pre.get('pooling', 'tf-idf')} pooling)"
+    return f"images at {pre['image_size']} px"
+
+
 def model_card(
     name: str, version: int, meta: dict, report: dict, export: dict, checks: list[Check], lineage: dict
 ) -> str:
@@ -324,10 +352,10 @@ def model_card(
 
 {meta['architecture']} fine-tuned (all layers, {meta['train'].get('epochs')} epochs, best epoch
 {meta['train'].get('best_epoch')}) from pre-trained weights sha256 `{meta['pretrained_sha256']}`, on
-{meta['train'].get('n_train')} labelled images at {meta['preprocessing']['image_size']} px; classes: {', '.join(meta['classes'])}.
+{meta['train'].get('n_train')} labelled {_inputs(meta['preprocessing'])}; classes: {', '.join(meta['classes'])}.
 Verdict on transfer: **{report['verdict']}**, gain over the same network trained from scratch
 {report['transfer_gain']:+.4f} (95% CI {ci(report['transfer_gain_ci95'])}, McNemar p = {report['mcnemar_p']:.2g}),
-on {report['n_test']} test images (test set sha256 `{report['test_sha256'][:16]}`).
+on {report['n_test']} test examples (test set sha256 `{report['test_sha256'][:16]}`).
 
 | model | test accuracy | 95% CI | macro-F1 |
 |---|---|---|---|

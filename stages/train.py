@@ -131,10 +131,10 @@ def fit(
     if cfg.compile:
         net = torch.compile(net)
 
-    x_train = to_model_input(train.x, pre)  # a few hundred images: preprocess once, keep in memory
+    x_train = to_model_input(train.x, pre)  # a few hundred examples: preprocess once, keep in memory
     y_train = torch.from_numpy(train.y)
     if cuda:  # pinned host memory: the copies below overlap with compute
-        x_train, y_train = x_train.pin_memory(), y_train.pin_memory()
+        x_train, y_train = _map(x_train, lambda t: t.pin_memory()), y_train.pin_memory()
     per_rank_batch = math.ceil(cfg.batch_size / world)
     sampler = None
     if world > 1:
@@ -202,14 +202,14 @@ def fit(
             if resuming_mid_epoch and step <= skip_steps:
                 continue
             idx = order[sl]
-            xb = x_train[idx].to(dev, non_blocking=True)
+            xb = _map(take(x_train, idx), lambda t: t.to(dev, non_blocking=True))
             yb = y_train[idx].to(dev, non_blocking=True)
-            if cfg.augment:
+            if cfg.augment and not isinstance(xb, tuple):  # images only
                 xb = augment(xb, gen)
-            if cuda:
+            if cuda and not isinstance(xb, tuple):
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-                logits = net(xb)
+                logits = net(*_args(xb))
                 loss = loss_fn(logits.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -298,7 +298,7 @@ def _state(model, opt, sched, gen, best: FitResult, best_state) -> dict[str, Any
 def fingerprint(model: nn.Module, train: Split, cfg: TrainConfig, desc: str) -> str:
     """What must match for a checkpoint to be resumed: the settings, the training data and the model's shape."""
     h = hashlib.sha256(json.dumps([desc, dataclasses.asdict(cfg)], sort_keys=True, default=str).encode())
-    h.update(np.ascontiguousarray(train.x).tobytes())
+    h.update(json.dumps(train.x.tolist()).encode() if train.x.dtype == object else np.ascontiguousarray(train.x).tobytes())
     h.update(np.ascontiguousarray(train.y).tobytes())
     h.update(json.dumps([(k, list(v.shape)) for k, v in model.state_dict().items()]).encode())
     return h.hexdigest()
@@ -415,25 +415,46 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 @torch.no_grad()
 def predict(
     model: nn.Module,
-    x_uint8: np.ndarray,
+    x: np.ndarray,
     pre: dict,
     batch_size: int = 256,
     fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
     desc: str | None = None,
 ) -> np.ndarray:
-    """Logits (or `fn(model, x)`, e.g. features) for uint8 images, batch by batch, in fp32."""
+    """Logits (or `fn(model, *inputs)`, e.g. features) for images or texts, batch by batch, in fp32."""
     dev = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = []
-    it = batches(len(x_uint8), batch_size)
+    it = batches(len(x), batch_size)
     if desc:
-        it = tqdm(it, total=math.ceil(len(x_uint8) / batch_size), desc=desc, leave=False, dynamic_ncols=True)
+        it = tqdm(it, total=math.ceil(len(x) / batch_size), desc=desc, leave=False, dynamic_ncols=True)
     for sl in it:
-        xb = to_model_input(x_uint8[sl], pre).to(dev)
-        out.append((fn(model, xb) if fn else model(xb)).float().cpu().numpy())
+        args = _args(_map(to_model_input(x[sl], pre), lambda t: t.to(dev)))
+        out.append((fn(model, *args) if fn else model(*args)).float().cpu().numpy())
     model.train(was_training)
     return np.concatenate(out)
+
+
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]  # an image batch, or (input_ids, attention_mask)
+
+
+def _args(x: Inputs) -> tuple[torch.Tensor, ...]:
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _map(x: Inputs, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
+    return tuple(fn(t) for t in x) if isinstance(x, tuple) else fn(x)
+
+
+def take(x: Inputs, idx: torch.Tensor) -> Inputs:
+    """Rows `idx` of a preprocessed set. Token batches lose the padding columns none of their rows needs:
+    the set is padded to its longest text, most batches are much shorter."""
+    if not isinstance(x, tuple):
+        return x[idx]
+    ids, mask = x[0][idx], x[1][idx]
+    width = max(int(mask.sum(1).max()), 1)
+    return ids[:, :width], mask[:, :width]
 
 
 def accuracy(model: nn.Module, split: Split, pre: dict) -> float:

@@ -135,6 +135,7 @@ def tiny_params(tmp_path: Path, source: Path) -> Path:
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["paths"] = {k: str(source if k == "source" else tmp_path / v) for k, v in raw["paths"].items()}
+    raw["paths"]["weights_lock"] = str(ROOT / "weights.lock")  # the project's pinned weights
     raw["prepare"].update(per_class=4, val_per_class=2, test_per_class=2)
     raw["model"]["image_size"] = 32
     raw["finetune"].update(epochs=1, batch_size=8)

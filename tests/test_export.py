@@ -7,14 +7,16 @@ import torch
 
 from stages import zoo
 from stages.export import export_onnx, onnx_logits, parity, quantize_int8
+from stages.params import ModelParams
 from stages.train import predict
+from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     pre = zoo.preprocessing("efficientnet_lite0", 32)
     torch.manual_seed(0)
-    model, _ = zoo.pretrained("efficientnet_lite0", 10, pre)
+    model = zoo.load(ModelParams(name="timm:efficientnet_lite0", image_size=32), 10, ROOT / "weights.lock").model
     model.eval()
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     export_onnx(model, pre, path, opset=17)

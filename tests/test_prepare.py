@@ -28,7 +28,7 @@ def test_stratified_draw_is_deterministic_and_seeded():
 
 def test_a_class_too_small_for_the_split_says_how_many_are_needed():
     labels = np.array([0] * 20 + [1] * 7)
-    with pytest.raises(ValueError, match="class 1 has 7 examples; .* needs 15"):
+    with pytest.raises(ValueError, match="class 1 has 7 examples; .* need 15. Add 8 more"):
         stratified_indices(labels, 10, 5, seed=0)
 
 

@@ -11,6 +11,7 @@ import torch
 
 from flows.serve import validate_images
 from stages import zoo
+from stages.params import ModelParams
 from stages.export import export_onnx, onnx_logits
 
 from .conftest import ROOT, http_server
@@ -44,7 +45,7 @@ def _post(url: str, body: bytes) -> tuple[int, dict]:
 def test_server_answers_real_requests_and_refuses_bad_ones(tmp_path):
     pre = zoo.preprocessing("efficientnet_lite0", 32)
     torch.manual_seed(0)
-    model, _ = zoo.pretrained("efficientnet_lite0", 10, pre)
+    model = zoo.load(ModelParams(name="timm:efficientnet_lite0", image_size=32), 10, ROOT / "weights.lock").model
     classes = [f"class{i}" for i in range(10)]
     zoo.save_checkpoint(tmp_path / "ckpt", model, {"architecture": "efficientnet_lite0", "classes": classes,
                                                    "preprocessing": pre})

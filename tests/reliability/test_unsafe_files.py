@@ -54,12 +54,12 @@ def test_a_training_checkpoint_with_a_pickle_payload_is_refused_without_running_
 
 
 def test_pretrained_weights_are_loaded_with_weights_only(tmp_path):
-    """The loader zoo.pretrained uses (after the sha256 check) refuses pickled code as well."""
+    """The loader zoo.load uses (after the sha256 check) refuses pickled code as well."""
     marker = tmp_path / "pwned"
     path = tmp_path / "weights.pth"
     torch.save({"conv.weight": Payload(marker)}, path)
     with pytest.raises(pickle.UnpicklingError):
-        torch.load(path, map_location="cpu", weights_only=True)  # the call in zoo.pretrained
+        torch.load(path, map_location="cpu", weights_only=True)  # the call in zoo._read_state
     assert "weights_only=True" in Path(zoo.__file__).read_text()
     assert not marker.exists()
 
