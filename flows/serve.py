@@ -32,6 +32,10 @@ class ModelService:
         meta = json.loads(Path(checkpoint_json).read_text())
         self.classes: list[str] = meta["classes"]
         self.pre: dict = meta["preprocessing"]
+        if self.pre.get("modality") == "text":
+            raise SystemExit("this server takes images; serving a text model (tokenizer in front of the ONNX "
+                             "graph) is not built yet. The ONNX file takes input_ids and attention_mask from the "
+                             "tokenizer saved in the model's checkpoint folder.")
         self.input_shape = tuple(meta.get("input_shape", (28, 28)))
         self.version = version
         self.onnx_path = str(onnx_path)

@@ -53,6 +53,11 @@ def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path
         "n_test": n,
         "test_sha256": manifest["test_sha256"],
     })  # fmt: skip
+    pre = zoo.load_checkpoint(finetuned, weights=False)[1]["preprocessing"]
+    if zoo.modality(pre) == "text":
+        from stages.text import truncated_count
+
+        report["truncated_test_texts"] = truncated_count(test.x, pre)  # cut at model.max_length tokens
     write_json(out, report)
     _confusion_plots(plots, y, preds, classes)
     _print_table(report)

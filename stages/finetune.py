@@ -37,6 +37,14 @@ def _run(prepared, out, history, model_p, p, weights_lock, rank: int, world: int
     if rank == 0:
         print(f"fine-tuning {model_p.name} (pre-trained, {loaded.weights_sha256[:12]}) on {len(train.y)} examples, "
               f"device {device()}" + (f", {world} data-parallel processes" if world > 1 else ""))
+    truncated = None
+    if zoo.modality(pre) == "text":  # said once, and kept in model.json: long texts lose their end
+        from stages.text import truncated_count
+
+        truncated = truncated_count(train.x, pre)
+        if rank == 0 and truncated:
+            print(f"{truncated} of {len(train.y)} training texts are longer than model.max_length "
+                  f"({pre['max_length']} tokens) and are truncated")
     cfg = TrainConfig.of(p)
     result = fit(model, train, val, pre, cfg, head=zoo.head_parameters(model), desc="finetune",
                  checkpoints=checkpoints / "finetune" if checkpoints else None)
@@ -49,7 +57,8 @@ def _run(prepared, out, history, model_p, p, weights_lock, rank: int, world: int
         "classes": classes,
         "preprocessing": pre,
         "train": {**cfg.__dict__, "best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
-                  "seconds": result.seconds, "n_train": int(len(train.y)), "processes": world},
+                  "seconds": result.seconds, "n_train": int(len(train.y)), "processes": world,
+                  **({"truncated_texts": truncated} if truncated is not None else {})},
     }
     if rank != 0:  # every rank holds the same weights; one writes
         return result

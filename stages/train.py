@@ -253,7 +253,9 @@ def fit(
             "seconds": round(time.perf_counter() - start, 2),
         }
         best.history.append(row)
-        improved = val_acc > best.best_val_accuracy
+        # A tie goes to the later epoch: it has trained longer, at the lower learning rate where one-cycle
+        # does its best work, and a few hundred validation examples often cannot tell the two apart.
+        improved = val_acc >= best.best_val_accuracy
         if improved:
             best.best_epoch, best.best_val_accuracy = epoch, val_acc
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})

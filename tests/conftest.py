@@ -24,7 +24,7 @@ from stages.data import FASHION_MNIST_FILES
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a fresh clone of the project needs to run the pipeline (end-to-end tests work in such a copy).
-PROJECT_FILES = ["stages", "flows", "presets", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".dvcignore", ".gitignore"]
+PROJECT_FILES = ["stages", "flows", "presets", "dvc.yaml", "params.yaml", "weights.lock", "pyproject.toml", ".dvc/config", ".dvcignore", ".gitignore"]
 
 
 def sh(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -150,3 +150,27 @@ def mlflow_store(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("mlflow")
     return Store(db=root / "mlflow.db", artifacts=root / "artifacts")
+
+
+def tiny_hf_model(folder: Path, model_type: str) -> Path:
+    """A Hugging Face model folder with a tiny random `model_type` (roberta, distilbert, gpt2, bert) encoder
+    and the packaged MiniLM tokenizer: no weights of those architectures are available offline, and the
+    path through headstart is the same whatever the numbers in them."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from stages.zoo import PACKAGED
+
+    tok = AutoTokenizer.from_pretrained(PACKAGED["hf:sentence-transformers/all-MiniLM-L6-v2"].path())
+    sizes = {
+        "roberta": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=130, pad_token_id=tok.pad_token_id),
+        "bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+        "distilbert": dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64, pad_token_id=tok.pad_token_id),
+        "gpt2": dict(n_embd=32, n_layer=2, n_head=2, n_positions=128),
+    }[model_type]
+    config = AutoConfig.for_model(model_type, vocab_size=len(tok), **sizes)
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -196,3 +196,33 @@ def test_report_from_the_real_run(project, first_run):
     assert [f"| {c['name']} |" in text for c in receipt["gate"]] == [True] * 4
     assert "| metrics/evaluate.json | finetuned.accuracy | – |" in text  # HEAD of the copy has no metrics yet
     assert "- `plots/evaluate/confusion_finetuned.png`" in text
+
+
+def test_switching_to_the_text_demo_and_back_retrains_nothing(project, first_run):
+    """`make run TASK=text` then `make run TASK=image`: the text demo (WordNet glosses, the packaged MiniLM;
+    tiny here) runs every stage, and going back to the image settings restores every image output from
+    DVC's run cache, byte for byte, without training anything. Runs last: it changes the workspace."""
+    if not Path("/usr/share/wordnet/data.noun").exists():
+        pytest.fail("WordNet is not installed: run `make data TASK=text` (make test does it)")
+    image_outputs = {p: (project / p).read_bytes() for p in (
+        "models/finetuned/model.safetensors", "models/baselines/scratch/model.safetensors",
+        "models/onnx/model.onnx", "metrics/evaluate.json", "reports/registered.json")}
+    tiny = ["--set", "prepare.per_class=4", "--set", "prepare.val_per_class=2", "--set", "prepare.test_per_class=5",
+            "--set", "finetune.epochs=1"]
+    text = sh([sys.executable, "-m", "flows.pipeline", "--preset", "presets/text.yaml", *tiny], project,
+              flow_env(project))
+    for stage in ("prepare", "finetune", "baseline", "evaluate", "export", "register"):
+        assert f"Running stage '{stage}'" in text.stdout, stage
+    ev = json.loads((project / "metrics/evaluate.json").read_text())
+    assert ev["n_test"] == 50 and len(ev["finetuned"]["per_class_accuracy"]) == 10
+    assert json.loads((project / "metrics/export.json").read_text())["parity_passed"]
+    assert json.loads((project / "reports/registered.json").read_text())["model_name"] == "headstart-wordnet-topics"
+
+    back = sh([sys.executable, "-m", "flows.pipeline", "--preset", "presets/image.yaml", "--preset",
+               "presets/smoke.yaml"], project, flow_env(project))
+    for stage in ("prepare", "finetune", "baseline", "evaluate", "export", "register"):
+        assert f"stage {stage}: restored from DVC's run cache" in back.stdout + back.stderr, stage
+    assert "Running stage" not in back.stdout
+    assert {p: (project / p).read_bytes() for p in image_outputs} == image_outputs
+    status = sh([sys.executable, "-m", "dvc", "status", "--json"], project)
+    assert json.loads(status.stdout) == {}

@@ -23,6 +23,24 @@ def test_smoke_preset_flattens_to_valid_overrides(tmp_path):
     assert "# peak of the one-cycle schedule" in params.read_text()  # the file keeps its comments
 
 
+def test_the_image_preset_resets_everything_the_text_preset_sets(tmp_path):
+    """`make run TASK=text` then `make run TASK=image` must land on exactly the committed image settings,
+    or DVC's run cache would not recognise them and the image models would retrain."""
+    text, image = read_preset(ROOT / "presets/text.yaml"), read_preset(ROOT / "presets/image.yaml")
+    assert set(text) == set(image)
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    committed = Params.load(params)
+    apply_overrides(params, image)
+    assert Params.load(params) == committed  # image.yaml holds the committed values
+    apply_overrides(params, text)
+    p = Params.load(params)
+    assert (p.prepare.dataset, p.model.name, p.prepare.test_per_class) == (
+        "wordnet", "hf:sentence-transformers/all-MiniLM-L6-v2", 200)
+    apply_overrides(params, image)
+    assert Params.load(params) == committed
+
+
 def test_a_preset_with_an_unknown_key_is_refused_naming_it(tmp_path):
     preset = tmp_path / "bad.yaml"
     preset.write_text("finetune:\n  epoch: 1\n")
