@@ -203,7 +203,7 @@ def summary(params: Params) -> str:
         e = json.loads(paths.export_metrics.read_text())
         out.append(f"ONNX: {e['onnx_path']}, top-1 agreement {e['top1_agreement']:.4%}, max |logit diff| "
                    f"{e['max_abs_diff']:.1e} ({e['worst_tolerance_use']:.0%} of the tolerance) on "
-                   f"{e['n_examples']} test images")
+                   f"{e['n_examples']} test examples")
         out.append(f"ONNX int8: {e['onnx_int8_path']}, test accuracy {e['int8_accuracy']:.4f} vs fp32 "
                    f"{e['fp32_accuracy']:.4f} ({'accepted' if e['int8_accepted'] else 'rejected'}), "
                    f"{e['int8_size_bytes'] / 1e6:.1f} MB vs {e['size_bytes'] / 1e6:.1f} MB")

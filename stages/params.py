@@ -66,6 +66,8 @@ class PrepareParams:
     label_column: str = "label"
     encoding: str = "utf-8"
     max_quarantined: float = _f(0.01, ge=0, le=1)
+    leakage: str = _f("remove", choices=("remove", "fail"))
+    near_duplicate_bits: int = _f(0, ge=0, le=64)
 
 
 @dataclass(frozen=True)

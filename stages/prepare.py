@@ -9,6 +9,7 @@ Run: dvc repro prepare   (or: python -m stages.prepare)"""
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,11 @@ def run(source: Path, out: Path, p: PrepareParams, quarantine: Path | None = Non
         test = Split(src.test.x[te], src.test.y[te])
     splits = {"train": Split(src.pool.x[tr], src.pool.y[tr]), "val": Split(src.pool.x[va], src.pool.y[va]),
               "test": test}
+    splits, leaks = remove_leakage(splits, p)
+    if leaks:
+        _record_leakage(quarantine, leaks)
+        print(f"removed {len(leaks)} examples from train/val that duplicate a later split"
+              + (f" (listed in {quarantine})" if quarantine else ""))
     with atomic_path(out) as tmp:
         tmp.mkdir()
         written = {name: save_split(tmp, name, split) for name, split in splits.items()}
@@ -50,6 +56,7 @@ def run(source: Path, out: Path, p: PrepareParams, quarantine: Path | None = Non
             },
             "source_sha256": src.files,
             "quarantined": len(src.quarantined),
+            "leakage_removed": len(leaks),
             # Identifies the test set, so models are only compared on the very same examples.
             "test_sha256": sha256_file(written["test"]),
             "train_indices_sha256": _hash_indices(tr),
@@ -61,6 +68,78 @@ def run(source: Path, out: Path, p: PrepareParams, quarantine: Path | None = Non
         f"({p.per_class}+{p.val_per_class} per class, seed {p.seed}) -> {out}"
     )
     return manifest
+
+
+def remove_leakage(splits: dict[str, Split], p: PrepareParams) -> tuple[dict[str, Split], list[dict]]:
+    """Drop from train the examples that also appear in val or test, and from val those in test, exactly
+    or nearly (see prepare.leakage in params.yaml); with prepare.leakage: fail, raise instead."""
+    keys = {name: duplicate_keys(s.x, p.near_duplicate_bits) for name, s in splits.items()}
+    leaks, keep = [], {}
+    for name, later in (("train", ("val", "test")), ("val", ("test",))):
+        drop = np.zeros(len(splits[name].y), bool)
+        for other in later:
+            for i, j, how in _matches(keys[name], keys[other], p.near_duplicate_bits):
+                if not drop[i]:
+                    drop[i] = True
+                    leaks.append({"file": f"{name} example {i}", "reason": f"{how} duplicate of {other} example {j}"})
+        keep[name] = ~drop
+    if leaks and p.leakage == "fail":
+        listed = "\n".join(f"  {q['file']}: {q['reason']}" for q in leaks[:10])
+        raise ValueError(f"{len(leaks)} examples appear in two splits (prepare.leakage: fail):\n{listed}\nRemove the "
+                         "copies from your data, or set prepare.leakage: remove to drop them from train/val")
+    out = dict(splits)
+    for name, k in keep.items():
+        out[name] = Split(splits[name].x[k], splits[name].y[k])
+    return out, leaks
+
+
+def duplicate_keys(x: np.ndarray, near_bits: int) -> tuple[list[str], np.ndarray | list[str]]:
+    """(exact keys, near keys) per example: content sha256; for images a 256-bit difference hash (16x17
+    area-averaged grey levels, one bit per left/right comparison), for texts the normalised text."""
+    if x.dtype == object:
+        exact = [hashlib.sha256(str(t).encode()).hexdigest() for t in x]
+        near = [" ".join(re.sub(r"[^\w\s]", " ", str(t).casefold()).split()) for t in x]
+        return exact, near
+    import torch
+
+    exact = [hashlib.sha256(np.ascontiguousarray(im).tobytes()).hexdigest() for im in x]
+    if len(x) == 0:
+        return exact, np.zeros((0, 256), bool)
+    t = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    t = t.mean(-1) if t.ndim == 4 else t
+    small = torch.nn.functional.interpolate(t[:, None], size=(16, 17), mode="area")[:, 0]
+    return exact, (small[:, :, 1:] > small[:, :, :-1]).reshape(len(x), -1).numpy()
+
+
+def _matches(a, b, near_bits: int):
+    """(index in a, index in b, "exact"|"near") for every example of `a` that has a copy in `b`."""
+    exact_b = {k: j for j, k in enumerate(b[0])}
+    for i, k in enumerate(a[0]):
+        if k in exact_b:
+            yield i, exact_b[k], "exact"
+    if isinstance(a[1], list):  # texts: equal normalised strings
+        near_b = {k: j for j, k in enumerate(b[1])}
+        for i, k in enumerate(a[1]):
+            if k in near_b and a[0][i] not in exact_b:
+                yield i, near_b[k], "near"
+        return
+    bb = b[1].astype(np.float32)
+    for start in range(0, len(a[1]), 1024):  # Hamming distances as two matrix products, a block at a time
+        ab = a[1][start : start + 1024].astype(np.float32)
+        d = ab @ (1 - bb).T + (1 - ab) @ bb.T
+        for i, j in zip(*np.nonzero(d <= near_bits + 0.5)):
+            if a[0][start + i] not in exact_b:
+                yield start + int(i), int(j), "near"
+
+
+def _record_leakage(quarantine: Path | None, leaks: list[dict]) -> None:
+    if quarantine is None:
+        return
+    from stages.files import read_json
+
+    record = read_json(quarantine)
+    record["leakage_removed"] = leaks
+    write_json(quarantine, record)
 
 
 def _check_quarantine(src: datasets.Source, p: PrepareParams, quarantine: Path | None) -> None:

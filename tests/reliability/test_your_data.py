@@ -19,8 +19,8 @@ def params(**changes) -> PrepareParams:
     return dataclasses.replace(PrepareParams(), **{"image_size": 16, **changes})
 
 
-def image_tree(root, counts: dict[str, int], size=(20, 24)):
-    rng = np.random.default_rng(0)
+def image_tree(root, counts: dict[str, int], size=(20, 24), seed=0):
+    rng = np.random.default_rng(seed)
     for c, n in counts.items():
         (root / c).mkdir(parents=True, exist_ok=True)
         for i in range(n):
@@ -81,7 +81,7 @@ def test_image_folder_reads_classes_skipping_hidden_folders_and_files(tmp_path):
 
 def test_a_fixed_test_split_is_used_as_given(tmp_path):
     image_tree(tmp_path / "data" / "train", {"a": 6, "b": 6})
-    image_tree(tmp_path / "data" / "test", {"a": 2, "b": 3})
+    image_tree(tmp_path / "data" / "test", {"a": 2, "b": 3}, seed=1)
     manifest = prepare.run(tmp_path / "data", tmp_path / "out", params(dataset="image-folder", per_class=4,
                                                                       val_per_class=2))
     assert manifest["counts"]["test"] == {"a": 2, "b": 3}
@@ -143,6 +143,34 @@ def test_a_few_bad_images_are_quarantined_with_their_reason_and_the_rest_used(tm
     assert "not an image file type" in items["notes.txt"]
 
 
+def _bad_crc(good: bytes) -> bytes:
+    at = good.index(b"IDAT") + 8  # a byte of the first image chunk's data: its CRC no longer matches
+    return good[:at] + bytes([good[at] ^ 0xFF]) + good[at + 1 :]
+
+
+@pytest.mark.parametrize("name, damage", [
+    ("zero.png", lambda good: b""),
+    ("bad-crc.png", _bad_crc),
+    ("text.jpg", lambda good: b"this is a text file with an image extension\n"),
+])  # fmt: skip
+def test_broken_image_files_are_quarantined_with_a_reason(tmp_path, name, damage):
+    root = image_tree(tmp_path / "data", {"cat": 3})
+    (root / "cat" / name).write_bytes(damage((root / "cat" / "0.png").read_bytes()))
+    src = datasets.image_folder(root, params())
+    assert len(src.pool.y) == 3 and [q["file"].rsplit("/", 1)[-1] for q in src.quarantined] == [name]
+    assert src.quarantined[0]["reason"]  # e.g. "UnidentifiedImageError: cannot identify image file ..."
+
+
+def test_a_palette_image_with_a_transparent_colour_is_composited_on_white(tmp_path):
+    im = Image.new("P", (8, 8), 0)
+    im.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    im.paste(1, (0, 0, 8, 4))  # top half colour 1 (blue), bottom half colour 0 (red)
+    im.save(tmp_path / "p.png", transparency=1)  # colour 1 is transparent
+    out = datasets.load_image(tmp_path / "p.png", 8, 10**6)
+    assert out[:4].min() == 255  # transparent -> white
+    assert (out[4:, :, 0] > 240).all() and (out[4:, :, 1:] < 15).all()  # red stays red
+
+
 def test_a_decompression_bomb_is_quarantined_before_decoding(tmp_path):
     Image.new("L", (300, 300)).save(tmp_path / "big.png")
     with pytest.raises(ValueError, match="exceeds prepare.max_pixels"):
@@ -200,3 +228,34 @@ def test_wordnet_glosses_are_read_by_topic(tmp_path):
     assert list(src.pool.x) == ["a living organism characterized by voluntary movement",
                                 "any substance that can be metabolized by an animal"]
     assert [src.classes[y] for y in src.pool.y] == ["animal", "food"]
+
+
+# ---------------------------------------------------------------------------------------------- leakage
+
+
+def test_exact_and_near_duplicate_images_across_splits_are_removed_from_train(tmp_path):
+    root = image_tree(tmp_path / "data" / "train", {"a": 6, "b": 6}, size=(32, 32))
+    image_tree(tmp_path / "data" / "test", {"a": 2, "b": 2}, size=(40, 40), seed=1)
+    yy, xx = np.mgrid[:40, :40]  # a photo-like picture (smooth shapes, not noise) in the test split
+    test_a = np.stack([(xx * 6) % 256, ((xx - 20) ** 2 + (yy - 14) ** 2 < 120) * 220, yy * 5], -1).astype(np.uint8)
+    Image.fromarray(test_a).save(tmp_path / "data/test/a/0.png")
+    Image.fromarray(test_a).save(root / "a" / "copy.png")  # the very same picture
+    Image.fromarray(test_a).resize((64, 64)).save(root / "b" / "bigger.jpg", quality=90)  # resized, re-encoded
+    p = params(dataset="image-folder", per_class=6, val_per_class=1, near_duplicate_bits=8, max_quarantined=0.5)
+    with pytest.raises(ValueError, match="appear in two splits"):
+        prepare.run(tmp_path / "data", tmp_path / "out", dataclasses.replace(p, leakage="fail"))
+    manifest = prepare.run(tmp_path / "data", tmp_path / "out", p, quarantine=tmp_path / "q.json")
+    reasons = sorted(q["reason"].split(" duplicate")[0] for q in json.loads((tmp_path / "q.json").read_text())["leakage_removed"])
+    assert reasons == ["exact", "near"]
+    assert manifest["leakage_removed"] == 2 and sum(manifest["counts"]["train"].values()) == 10
+
+
+def test_duplicate_texts_across_splits_are_removed_from_train(tmp_path):
+    from stages.data import Split
+
+    splits = {"train": Split(np.array(["A cat!", "a dog", "bread"], dtype=object), np.array([0, 0, 1])),
+              "val": Split(np.array(["rye"], dtype=object), np.array([1])),
+              "test": Split(np.array(["a   CAT", "bread"], dtype=object), np.array([0, 1]))}
+    kept, leaks = prepare.remove_leakage(splits, params())
+    assert list(kept["train"].x) == ["a dog"]
+    assert [q["reason"] for q in leaks] == ["exact duplicate of test example 1", "near duplicate of test example 0"]
