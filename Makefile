@@ -57,6 +57,7 @@ report: setup  ## markdown report of the last run vs BASE (default HEAD) and the
 	$(BIN)/python -m flows.report --base $(or $(BASE),HEAD)
 
 test: setup postgres  ## run every test, the slow end-to-end ones included
+	@$(MAKE) --no-print-directory data TASK=text  # the text demo's WordNet, for the end-to-end tests
 	$(BIN)/python -m pytest
 
 postgres:  # PostgreSQL binaries for tests/test_servers.py (Debian's postgresql package; started by the test)
