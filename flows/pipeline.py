@@ -166,6 +166,8 @@ def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
     from stages.files import atomic_path
 
     rt = YAML()
+    rt.preserve_quotes = True  # the file should change only where a value does
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = rt.load(params_file.read_text())
     for dotted, value in overrides.items():
         node = doc
@@ -176,7 +178,8 @@ def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
             node = node[key]
         if leaf not in node:
             raise KeyError(f"--set {dotted}: params.yaml has no key {leaf!r} under {'.'.join(parents) or 'the top'}")
-        node[leaf] = value
+        if node[leaf] != value or isinstance(node[leaf], bool) != isinstance(value, bool):
+            node[leaf] = value  # an equal value keeps its written form (1.0e-3 stays 1.0e-3)
     Params.from_dict(json.loads(json.dumps(doc)), source=f"{params_file} with {overrides}")
     with atomic_path(params_file) as tmp, open(tmp, "w") as f:
         rt.dump(doc, f)
@@ -228,7 +231,10 @@ def read_preset(path: Path) -> dict[str, Any]:
             return {k: v for key, sub in node.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
         return {prefix.rstrip("."): node}
 
-    raw = yaml.safe_load(Path(path).read_text())
+    from ruamel.yaml import YAML
+
+    # Round-trip loading keeps each value's written form (1.0e-3, [a, b]), so it lands in params.yaml as written.
+    raw = YAML().load(Path(path).read_text())
     if not isinstance(raw, dict):
         raise SystemExit(f"{path}: a preset is a mapping of params.yaml sections, e.g. 'finetune: {{epochs: 1}}'")
     return flatten(raw, "")

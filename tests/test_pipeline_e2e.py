@@ -220,9 +220,12 @@ def test_switching_to_the_text_demo_and_back_retrains_nothing(project, first_run
 
     back = sh([sys.executable, "-m", "flows.pipeline", "--preset", "presets/image.yaml", "--preset",
                "presets/smoke.yaml"], project, flow_env(project))
-    for stage in ("prepare", "finetune", "baseline", "evaluate", "export", "register"):
+    # prepare may run again (a second of reading; DVC keeps no run cache for it here), but writes the same
+    # bytes, so every later stage is found in the run cache: nothing trains, evaluates or exports again.
+    for stage in ("finetune", "baseline", "evaluate", "export", "register"):
         assert f"stage {stage}: restored from DVC's run cache" in back.stdout + back.stderr, stage
-    assert "Running stage" not in back.stdout
+    assert [s for s in ("finetune", "baseline", "evaluate", "export", "register")
+            if f"Running stage '{s}'" in back.stdout] == []
     assert {p: (project / p).read_bytes() for p in image_outputs} == image_outputs
     status = sh([sys.executable, "-m", "dvc", "status", "--json"], project)
     assert json.loads(status.stdout) == {}

@@ -39,6 +39,7 @@ def test_the_image_preset_resets_everything_the_text_preset_sets(tmp_path):
         "wordnet", "hf:sentence-transformers/all-MiniLM-L6-v2", 200)
     apply_overrides(params, image)
     assert Params.load(params) == committed
+    assert params.read_text() == (ROOT / "params.yaml").read_text()  # byte for byte: comments, 1.0e-3, [a, b]
 
 
 def test_a_preset_with_an_unknown_key_is_refused_naming_it(tmp_path):
