@@ -141,6 +141,9 @@ def test_a_few_bad_images_are_quarantined_with_their_reason_and_the_rest_used(tm
     items = {i["file"].rsplit("/", 1)[-1]: i["reason"] for i in json.loads((tmp_path / "q.json").read_text())["items"]}
     assert set(items) == {"truncated.png", "notes.txt"}
     assert "not an image file type" in items["notes.txt"]
+    from PIL import ImageFile
+
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # refused, not "repaired" by a global switch
 
 
 def _bad_crc(good: bytes) -> bytes:
