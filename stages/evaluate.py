@@ -26,10 +26,11 @@ def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path
     test = load_split(prepared, "test")
     y, n, k = test.y, len(test.y), len(classes)
 
-    preds = {}
+    preds, pres = {}, {}
     for name, path in zoo.model_dirs(finetuned, baselines).items():
         model, meta = zoo.load_checkpoint(path)
-        preds[name] = predict(model, test.x, meta["preprocessing"], desc=f"test {name}").argmax(1)
+        pres[name] = meta["preprocessing"]
+        preds[name] = predict(model, test.x, pres[name], desc=f"test {name}").argmax(1)
 
     report: dict = {}
     for name, pred in preds.items():
@@ -53,11 +54,10 @@ def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path
         "n_test": n,
         "test_sha256": manifest["test_sha256"],
     })  # fmt: skip
-    pre = zoo.load_checkpoint(finetuned, weights=False)[1]["preprocessing"]
-    if zoo.modality(pre) == "text":
+    if zoo.modality(pres["finetuned"]) == "text":
         from stages.text import truncated_count
 
-        report["truncated_test_texts"] = truncated_count(test.x, pre)  # cut at model.max_length tokens
+        report["truncated_test_texts"] = truncated_count(test.x, pres["finetuned"])  # cut at model.max_length tokens
     write_json(out, report)
     _confusion_plots(plots, y, preds, classes)
     _print_table(report)

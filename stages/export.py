@@ -25,11 +25,12 @@ from stages.params import ExportParams, cli
 from stages.train import predict
 
 
-TEXT_INPUTS = ("input_ids", "attention_mask")
-
-
 def input_names(pre: dict) -> tuple[str, ...]:
-    return TEXT_INPUTS if zoo.modality(pre) == "text" else ("input",)
+    if zoo.modality(pre) == "text":
+        from stages.text import INPUTS
+
+        return INPUTS
+    return ("input",)
 
 
 def export_onnx(model: torch.nn.Module, pre: dict, path: Path, opset: int) -> None:
@@ -37,7 +38,7 @@ def export_onnx(model: torch.nn.Module, pre: dict, path: Path, opset: int) -> No
     if zoo.modality(pre) == "text":
         example = to_model_input(np.array(["an example sentence", "and a second, longer example sentence"],
                                           dtype=object), pre)
-        axes = {name: {0: "batch", 1: "sequence"} for name in TEXT_INPUTS}
+        axes = {name: {0: "batch", 1: "sequence"} for name in input_names(pre)}
     else:
         size = pre["image_size"]
         example = (torch.zeros(2, pre["channels"], size, size),)

@@ -23,7 +23,7 @@ from stages.params import PrepareParams, cli
 def run(source: Path, out: Path, p: PrepareParams, quarantine: Path | None = None) -> dict:
     src = datasets.read(p.dataset, Path(source), p)
     classes = src.classes
-    _check_quarantine(src, p, quarantine)
+    record = _check_quarantine(src, p, quarantine)
     if len(src.pool.y) == 0:
         raise ValueError(f"{source}: the dataset is empty (no usable examples)")
     if src.test is None:  # no test split of its own: a stratified one, disjoint from train and val
@@ -38,7 +38,8 @@ def run(source: Path, out: Path, p: PrepareParams, quarantine: Path | None = Non
               "test": test}
     splits, leaks = remove_leakage(splits, p)
     if leaks:
-        _record_leakage(quarantine, leaks)
+        if quarantine is not None:  # beside the unusable examples in the same report
+            write_json(quarantine, {**record, "leakage_removed": leaks})
         print(f"removed {len(leaks)} examples from train/val that duplicate a later split"
               + (f" (listed in {quarantine})" if quarantine else ""))
     with atomic_path(out) as tmp:
@@ -84,8 +85,7 @@ def remove_leakage(splits: dict[str, Split], p: PrepareParams) -> tuple[dict[str
                     leaks.append({"file": f"{name} example {i}", "reason": f"{how} duplicate of {other} example {j}"})
         keep[name] = ~drop
     if leaks and p.leakage == "fail":
-        listed = "\n".join(f"  {q['file']}: {q['reason']}" for q in leaks[:10])
-        raise ValueError(f"{len(leaks)} examples appear in two splits (prepare.leakage: fail):\n{listed}\nRemove the "
+        raise ValueError(f"{len(leaks)} examples appear in two splits (prepare.leakage: fail):\n{_listing(leaks)}\nRemove the "
                          "copies from your data, or set prepare.leakage: remove to drop them from train/val")
     out = dict(splits)
     for name, k in keep.items():
@@ -132,32 +132,29 @@ def _matches(a, b, near_bits: int):
                 yield start + int(i), int(j), "near"
 
 
-def _record_leakage(quarantine: Path | None, leaks: list[dict]) -> None:
-    if quarantine is None:
-        return
-    from stages.files import read_json
-
-    record = read_json(quarantine)
-    record["leakage_removed"] = leaks
-    write_json(quarantine, record)
+def _listing(items: list[dict[str, str]]) -> str:
+    """The first ten {"file", "reason"} items, one per line, for an error or log message."""
+    listed = "\n".join(f"  {q['file']}: {q['reason']}" for q in items[:10])
+    return listed + (f"\n  ... and {len(items) - 10} more" if len(items) > 10 else "")
 
 
-def _check_quarantine(src: datasets.Source, p: PrepareParams, quarantine: Path | None) -> None:
-    """Record every quarantined example with its reason; fail when there are too many to trust the rest."""
+def _check_quarantine(src: datasets.Source, p: PrepareParams, quarantine: Path | None) -> dict:
+    """Record every quarantined example with its reason; fail when there are too many to trust the rest.
+    Returns the report written to `quarantine`."""
     share = len(src.quarantined) / max(src.seen, 1)
+    record = {"dataset": p.dataset, "examples_seen": src.seen, "quarantined": len(src.quarantined),
+              "share": round(share, 6), "max_share": p.max_quarantined, "items": src.quarantined}
     if quarantine is not None:
-        write_json(quarantine, {"dataset": p.dataset, "examples_seen": src.seen, "quarantined": len(src.quarantined),
-                                "share": round(share, 6), "max_share": p.max_quarantined, "items": src.quarantined})
+        write_json(quarantine, record)
     if not src.quarantined:
-        return
-    listed = "\n".join(f"  {q['file']}: {q['reason']}" for q in src.quarantined[:10])
-    more = f"\n  ... and {len(src.quarantined) - 10} more" if len(src.quarantined) > 10 else ""
+        return record
     where = f" (all listed in {quarantine})" if quarantine else ""
     if share > p.max_quarantined:
         raise ValueError(f"{len(src.quarantined)} of {src.seen} examples ({share:.1%}) cannot be used, more than "
-                         f"prepare.max_quarantined ({p.max_quarantined:.1%}){where}:\n{listed}{more}\nFix or remove "
-                         "them, or raise prepare.max_quarantined to train on the rest")
-    print(f"quarantined {len(src.quarantined)} of {src.seen} examples{where}:\n{listed}{more}")
+                         f"prepare.max_quarantined ({p.max_quarantined:.1%}){where}:\n{_listing(src.quarantined)}\n"
+                         "Fix or remove them, or raise prepare.max_quarantined to train on the rest")
+    print(f"quarantined {len(src.quarantined)} of {src.seen} examples{where}:\n{_listing(src.quarantined)}")
+    return record
 
 
 def _hash_indices(idx: np.ndarray) -> str:

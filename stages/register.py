@@ -227,8 +227,9 @@ def _register(client: MlflowClient, run_id: str, finetuned: Path, name: str, rep
     if isinstance(example, tuple):  # batch and sequence length both free (-1): torch.export keeps them dynamic
         from mlflow.types.schema import Schema, TensorSpec
 
-        signature.inputs = Schema([TensorSpec(np.dtype(np.int64), (-1, -1), name) for name in
-                                   ("input_ids", "attention_mask")])
+        from stages.text import INPUTS
+
+        signature.inputs = Schema([TensorSpec(np.dtype(np.int64), (-1, -1), name) for name in INPUTS])
     with mlflow.start_run(run_id=run_id, nested=True):
         # Our own checkpoint format rides along, so later runs can re-score this version with headstart's
         # preprocessing (the champion comparison below) without unpickling anything.

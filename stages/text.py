@@ -18,6 +18,7 @@ from torch import nn
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer is called from forked workers too
 POOLINGS = ("mean", "cls", "last")
+INPUTS = ("input_ids", "attention_mask")  # every text model's forward arguments, and its ONNX input names
 
 
 class TextClassifier(nn.Module):

@@ -145,9 +145,9 @@ def _weights(name: str, path: Path, origin: str) -> Weights:
     path = path.resolve()
     if path.is_file():
         return Weights(name, path, origin, {path.name: path})
-    files = {p.name: p for p in path.iterdir() if p.name in HF_FILES or p.suffix == ".safetensors"}
     if family_of(name) == "local":
-        files = {n: path / n for n in ("model.safetensors", "model.json")}
+        return Weights(name, path, origin, {n: path / n for n in ("model.safetensors", "model.json")})
+    files = {p.name: p for p in path.iterdir() if p.name in HF_FILES or p.suffix == ".safetensors"}
     return Weights(name, path, origin, files)
 
 
@@ -277,9 +277,7 @@ def load(m: Any, num_classes: int, lock_path: Path, pretrained: bool = True) -> 
         pre = text_preprocessing(w.path, m.max_length, m.pooling)
         model = text.TextClassifier(text.encoder(w.path, pretrained, **kwargs), m.pooling, num_classes)
         return Loaded(model, pre, name, sha if pretrained else None)
-    pre = preprocessing(name, m.image_size)
-    if not pretrained:
-        return Loaded(build(name, num_classes, pre), pre, name, None)
+    pre = preprocessing(name, m.image_size)  # timm / torchvision, pre-trained (random weights returned above)
     model = _image_arch(name, None)  # the source's head, so every tensor has a twin
     state = _read_state(w.path)
     if name in PACKAGED and PACKAGED[name].positional:
