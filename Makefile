@@ -16,7 +16,7 @@ PRESET = $(if $(TASK),--preset presets/$(TASK).yaml)
 # pyproject.toml cannot silently run on stale pins.
 DEPS_HASH = $(shell $(PYTHON) -c "import tomllib,hashlib,json; p=tomllib.load(open('pyproject.toml','rb'))['project']; print(hashlib.sha256(json.dumps([p['dependencies'], p.get('optional-dependencies')], sort_keys=True).encode()).hexdigest())")
 
-.PHONY: help setup data postgres run smoke report test test-fast ui serve bench bench-overhead bench-gpu prefect-server deploy worker lock clean
+.PHONY: help setup data postgres run compare smoke report test test-fast ui serve bench bench-overhead bench-gpu prefect-server deploy worker lock clean
 help:  ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
 
@@ -49,6 +49,9 @@ data: $(STAMP)  ## install the demo dataset the run will read (Debian) when it i
 
 run: setup  ## run the pipeline (only what changed) and print the summary; TASK=text|image applies that preset
 	$(BIN)/python -m flows.pipeline $(PRESET)
+
+compare: setup  ## fine-tuning strategies side by side -> metrics/strategies.json, plots/strategies.png; TASK=text|image
+	$(BIN)/python -m flows.compare $(PRESET)
 
 smoke: setup  ## the pipeline on presets/smoke.yaml (CI on pull requests; WRITES those settings into params.yaml)
 	$(BIN)/python -m flows.pipeline --preset presets/smoke.yaml

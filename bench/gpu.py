@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stages import zoo  # noqa: E402
 from stages.data import Split, to_model_input  # noqa: E402
+from stages.strategy import Plan  # noqa: E402
 from stages.train import TrainConfig, device, fit  # noqa: E402
 
 
@@ -82,7 +83,7 @@ def measure(name: str, side: int, image_size: int, n_train: int, batch: int, epo
     dev = device()
     pre = zoo.preprocessing(name, image_size)
     train, val = synthetic(n_train, side, 10, seed), synthetic(10, side, 10, seed + 1)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch, lr=1e-3, weight_decay=0.01, freeze_epochs=0,
+    cfg = TrainConfig(epochs=epochs, batch_size=batch, lr=1e-3, weight_decay=0.01,
                       patience=epochs + 1, seed=seed, augment=False, label_smoothing=0.1)
     steps = epochs * math.ceil(n_train / batch)
     rows = []
@@ -95,7 +96,7 @@ def measure(name: str, side: int, image_size: int, n_train: int, batch: int, epo
         if loop == "plain PyTorch":
             seconds = plain_loop(model, train, pre, cfg, dev)
         else:
-            result = fit(model, train, val, pre, cfg, head=zoo.head_parameters(model), desc="bench")
+            result = fit(model, train, val, pre, cfg, Plan.of(model), desc="bench")
             # fit's own clock includes its per-epoch validation on the 10 validation images
             seconds = result.seconds
         rows.append({"model": f"{name} @ {image_size} px", "loop": loop, "device": str(dev),

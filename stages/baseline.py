@@ -14,14 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from torch import nn
 
 from stages import zoo
-from stages.data import Split, load_split
+from stages.data import load_split
 from stages.files import atomic_path, read_json
 from stages.params import BaselineParams, FinetuneParams, ModelParams, cli
-from stages.train import TrainConfig, fit, predict, seed_everything, write_history
+from stages.strategy import Plan, best_logreg, linear_probe, load_linear
+from stages.train import TrainConfig, fit, seed_everything, write_history
 
 
 def run(
@@ -37,7 +36,7 @@ def run(
         val_acc["scratch"] = _scratch(train, val, classes, tmp / "scratch", history, model_p, ft, p, weights_lock,
                                      checkpoints / "scratch" if checkpoints else None)
         pretrained = zoo.load(model_p, len(classes), weights_lock)
-        val_acc["linear_probe"] = _linear_probe(train, val, classes, tmp / "linear_probe", pretrained, p)
+        val_acc["linear_probe"] = _linear_probe(train, val, classes, tmp / "linear_probe", pretrained, ft.probe_c)
         val_acc["floor"] = _floor(train, val, classes, tmp / "floor", pretrained.pre, p)
     print("validation accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in val_acc.items()) + f" -> {out}")
     return val_acc
@@ -47,23 +46,21 @@ def _scratch(train, val, classes, out, history, model_p, ft, p, weights_lock, ch
     seed_everything(p.seed)
     loaded = zoo.load(model_p, len(classes), weights_lock, pretrained=False)
     model, pre = loaded.model, loaded.pre
-    # Same budget as finetune (epochs, batch, schedule, early stopping); only the peak lr differs.
-    cfg = TrainConfig.of(ft, lr=p.scratch_lr, freeze_epochs=0, seed=p.seed)
+    # Same budget as finetune (epochs, batch, schedule, early stopping); only the peak lr differs, and every
+    # layer trains from the first step (finetune.strategy is about protecting pre-trained weights: none here).
+    cfg = TrainConfig.of(ft, lr=p.scratch_lr, seed=p.seed)
     print(f"training {model_p.name} from random weights on {len(train.y)} examples")
-    result = fit(model, train, val, pre, cfg, head=zoo.head_parameters(model), desc="scratch", checkpoints=checkpoints)
+    result = fit(model, train, val, pre, cfg, Plan.of(model), desc="scratch", checkpoints=checkpoints)
     write_history(history, result.history)
     zoo.save_checkpoint(out, model, _meta("scratch", loaded.architecture, "random", None, classes, pre, {
         **cfg.__dict__, "best_epoch": result.best_epoch, "seconds": result.seconds}))
     return result.best_val_accuracy
 
 
-def _linear_probe(train, val, classes, out, loaded: zoo.Loaded, p) -> float:
+def _linear_probe(train, val, classes, out, loaded: zoo.Loaded, cs: list[float]) -> float:
     start = time.perf_counter()
     model, pre = loaded.model, loaded.pre
-    f_train = predict(model, train.x, pre, fn=zoo.features, desc="probe features (train)")
-    f_val = predict(model, val.x, pre, fn=zoo.features, desc="probe features (val)")
-    clf, c, acc = _best_logreg(f_train, train, f_val, val, p.probe_c)
-    _load_linear(model.get_submodule(zoo.head_name(model)), clf)
+    c, acc = linear_probe(model, train, val, pre, cs)
     zoo.save_checkpoint(out, model, _meta("linear_probe", loaded.architecture, "pretrained",
                                           loaded.weights_sha256, classes, pre, {
         "C": c, "val_accuracy": acc, "seconds": round(time.perf_counter() - start, 2)}))
@@ -79,9 +76,9 @@ def _floor(train, val, classes, out, model_pre: dict, p) -> float:
         size, channels = int(train.x.shape[1]), 3 if train.x.ndim == 4 else 1
         pre = zoo.preprocessing(zoo.PIXEL_LINEAR, size, channels)
         flat = lambda s: s.x.reshape(len(s.x), -1).astype(np.float32) / 255.0  # noqa: E731
-        clf, c, acc = _best_logreg(flat(train), train, flat(val), val, [p.floor_c])
+        clf, c, acc = best_logreg(flat(train), train, flat(val), val, [p.floor_c])
         model = zoo.build(zoo.PIXEL_LINEAR, len(classes), pre)
-        _load_linear(model[1], clf)
+        load_linear(model[1], clf)
         arch = zoo.PIXEL_LINEAR
     zoo.save_checkpoint(out, model, _meta("floor", arch, "logistic_regression", None, classes, pre, {
         "C": c, "val_accuracy": acc, "seconds": round(time.perf_counter() - start, 2)}))
@@ -104,7 +101,7 @@ def _tfidf_floor(train, val, classes, model_pre: dict, p):
 
     vec = TfidfVectorizer(analyzer=lambda row: row, lowercase=False)  # rows are already token ids
     x_train = vec.fit_transform(ids(train))
-    clf, c, acc = _best_logreg(x_train, train, vec.transform(ids(val)), val, [p.floor_c])
+    clf, c, acc = best_logreg(x_train, train, vec.transform(ids(val)), val, [p.floor_c])
     model = zoo.build(zoo.TFIDF_LINEAR, len(classes), pre)
     columns = torch.tensor([int(t) for t in vec.get_feature_names_out()])
     with torch.no_grad():
@@ -114,23 +111,6 @@ def _tfidf_floor(train, val, classes, model_pre: dict, p):
         model.linear.weight[:, columns] = torch.from_numpy(clf.coef_).float()
         model.linear.bias.copy_(torch.from_numpy(clf.intercept_).float())
     return model, pre, acc, c
-
-
-def _best_logreg(x_train, train: Split, x_val, val: Split, cs: list[float]):
-    best = None
-    for c in cs:
-        clf = LogisticRegression(C=c, max_iter=2000).fit(x_train, train.y)
-        acc = float((clf.predict(x_val) == val.y).mean())
-        if best is None or acc > best[2]:
-            best = (clf, c, acc)
-    return best
-
-
-def _load_linear(layer: nn.Linear, clf: LogisticRegression) -> None:
-    """Put a fitted multinomial logistic regression into a torch Linear layer (same logits)."""
-    with torch.no_grad():
-        layer.weight.copy_(torch.from_numpy(clf.coef_).float())
-        layer.bias.copy_(torch.from_numpy(clf.intercept_).float())
 
 
 def _meta(kind, arch, init, sha, classes, pre, train) -> dict:

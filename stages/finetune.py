@@ -1,4 +1,5 @@
-"""Fine-tune the pre-trained backbone with a new classifier head on the prepared training split.
+"""Fine-tune the pre-trained backbone with a new classifier head on the prepared training split, the way
+finetune.strategy says (full, linear_probe, partial, gradual_unfreeze, lp_ft, lora; stages/strategy.py).
 Reads paths.prepared, writes paths.finetuned (model.safetensors + model.json) and paths.finetune_history.
 Run: dvc repro finetune   (or: python -m stages.finetune)
 
@@ -9,11 +10,13 @@ Imports only torch, timm / transformers and the standard stack: it must run on a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+import time
 from pathlib import Path
 
-from stages import zoo
+from stages import strategy, zoo
 from stages.data import load_split
 from stages.files import read_json
 from stages.params import FinetuneParams, ModelParams, cli
@@ -29,6 +32,7 @@ def run(
 
 
 def _run(prepared, out, history, model_p, p, weights_lock, rank: int, world: int, checkpoints) -> FitResult:
+    began = time.perf_counter()
     classes = read_json(Path(prepared) / "manifest.json")["classes"]
     train, val = load_split(prepared, "train"), load_split(prepared, "val")
     seed_everything(p.seed)  # the new head's initial weights come from the global generator
@@ -46,8 +50,33 @@ def _run(prepared, out, history, model_p, p, weights_lock, rank: int, world: int
             print(f"{truncated} of {len(train.y)} training texts are longer than model.max_length "
                   f"({pre['max_length']} tokens) and are truncated")
     cfg = TrainConfig.of(p)
-    result = fit(model, train, val, pre, cfg, head=zoo.head_parameters(model), desc="finetune",
-                 checkpoints=checkpoints / "finetune" if checkpoints else None)
+    done: dict = {"strategy": p.strategy}  # what the strategy's own steps chose, kept in model.json
+    if p.strategy in ("linear_probe", "lp_ft"):
+        done["probe_C"], done["probe_val_accuracy"] = strategy.linear_probe(model, train, val, pre, p.probe_c)
+        if rank == 0:
+            print(f"linear probe: validation accuracy {done['probe_val_accuracy']:.4f} (C={done['probe_C']})")
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()} if p.wise_ft else None
+    if p.strategy == "lora":
+        strategy.add_lora(model, p.lora_rank, p.lora_alpha, p.lora_dropout, p.lora_targets)
+    plan = strategy.Plan.of(model, p)
+    epochs = 1 if p.strategy == "linear_probe" else cfg.epochs
+    done["trainable_params"] = plan.trainable_count(model, epochs)
+    done["total_params"] = sum(t.numel() for t in model.parameters())
+    if rank == 0:
+        print(f"strategy {p.strategy}: {done['trainable_params']:,} of {done['total_params']:,} parameters train")
+    if p.strategy == "linear_probe":  # nothing more to train: the probe is the model
+        result = FitResult(best_epoch=0, best_val_accuracy=done["probe_val_accuracy"], seconds=0.0,
+                           history=[{"epoch": 0, "val_accuracy": done["probe_val_accuracy"]}])
+    else:
+        result = fit(model, train, val, pre, cfg, plan, desc="finetune",
+                     checkpoints=checkpoints / "finetune" if checkpoints else None)
+    strategy.merge_lora(model)
+    if start is not None:
+        done["wise_alpha"], done["wise_val_accuracy"] = strategy.wise_ft(model, start, val, pre)
+        if rank == 0:
+            print(f"WiSE-FT: alpha {done['wise_alpha']} -> validation accuracy "
+                  + ", ".join(f"{r['alpha']:g}: {r['val_accuracy']:.3f}" for r in done["wise_val_accuracy"]))
+    result.seconds = round(time.perf_counter() - began, 2)
     meta = {
         "kind": "finetuned",
         "architecture": loaded.architecture,
@@ -56,7 +85,8 @@ def _run(prepared, out, history, model_p, p, weights_lock, rank: int, world: int
         "pretrained_sha256": loaded.weights_sha256,
         "classes": classes,
         "preprocessing": pre,
-        "train": {**cfg.__dict__, "best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
+        "train": {**cfg.__dict__, **dataclasses.asdict(plan), "groups": len(plan.groups), "head": list(plan.head),
+                  **done, "best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
                   "seconds": result.seconds, "n_train": int(len(train.y)), "processes": world,
                   **({"truncated_texts": truncated} if truncated is not None else {})},
     }

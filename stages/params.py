@@ -47,7 +47,13 @@ class Paths:
     checkpoints: Path
     weights_lock: Path
     quarantine: Path
+    strategies: Path
+    strategies_summary: Path
+    strategies_plot: Path
 
+
+# finetune.strategy: what stages/strategy.py implements (described there and in params.yaml)
+STRATEGIES = ("full", "linear_probe", "partial", "gradual_unfreeze", "lp_ft", "lora")
 
 DATASETS = ("fashion-mnist", "wordnet", "image-folder", "text-table")
 
@@ -92,7 +98,19 @@ class FinetuneParams:
     patience: int = _f(5, ge=1)
     augment: bool = True
     label_smoothing: float = _f(0.1, ge=0, lt=1)
+    grad_clip: float = _f(0.0, ge=0)
     seed: int = 0
+    strategy: str = _f("full", choices=STRATEGIES)
+    freeze_groups: int = _f(0, ge=0)
+    layer_decay: float = _f(1.0, gt=0, le=1)
+    l2sp_alpha: float = _f(0.0, ge=0)
+    l2sp_beta: float = _f(0.0, ge=0)
+    wise_ft: bool = False
+    lora_rank: int = _f(8, ge=1)
+    lora_alpha: float = _f(16.0, gt=0)
+    lora_dropout: float = _f(0.1, ge=0, lt=1)
+    lora_targets: list[str] | None = None
+    probe_c: list[float] = _f([0.01, 0.1, 1.0, 10.0], gt=0)
     compile: bool = False
     processes: int = _f(1, ge=1)
     checkpoint_every_steps: int = _f(0, ge=0)
@@ -101,7 +119,6 @@ class FinetuneParams:
 @dataclass(frozen=True)
 class BaselineParams:
     scratch_lr: float = _f(3e-3, gt=0)
-    probe_c: list[float] = _f([0.01, 0.1, 1.0, 10.0], gt=0)
     floor_c: float = _f(0.1, gt=0)
     seed: int = 0
 
@@ -132,6 +149,12 @@ class ExportParams:
 
 
 @dataclass(frozen=True)
+class CompareParams:
+    # name -> the finetune settings that strategy changes (checked against FinetuneParams in Params.from_dict)
+    strategies: dict[str, dict[str, Any]] = field(default_factory=lambda: {"full": {}})
+
+
+@dataclass(frozen=True)
 class ScheduleParams:
     cron: str = "0 2 * * *"
     timezone: str = "UTC"
@@ -149,6 +172,7 @@ class Params:
     evaluate: EvaluateParams
     register: RegisterParams
     export: ExportParams
+    compare: CompareParams = field(default_factory=CompareParams)
     schedule: ScheduleParams = field(default_factory=ScheduleParams)
 
     @classmethod
@@ -159,9 +183,26 @@ class Params:
     def from_dict(cls, raw: Any, source: Path | str = "params.yaml") -> Params:
         errors: list[str] = []
         params = validate(cls, raw, "", errors)
+        if params is not None:
+            for name, changes in params.compare.strategies.items():
+                params.finetune_for(name, errors)
         if errors:
             raise ValueError(f"{source} is not valid:\n" + "\n".join(f"  {e}" for e in errors))
         return params
+
+    def finetune_for(self, strategy: str, errors: list[str] | None = None) -> FinetuneParams:
+        """The finetune settings with compare.strategies[strategy]'s changes applied (and checked)."""
+        if strategy not in self.compare.strategies:
+            raise KeyError(f"{strategy!r} is not in compare.strategies (there: {', '.join(self.compare.strategies)})")
+        own: list[str] = []
+        changes = self.compare.strategies[strategy] or {}
+        merged = validate(FinetuneParams, {**dataclasses.asdict(self.finetune), **changes},
+                          f"compare.strategies.{strategy}.", own)
+        if errors is not None:
+            errors.extend(own)
+        elif own:
+            raise ValueError("\n".join(own))
+        return merged
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
@@ -206,6 +247,13 @@ def _value(tp: Any, v: Any, path: str, errors: list[str]) -> Any:
         if v is None and type(None) in args:
             return None
         return _value(next(a for a in args if a is not type(None)), v, path, errors)
+    if origin is dict:
+        if not isinstance(v, dict):
+            errors.append(f"{path}: expected a mapping, got {v!r}")
+            return v
+        return {str(k): _value(args[1], item, f"{path}.{k}", errors) for k, item in v.items()}
+    if tp is Any or (origin is dict and not args):
+        return v
     if origin is list:
         if not isinstance(v, list):
             errors.append(f"{path}: expected a list, got {v!r}")

@@ -163,6 +163,35 @@ def run(
 RUN_KEY = "headstart.run_key"
 
 
+def log_comparison(store: Store, experiment: str, summary: Path, results: Path, plot: Path,
+                   lineage: dict[str, str]) -> str:
+    """Record a `make compare` as one parent run ("compare") with a nested run per strategy: its settings
+    as params, its test accuracy and CI, seconds and trainable parameters as metrics, its per-epoch history.
+    Returns the parent run id."""
+    experiment_id = connect(store, experiment)
+    gathered = read_json(summary)
+    with mlflow.start_run(experiment_id=experiment_id, run_name="compare") as parent:
+        mlflow.set_tags({"headstart.role": "compare", **{f"headstart.{k}": v for k, v in lineage.items()},
+                         "best_on_validation": gathered["best_on_validation"]})
+        mlflow.log_artifact(str(summary))
+        if Path(plot).exists():
+            mlflow.log_artifact(str(plot))
+        for name, r in gathered["strategies"].items():
+            detail = read_json(Path(results) / f"{name}.json")
+            with mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True):
+                mlflow.set_tags({"headstart.role": "strategy", "headstart.strategy": name})
+                mlflow.log_params({"strategy": name, **{f"finetune.{k}": v for k, v in r["settings"].items()}})
+                rows = list(csv.DictReader(detail.get("history_csv", "").splitlines()))
+                for row in rows:
+                    step = int(float(row.pop("epoch")))
+                    mlflow.log_metrics({k: float(v) for k, v in row.items() if v not in ("", None)}, step=step)
+                mlflow.log_metrics({"test_accuracy": r["accuracy"], "test_accuracy_ci95_low": r["accuracy_ci95"][0],
+                                    "test_accuracy_ci95_high": r["accuracy_ci95"][1],
+                                    "train_seconds": r["train_seconds"], "trainable_params": r["trainable_params"],
+                                    "val_accuracy": r["val_accuracy"]})
+    return parent.info.run_id
+
+
 def run_key(finetuned: Path, evaluation: Path, exported: Path, lineage: dict[str, str]) -> str:
     """Identifies one pipeline result: the same weights, evaluation, export and settings give the same key."""
     parts = [sha256_file(Path(finetuned) / "model.safetensors"), sha256_file(evaluation), sha256_file(exported),

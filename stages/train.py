@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from tqdm import tqdm
 
 from stages.data import Split, batches, to_model_input
 
+if TYPE_CHECKING:
+    from stages.strategy import Plan
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -41,11 +44,11 @@ class TrainConfig:
     batch_size: int
     lr: float
     weight_decay: float
-    freeze_epochs: int
     patience: int
     seed: int
     augment: bool = False
     label_smoothing: float = 0.0
+    grad_clip: float = 0.0  # clip the gradient's global norm to this; 0 = off
     compile: bool = False  # torch.compile the model for training (pays off on GPU for long runs)
     checkpoint_every_steps: int = 0  # with a checkpoint folder: also save mid-epoch every this many steps
 
@@ -101,11 +104,12 @@ def fit(
     val: Split,
     pre: dict,
     cfg: TrainConfig,
-    head: list[str],
+    plan: Plan,
     desc: str = "train",
     checkpoints: Path | None = None,
 ) -> FitResult:
     """Train `model` in place; on return it holds the weights of the best validation epoch (on every rank).
+    `plan` (stages/strategy.py) says which parameters train in which epoch, at which learning rate.
 
     With `checkpoints` (a folder), the whole training state is saved there after every epoch and every
     `cfg.checkpoint_every_steps` steps, and a run that finds a complete checkpoint of the same training
@@ -143,15 +147,15 @@ def fit(
         sampler = DistributedSampler(range(len(y_train)), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     n_local = len(sampler) if sampler is not None else len(y_train)
     steps_per_epoch = math.ceil(n_local / per_rank_batch)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = schedule(opt, cfg.lr, cfg.epochs * steps_per_epoch)
+    opt = torch.optim.AdamW(plan.param_groups(model, cfg.lr, cfg.weight_decay))
+    sched = schedule(opt, cfg.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(cfg.seed + rank)  # each rank augments differently
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    head_set = set(head)
+    anchors = plan.anchors(model)  # before any resume: the weights training started from
 
     best = FitResult(best_epoch=-1, best_val_accuracy=-1.0, seconds=0.0)
     best_state = None
-    saver = Checkpoints(checkpoints, fingerprint(model, train, cfg, desc)) if checkpoints and world == 1 else None
+    saver = Checkpoints(checkpoints, fingerprint(model, train, cfg, plan, desc)) if checkpoints and world == 1 else None
     resumed = saver.latest() if saver else None
     first_epoch, skip_steps, epoch_gen = 1, 0, None
     if resumed is not None:
@@ -168,9 +172,10 @@ def fit(
                    f"({checkpoints})")
     start = time.perf_counter() - (best.history[-1]["seconds"] if best.history else 0.0)
     for epoch in range(first_epoch, cfg.epochs + 1):
-        frozen = epoch <= cfg.freeze_epochs
+        trainable = plan.trainable(epoch)
         for name, p in model.named_parameters():
-            p.requires_grad_(not frozen or name in head_set)
+            p.requires_grad_(name in trainable)
+        frozen = trainable == set(plan.head)
         net.train()
         resuming_mid_epoch = resumed is not None and epoch == first_epoch and skip_steps > 0
         if resuming_mid_epoch:  # the same order as the interrupted epoch, then the generator where it was
@@ -211,8 +216,11 @@ def fit(
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
                 logits = net(*_args(xb))
                 loss = loss_fn(logits.float(), yb)
+            penalty = plan.penalty(model, anchors)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if penalty is None else loss + penalty).backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
             loss_sum += loss.detach() * len(idx)
@@ -249,7 +257,7 @@ def fit(
             "train_loss": round(train_loss, 6),
             "train_accuracy": round(train_acc, 6),
             "val_accuracy": round(val_acc, 6),
-            "lr": opt.param_groups[0]["lr"],
+            "lr": opt.param_groups[-1]["lr"],  # the head's
             "seconds": round(time.perf_counter() - start, 2),
         }
         best.history.append(row)
@@ -282,12 +290,13 @@ def fit(
     return best
 
 
-def schedule(opt: torch.optim.Optimizer, lr: float, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """One-cycle: a quarter of the steps warming up to `lr`, then annealing. OneCycleLR needs at least a
-    full step in each phase, so very short runs (a handful of steps) warm up longer or keep `lr` constant."""
+def schedule(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """One-cycle: a quarter of the steps warming up to each parameter group's lr, then annealing. OneCycleLR
+    needs at least a full step in each phase, so very short runs (a handful of steps) warm up longer or keep
+    the lr constant."""
     if total_steps < 4:
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps,
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total_steps,
                                                pct_start=max(0.25, 1.5 / total_steps))
 
 
@@ -297,9 +306,10 @@ def _state(model, opt, sched, gen, best: FitResult, best_state) -> dict[str, Any
             "best_epoch": best.best_epoch, "best_val_accuracy": best.best_val_accuracy}
 
 
-def fingerprint(model: nn.Module, train: Split, cfg: TrainConfig, desc: str) -> str:
+def fingerprint(model: nn.Module, train: Split, cfg: TrainConfig, plan: Plan, desc: str) -> str:
     """What must match for a checkpoint to be resumed: the settings, the training data and the model's shape."""
-    h = hashlib.sha256(json.dumps([desc, dataclasses.asdict(cfg)], sort_keys=True, default=str).encode())
+    h = hashlib.sha256(json.dumps([desc, dataclasses.asdict(cfg), dataclasses.asdict(plan)], sort_keys=True,
+                                  default=str).encode())
     h.update(json.dumps(train.x.tolist()).encode() if train.x.dtype == object else np.ascontiguousarray(train.x).tobytes())
     h.update(np.ascontiguousarray(train.y).tobytes())
     h.update(json.dumps([(k, list(v.shape)) for k, v in model.state_dict().items()]).encode())

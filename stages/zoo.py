@@ -364,6 +364,33 @@ def head_parameters(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_parameters() if n.startswith(prefix)]
 
 
+def layer_groups(model: nn.Module) -> list[list[str]]:
+    """The backbone's parameter names (the head left out) in layer groups, input side first. Strategies
+    freeze, unfreeze and scale learning rates by these groups. timm models know their own stages (stem,
+    then one group per stage: EfficientNet's `blocks.N`, ResNet's `layerN`). Otherwise: a group per indexed
+    block (the name up to its first number: BERT's `encoder.layer.3`, GPT-2's `h.3`), one for the
+    parameters before the first block (embeddings) and one for those after the last (pooler, final norm)."""
+    head = set(head_parameters(model))
+    if hasattr(model, "group_matcher"):
+        from timm.models import group_parameters
+
+        grouped = group_parameters(model, model.group_matcher(coarse=True))
+        return [g for g in ([n for n in names if n not in head] for names in grouped.values()) if g]
+    groups: dict[str, list[str]] = {}
+    seen_block = False
+    for name, _ in model.named_parameters():
+        if name in head:
+            continue
+        parts = name.split(".")
+        at = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        if at is None:
+            key = "<after blocks>" if seen_block else "<before blocks>"
+        else:
+            key, seen_block = ".".join(parts[: at + 1]), True
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
 def reset_head(model: nn.Module, num_classes: int) -> None:
     """Replace the classifier head with a freshly initialised one for `num_classes`."""
     if hasattr(model, "reset_classifier"):  # timm

@@ -31,7 +31,7 @@ def write_params(tmp_path: Path, source: Path, **sections) -> Path:
     raw["paths"].update(source=str(source), weights_lock=str(ROOT / "weights.lock"))
     raw["finetune"].update(epochs=2, batch_size=8)
     raw["evaluate"]["n_bootstrap"] = 200
-    raw["baseline"]["probe_c"] = [1.0]
+    raw["finetune"]["probe_c"] = [1.0]
     for section, values in sections.items():
         raw[section].update(values)
     path = tmp_path / "params.yaml"
@@ -132,7 +132,7 @@ def test_csv_texts_through_the_flow_record_the_data_version(tmp_path):
     sets = {"paths.source": "data/raw/glosses.csv", "prepare.dataset": "text-table", "prepare.per_class": 6,
             "prepare.val_per_class": 2, "prepare.test_per_class": 4, "model.name": "hf:sentence-transformers/all-MiniLM-L6-v2",
             "finetune.epochs": 2, "finetune.batch_size": 8, "finetune.lr": 1.0e-4, "finetune.augment": False,
-            "baseline.probe_c": [1.0], "evaluate.n_bootstrap": 200, "register.model_name": "my-topics"}
+            "finetune.probe_c": [1.0], "evaluate.n_bootstrap": 200, "register.model_name": "my-topics"}
     args = [sys.executable, "-m", "flows.pipeline"] + [f"--set={k}={v}" for k, v in sets.items()]
     res = sh(args, project, flow_env(project))
     assert "verdict" in res.stdout

@@ -46,6 +46,17 @@ def test_dvc_paths_and_params_come_from_params_yaml():
                 assert path.startswith("${paths."), path
 
 
+def test_the_compare_pipeline_runs_its_module_with_the_same_dependencies_as_finetune():
+    stage = yaml.safe_load((ROOT / "compare" / "dvc.yaml").read_text())["stages"]["compare"]["do"]
+    assert stage["cmd"] == "python -m stages.compare ${key}" and stage["wdir"] == ".."
+    needed = {f"stages/{m}.py" for m in _imported_stage_modules("compare") - {"params", "files"}}
+    assert needed | {"stages/compare.py"} <= set(stage["deps"])
+    assert set(dvc_stages()["finetune"]["deps"]) - {"${paths.source}"} <= set(stage["deps"]) | {"stages/finetune.py"}
+    params = Params.load(ROOT / "params.yaml")
+    for key in re.findall(r"\$\{paths\.(\w+)\}", (ROOT / "compare" / "dvc.yaml").read_text()):
+        assert hasattr(params.paths, key), key
+
+
 def test_no_stage_imports_prefect_and_only_register_imports_mlflow():
     for path in (ROOT / "stages").glob("*.py"):
         text = path.read_text()
@@ -69,6 +80,9 @@ def _imported_stage_modules(name: str, seen: set[str] | None = None) -> set[str]
 
     seen = set() if seen is None else seen
     tree = ast.parse((ROOT / "stages" / f"{name}.py").read_text())
+    for block in ast.walk(tree):  # imports for type hints only (if TYPE_CHECKING:) run no code
+        if isinstance(block, ast.If) and getattr(block.test, "id", None) == "TYPE_CHECKING":
+            block.body = []
     for node in ast.walk(tree):
         mods = []
         if isinstance(node, ast.ImportFrom) and node.module == "stages":

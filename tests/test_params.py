@@ -75,8 +75,8 @@ def test_a_near_miss_key_gets_a_suggestion_and_all_problems_are_listed_at_once()
 def test_wrong_types_are_named():
     bad = raw()
     bad["finetune"]["augment"] = "yes"
-    bad["baseline"]["probe_c"] = 1.0
+    bad["finetune"]["probe_c"] = 1.0
     with pytest.raises(ValueError) as e:
         Params.from_dict(bad)
     assert "finetune.augment: expected bool, got 'yes'" in str(e.value)
-    assert "baseline.probe_c: expected a list, got 1.0" in str(e.value)
+    assert "finetune.probe_c: expected a list, got 1.0" in str(e.value)

@@ -14,7 +14,7 @@ from .conftest import ROOT, flow_env, sh
 
 def test_smoke_preset_flattens_to_valid_overrides(tmp_path):
     overrides = read_preset(ROOT / "presets/smoke.yaml")
-    assert overrides["finetune.epochs"] == 5 and overrides["baseline.probe_c"] == [1.0]
+    assert overrides["finetune.epochs"] == 5 and overrides["finetune.probe_c"] == [1.0]
     params = tmp_path / "params.yaml"
     params.write_text((ROOT / "params.yaml").read_text())
     apply_overrides(params, overrides)
