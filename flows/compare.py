@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from prefect import flow, get_run_logger, task
 
 from flows.pipeline import TASKS, WorkspaceBusy, _repro, apply_overrides, read_preset, workspace_lock
+from stages.files import read_json, write_json
 from stages.params import Params
 
 COMPARE_DVC = "compare/dvc.yaml"
@@ -24,8 +28,6 @@ COMPARE_DVC = "compare/dvc.yaml"
 
 @task(name="summarise")
 def _summarise(params_file: str) -> dict:
-    from stages.compare import summarise
-
     return summarise(Params.load(Path(params_file)))
 
 
@@ -58,6 +60,80 @@ def compare(params_file: str = "params.yaml", only: list[str] | None = None) -> 
         run_id = _log(params_file)
         log.info("MLflow: parent run %s with %d nested strategy runs", run_id, len(names))
     return {"ran": outcomes, "summary": summary, "mlflow_run": run_id}
+
+
+def summarise(params: Params) -> dict[str, Any]:
+    """Gather every compare.strategies entry's result into paths.strategies_summary and draw the chart."""
+    paths = params.paths
+    missing = [n for n in params.compare.strategies if not (paths.strategies / f"{n}.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"no result yet for {', '.join(missing)} in {paths.strategies}: run "
+                                f"`make compare` (or dvc repro compare/dvc.yaml)")
+    results = {n: read_json(paths.strategies / f"{n}.json") for n in params.compare.strategies}
+    skipped = {n: results.pop(n)["not_applicable"] for n in list(results) if "not_applicable" in results[n]}
+    keys = ("accuracy", "accuracy_ci95", "train_seconds", "trainable_params", "total_params", "val_accuracy",
+            "settings")
+    summary: dict[str, Any] = {"strategies": {n: {k: r[k] for k in keys} for n, r in results.items()}}
+    best = max(results, key=lambda n: results[n]["val_accuracy"])
+    summary["best_on_validation"] = best
+    if skipped:
+        summary["not_applicable"] = skipped
+    if "full" in results:
+        a, b = results[best]["accuracy_ci95"], results["full"]["accuracy_ci95"]
+        summary["best_vs_full"] = {
+            "best": best, "accuracy_difference": round(results[best]["accuracy"] - results["full"]["accuracy"], 6),
+            "cis_overlap": bool(a[0] <= b[1] and b[0] <= a[1])}
+    write_json(paths.strategies_summary, summary)
+    _plot(paths.strategies_plot, summary["strategies"], params.model.name)
+    _print_table(summary)
+    return summary
+
+
+def _plot(out: Path, strategies: dict[str, dict], model_name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stages.files import atomic_path
+
+    names = sorted(strategies, key=lambda n: strategies[n]["accuracy"])
+    acc = np.array([strategies[n]["accuracy"] for n in names])
+    lo = acc - np.array([strategies[n]["accuracy_ci95"][0] for n in names])
+    hi = np.array([strategies[n]["accuracy_ci95"][1] for n in names]) - acc
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.6), sharey=True,
+                                   gridspec_kw={"width_ratios": [3, 2]})
+    ax1.barh(names, acc, xerr=[lo, hi], color="#4C72B0", capsize=3)
+    left = max(0.0, float(acc.min() - lo.max()) - 0.05)
+    ax1.set_xlim(left, min(1.0, float(acc.max() + hi.max()) + 0.02))
+    ax1.set_xlabel("test accuracy (95% bootstrap CI)")
+    for y, a in enumerate(acc):  # inside the bar's base, clear of the interval at its end
+        ax1.text(left + 0.003, y, f"{a:.4f}", va="center", ha="left", fontsize=8, color="white")
+    secs = [strategies[n]["train_seconds"] for n in names]
+    share = [strategies[n]["trainable_params"] / strategies[n]["total_params"] for n in names]
+    ax2.barh(names, secs, color="#DD8452")
+    ax2.set_xlabel("training seconds")
+    for y, (s, f) in enumerate(zip(secs, share, strict=True)):
+        ax2.text(s, y, f" {s:.0f} s, {f:.1%} of weights train", va="center", ha="left", fontsize=8)
+    ax2.set_xlim(0, max(secs) * 1.9 if max(secs) > 0 else 1)
+    fig.suptitle(f"Fine-tuning strategies: {model_name}, same data and test set")
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def _print_table(summary: dict[str, Any]) -> None:
+    rows = summary["strategies"]
+    print(f"{'strategy':<18}{'test acc':>9}  {'95% CI':<18}{'seconds':>8}{'trainable':>12}")
+    for n, r in sorted(rows.items(), key=lambda kv: -kv[1]["accuracy"]):
+        lo, hi = r["accuracy_ci95"]
+        print(f"{n:<18}{r['accuracy']:>9.4f}  [{lo:.4f}, {hi:.4f}]  {r['train_seconds']:>7.0f}"
+              f"{r['trainable_params']:>12,}")
+    if "best_vs_full" in summary:
+        b = summary["best_vs_full"]
+        print(f"best on validation: {b['best']} ({b['accuracy_difference']:+.4f} test accuracy vs full; 95% CIs "
+              f"{'overlap' if b['cis_overlap'] else 'do not overlap'})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,7 +27,7 @@ from prefect import flow, get_run_logger, task
 
 from stages.params import Params
 
-STAGES = ("prepare", "finetune", "baseline", "evaluate", "export", "register")
+STAGES = ("prepare", "select", "finetune", "baseline", "evaluate", "export", "register")
 # Training is deterministic: retrying a failure repeats it. Talking to a tracking store is not, so the
 # stages that do are retried, and only for failures that look transient.
 RETRIES = {"register": 2}

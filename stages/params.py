@@ -50,6 +50,7 @@ class Paths:
     strategies: Path
     strategies_summary: Path
     strategies_plot: Path
+    select_metrics: Path
 
 
 # finetune.strategy: what stages/strategy.py implements (described there and in params.yaml)
@@ -149,6 +150,13 @@ class ExportParams:
 
 
 @dataclass(frozen=True)
+class SelectParams:
+    # model names (as model.name), random:<name> for the same network untrained, tfidf for TF-IDF of the text
+    candidates: list[str] = _f(["timm:efficientnet_lite0", "random:timm:efficientnet_lite0"])
+    knn_k: int = _f(10, ge=1)
+
+
+@dataclass(frozen=True)
 class CompareParams:
     # name -> the finetune settings that strategy changes (checked against FinetuneParams in Params.from_dict)
     strategies: dict[str, dict[str, Any]] = field(default_factory=lambda: {"full": {}})
@@ -172,6 +180,7 @@ class Params:
     evaluate: EvaluateParams
     register: RegisterParams
     export: ExportParams
+    select: SelectParams = field(default_factory=SelectParams)
     compare: CompareParams = field(default_factory=CompareParams)
     schedule: ScheduleParams = field(default_factory=ScheduleParams)
 

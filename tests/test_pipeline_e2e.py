@@ -36,7 +36,7 @@ def first_run(project: Path) -> subprocess.CompletedProcess:
 
 def test_flow_runs_every_stage_and_writes_every_declared_output(project, first_run):
     params = Params.load(project / "params.yaml")
-    for stage in ("prepare", "finetune", "baseline", "evaluate", "export", "register"):
+    for stage in ("prepare", "select", "finetune", "baseline", "evaluate", "export", "register"):
         assert f"Running stage '{stage}'" in first_run.stdout, stage
     for name, path in dataclasses.asdict(params.paths).items():
         if name in ("source", "mlflow_artifacts") or name.startswith("strategies"):  # strategies: make compare
@@ -52,7 +52,7 @@ def test_flow_runs_every_stage_and_writes_every_declared_output(project, first_r
 
 def test_overrides_are_recorded_by_dvc_and_nothing_is_left_stale(project, first_run):
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert list(lock["stages"]) == ["prepare", "finetune", "baseline", "evaluate", "export", "register"]
+    assert list(lock["stages"]) == ["prepare", "select", "finetune", "baseline", "evaluate", "export", "register"]
     assert lock["stages"]["finetune"]["params"]["params.yaml"]["finetune"]["epochs"] == 5
     assert "epochs: 5" in (project / "params.yaml").read_text()
     assert "# peak of the one-cycle schedule" in (project / "params.yaml").read_text()  # comments kept

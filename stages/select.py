@@ -1,0 +1,167 @@
+"""Choose the pre-trained model before training: score each candidate in select.candidates on the prepared
+training data without fine-tuning it, and keep the best.
+
+Two scores per candidate, both on frozen features (what the head of the network would receive):
+  logme         LogME (You et al. 2021): the log marginal evidence of a Bayesian linear model from the
+                features to each one-hot label column, maximised over its prior and noise precisions by
+                the paper's fixed-point iteration, averaged over classes and divided by the number of
+                examples. Higher: the labels are more linearly predictable from the features.
+  knn_accuracy  k-nearest-neighbour accuracy (cosine) on the validation split, with the training split as
+                the neighbours: what the features give with no fitting at all.
+Candidates: model names as in model.name (timm:..., hf:..., local:...), `random:<name>` for the same
+network with random weights (what "no transfer" scores), and `tfidf` for TF-IDF features of the text
+(the tokenizer of the first text candidate). The chosen one (the pre-trained candidate with the highest
+logme) is recorded in paths.select_metrics; fine-tuning it is still a matter of setting model.name.
+Reads paths.prepared; writes paths.select_metrics.
+Run: dvc repro select   (or: python -m stages.select)"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.data import Split, load_split
+from stages.files import read_json, write_json
+from stages.params import ModelParams, SelectParams, cli
+
+RANDOM = "random:"
+TFIDF = "tfidf"
+
+
+def logme(features: np.ndarray, labels: np.ndarray, max_iter: int = 100, tol: float = 1e-5) -> float:
+    """LogME score of `features` (n x d) for integer `labels`: mean over classes of the maximised log
+    evidence, divided by n. Uses the SVD of the features, so each fixed-point step costs O(d)."""
+    f = np.asarray(features, dtype=np.float64)
+    n, _ = f.shape
+    u, s, _ = np.linalg.svd(f, full_matrices=False)
+    sigma = s**2  # eigenvalues of F^T F (the non-zero ones)
+    scores = []
+    for k in np.unique(labels):
+        y = (labels == k).astype(np.float64)
+        evidence, _, _ = _maximise_evidence(u, sigma, y, n, f.shape[1], max_iter, tol)
+        scores.append(evidence / n)
+    return float(np.mean(scores))
+
+
+def _maximise_evidence(u, sigma, y, n, d, max_iter, tol) -> tuple[float, float, float]:
+    """The fixed-point iteration of You et al. (Algorithm 1): (log evidence, alpha, beta) at convergence."""
+    z = u.T @ y  # y in the basis of the left singular vectors
+    z2 = z**2
+    rest = float(y @ y - z2.sum())  # the part of y outside the span of the features
+    alpha, beta = 1.0, 1.0
+    for _ in range(max_iter):
+        t = alpha / beta
+        gamma = float((sigma / (sigma + t)).sum())
+        m2 = float((sigma * z2 / (sigma + t) ** 2).sum())  # ||m||^2
+        res2 = float((z2 * (t / (sigma + t)) ** 2).sum()) + rest  # ||F m - y||^2
+        alpha_new, beta_new = gamma / max(m2, 1e-12), max(n - gamma, 1e-12) / max(res2, 1e-12)
+        done = abs(alpha_new / beta_new - t) / t < tol
+        alpha, beta = alpha_new, beta_new
+        if done:
+            break
+    return evidence(sigma, z2, rest, n, d, alpha, beta), alpha, beta
+
+
+def evidence(sigma, z2, rest, n, d, alpha, beta) -> float:
+    """log p(y | F, alpha, beta) of Bayesian linear regression, from F^T F's eigenvalues `sigma` and y's
+    squared coordinates `z2` along the left singular vectors (plus `rest` outside their span)."""
+    sigma_all = np.concatenate([sigma, np.zeros(d - len(sigma))])  # F^T F's zero eigenvalues when d > n
+    t = alpha / beta
+    m2 = float((sigma * z2 / (sigma + t) ** 2).sum())
+    res2 = float((z2 * (t / (sigma + t)) ** 2).sum()) + rest
+    log_det_a = float(np.log(alpha + beta * sigma_all).sum())
+    return (n / 2 * np.log(beta) + d / 2 * np.log(alpha) - n / 2 * np.log(2 * np.pi)
+            - beta / 2 * res2 - alpha / 2 * m2 - log_det_a / 2)
+
+
+def knn_accuracy(train_f: np.ndarray, train_y: np.ndarray, test_f: np.ndarray, test_y: np.ndarray, k: int) -> float:
+    """Majority vote of the k nearest training examples by cosine similarity (ties: the nearest's class)."""
+    a = train_f / np.maximum(np.linalg.norm(train_f, axis=1, keepdims=True), 1e-12)
+    b = test_f / np.maximum(np.linalg.norm(test_f, axis=1, keepdims=True), 1e-12)
+    nearest = np.argsort(-(b @ a.T), axis=1)[:, :k]
+    votes = train_y[nearest]
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    counts = np.stack([np.bincount(row, minlength=classes) for row in votes]).astype(float)
+    counts[np.arange(len(votes)), votes[:, 0]] += 0.5  # a tie goes to the nearest neighbour's class
+    return float((counts.argmax(1) == test_y).mean())
+
+
+def candidate_features(name: str, model_p: ModelParams, n_classes: int, train: Split, val: Split,
+                       weights_lock: Path, text_files: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """Frozen features of the training and validation splits under candidate `name`."""
+    if name == TFIDF:
+        return _tfidf_features(train, val, model_p, text_files)
+    from stages import zoo
+    from stages.train import predict
+
+    pretrained = not name.startswith(RANDOM)
+    m = dataclasses.replace(model_p, name=name.removeprefix(RANDOM))
+    loaded = zoo.load(m, n_classes, weights_lock, pretrained=pretrained)
+    feats = [predict(loaded.model, s.x, loaded.pre, fn=zoo.features, desc=f"{name} features ({label})")
+             for s, label in ((train, "train"), (val, "val"))]
+    return feats[0], feats[1]
+
+
+def _tfidf_features(train: Split, val: Split, model_p: ModelParams, text_files: Path | None):
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from stages.text import tokenizer
+
+    if text_files is None:
+        raise ValueError("select candidate tfidf needs a text candidate (hf:...) listed before it, for its tokenizer")
+    tok = tokenizer(str(text_files))
+    special = set(tok.all_special_ids)
+
+    def ids(split: Split) -> list[list[int]]:
+        enc = tok([str(t) for t in split.x], truncation=True, max_length=model_p.max_length)["input_ids"]
+        return [[i for i in row if i not in special] for row in enc]
+
+    vec = TfidfVectorizer(analyzer=lambda row: row, lowercase=False)
+    return vec.fit_transform(ids(train)).toarray(), vec.transform(ids(val)).toarray()
+
+
+def run(prepared: Path, out: Path, model_p: ModelParams, p: SelectParams, weights_lock: Path) -> dict[str, Any]:
+    classes = read_json(Path(prepared) / "manifest.json")["classes"]
+    train, val = load_split(prepared, "train"), load_split(prepared, "val")
+    began = time.perf_counter()
+    scores: dict[str, dict[str, Any]] = {}
+    text_files = None
+    for name in p.candidates:
+        start = time.perf_counter()
+        f_train, f_val = candidate_features(name, model_p, len(classes), train, val, weights_lock, text_files)
+        if text_files is None and name.removeprefix(RANDOM).startswith("hf:"):
+            from stages import zoo
+
+            text_files = zoo.find_weights(name.removeprefix(RANDOM), model_p.weights, model_p.allow_download,
+                                          model_p.revision).path
+        scores[name] = {
+            "logme": round(logme(f_train, train.y), 6),
+            "knn_accuracy": round(knn_accuracy(f_train, train.y, f_val, val.y, p.knn_k), 6),
+            "feature_dim": int(f_train.shape[1]),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        print(f"{name}: LogME {scores[name]['logme']:.4f}, {p.knn_k}-NN validation accuracy "
+              f"{scores[name]['knn_accuracy']:.4f} ({scores[name]['seconds']:.1f} s)")
+    eligible = [n for n in scores if n != TFIDF and not n.startswith(RANDOM)]  # only a real backbone can be fine-tuned
+    if not eligible:
+        raise ValueError("select.candidates lists no pre-trained model to fine-tune (only random: or tfidf entries)")
+    chosen = max(eligible, key=lambda n: scores[n]["logme"])
+    result = {"candidates": scores, "chosen": chosen, "chosen_by": "logme",
+              "ranking": sorted(scores, key=lambda n: -scores[n]["logme"]),
+              "seconds": round(time.perf_counter() - began, 2), "n_train": int(len(train.y))}
+    write_json(out, result)
+    print(f"chosen: {chosen} (highest LogME of the pre-trained candidates) -> {out}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    params = cli(__doc__, argv)
+    run(params.paths.prepared, params.paths.select_metrics, params.model, params.select, params.paths.weights_lock)
+
+
+if __name__ == "__main__":
+    main()
