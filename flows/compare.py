@@ -1,8 +1,8 @@
 """`make compare`: fine-tuning strategies side by side, as a Prefect flow over DVC stages.
 
-Prepares the data (the pipeline's own prepare stage), then runs compare@<name> from compare/dvc.yaml
-for each entry of compare.strategies in params.yaml (DVC skips the ones whose code, data and settings
-did not change), gathers them into metrics/strategies.json and plots/strategies.png, and records the
+Prepares the data and resolves the model (the pipeline's own prepare and select stages), then runs
+compare@<name> from compare/dvc.yaml for each entry of compare.strategies in params.yaml (DVC skips the
+ones whose code, data and settings did not change), gathers them into metrics/strategies.json and plots/strategies.png, and records the
 comparison in MLflow: a parent run "compare" with one nested run per strategy.
 
 Run:  python -m flows.compare                       (what `make compare` does)
@@ -52,6 +52,7 @@ def compare(params_file: str = "params.yaml", only: list[str] | None = None) -> 
     names = list(only or params.compare.strategies)
     with workspace_lock():
         TASKS["prepare"]("prepare")
+        TASKS["select"]("select")  # paths.chosen_model: the model every strategy fine-tunes
         outcomes = {n: strategy_task.with_options(name=f"strategy {n}")(f"{COMPARE_DVC}:compare@{n}") for n in names}
         log.info("strategies: %s", ", ".join(f"{n} {o}" for n, o in outcomes.items()))
         if set(names) != set(params.compare.strategies):

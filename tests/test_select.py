@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from stages import select
+from stages import select, zoo
 from stages.params import Params
 
 from .conftest import tiny_params
@@ -67,3 +67,41 @@ def test_select_scores_every_candidate_and_chooses_a_pretrained_one(tiny_source,
     assert sorted(result["ranking"]) == sorted(result["candidates"])
     for scores in result["candidates"].values():
         assert scores["seconds"] > 0 and 0 <= scores["knn_accuracy"] <= 1 and scores["feature_dim"] == 1280
+
+
+def test_auto_uses_the_choice_and_says_what_to_run_when_there_is_none(tiny_source, tmp_path):
+    import dataclasses
+
+    from stages.prepare import run as prepare
+
+    params = Params.load(tiny_params(tmp_path, tiny_source))
+    auto = dataclasses.replace(params.model, name="auto")
+    chosen = tmp_path / "chosen_model.json"
+    with pytest.raises(FileNotFoundError, match="run the select stage first"):
+        zoo.resolve(auto, chosen)
+    assert zoo.resolve(params.model, chosen) == params.model  # a named model needs no choice
+    prepare(params.paths.source, params.paths.prepared, params.prepare)
+    p = dataclasses.replace(params.select, candidates=["random:timm:efficientnet_lite0", "timm:efficientnet_lite0"])
+    select.run(params.paths.prepared, tmp_path / "select.json", auto, p, params.paths.weights_lock, chosen)
+    assert json.loads(chosen.read_text()) == {"model": "timm:efficientnet_lite0", "by": "select (model.name: auto)"}
+    assert zoo.resolve(auto, chosen).name == "timm:efficientnet_lite0"
+    # a named model is passed through, whatever select scored
+    select.run(params.paths.prepared, tmp_path / "select.json", params.model, p, params.paths.weights_lock, chosen)
+    assert json.loads(chosen.read_text())["model"] == params.model.name
+
+
+def test_candidates_for_another_modality_are_skipped_with_the_reason(tiny_source, tmp_path):
+    import dataclasses
+
+    from stages.prepare import run as prepare
+
+    params = Params.load(tiny_params(tmp_path, tiny_source))
+    prepare(params.paths.source, params.paths.prepared, params.prepare)
+    p = dataclasses.replace(params.select, candidates=["hf:sentence-transformers/all-MiniLM-L6-v2", "tfidf"])
+    result = select.run(params.paths.prepared, tmp_path / "s.json", params.model, p, params.paths.weights_lock,
+                        tmp_path / "chosen.json")
+    assert result["candidates"]["tfidf"] == {"skipped": "a text model; the prepared data is image"}
+    assert result["chosen"] is None and json.loads((tmp_path / "chosen.json").read_text())["model"] == params.model.name
+    with pytest.raises(ValueError, match="no pre-trained image model to choose"):
+        select.run(params.paths.prepared, tmp_path / "s.json", dataclasses.replace(params.model, name="auto"), p,
+                   params.paths.weights_lock, tmp_path / "chosen.json")
