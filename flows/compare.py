@@ -115,7 +115,8 @@ def _plot(out: Path, strategies: dict[str, dict], model_name: str) -> None:
     ax2.barh(names, secs, color="#DD8452")
     ax2.set_xlabel("training seconds")
     for y, (s, f) in enumerate(zip(secs, share, strict=True)):
-        ax2.text(s, y, f" {s:.0f} s, {f:.1%} of weights train", va="center", ha="left", fontsize=8)
+        ax2.text(s, y, f" {s:.0f} s, {f:.1%} of weights train" if f >= 0.01 else f" {s:.0f} s, {f:.2%} of weights train",
+                 va="center", ha="left", fontsize=8)
     ax2.set_xlim(0, max(secs) * 1.9 if max(secs) > 0 else 1)
     fig.suptitle(f"Fine-tuning strategies: {model_name}, same data and test set")
     fig.tight_layout()

@@ -1,9 +1,11 @@
 """Score every model on the full test set and decide whether transfer helped.
 For each model: accuracy and macro-F1 with 95% bootstrap intervals, per-class accuracy and a confusion
 matrix. Fine-tuned vs scratch: the paired-bootstrap interval of the accuracy gain, McNemar's exact test,
-and a verdict (positive / negative / inconclusive) read off the interval.
-Reads paths.prepared, paths.finetuned, paths.baselines; writes paths.evaluate_metrics and
-paths.evaluate_plots.
+and a verdict (positive / negative / inconclusive) read off the interval. Representation drift: linear
+CKA between the pre-trained and the fine-tuned network's features on test examples, per layer group
+(1: the group computes what it did before fine-tuning, up to rotation and scale; lower: it changed).
+Reads paths.prepared, paths.finetuned, paths.baselines, paths.chosen_model and the pre-trained weights
+(checked against paths.weights_lock); writes paths.evaluate_metrics and paths.evaluate_plots.
 Run: dvc repro evaluate   (or: python -m stages.evaluate)"""
 
 from __future__ import annotations
@@ -11,16 +13,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from stages import zoo
 from stages.data import load_split
 from stages.files import atomic_path, read_json, write_json
-from stages.params import EvaluateParams, cli
+from stages.params import EvaluateParams, ModelParams, cli
 from stages.stats import bootstrap_ci, macro_f1, mcnemar_p, verdict
 from stages.train import predict
 
 
-def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path, p: EvaluateParams) -> dict:
+def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path, p: EvaluateParams,
+        model_p: ModelParams | None = None, weights_lock: Path | None = None) -> dict:
     manifest = read_json(Path(prepared) / "manifest.json")
     classes = manifest["classes"]
     test = load_split(prepared, "test")
@@ -54,6 +58,8 @@ def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path
         "n_test": n,
         "test_sha256": manifest["test_sha256"],
     })  # fmt: skip
+    if model_p is not None and p.drift_examples:
+        report["representation_drift"] = drift(finetuned, model_p, weights_lock, test.x, k, p.drift_examples, p.seed)
     if zoo.modality(pres["finetuned"]) == "text":
         from stages.text import truncated_count
 
@@ -62,6 +68,54 @@ def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path
     _confusion_plots(plots, y, preds, classes)
     _print_table(report)
     return report
+
+
+def drift(finetuned: Path, model_p: ModelParams, weights_lock: Path, x: np.ndarray, n_classes: int,
+          n: int, seed: int) -> dict:
+    """Linear CKA per layer group between the pre-trained network (model_p) and the fine-tuned one, on `n`
+    test examples drawn with `seed`. A group's features: its last module's output, averaged over image
+    positions or over a text's tokens."""
+    from stages.shift import linear_cka
+
+    tuned, meta = zoo.load_checkpoint(finetuned)
+    base = zoo.load(model_p, n_classes, weights_lock).model.eval()
+    groups = zoo.layer_groups(base)
+    owners = [g[-1].rsplit(".", 1)[0] for g in groups]  # the module holding a group's last parameter
+    rows = np.random.default_rng(seed).permutation(len(x))[: min(n, len(x))]
+    feats = [_group_features(m, owners, x[rows], meta["preprocessing"]) for m in (base, tuned)]
+    cka = {owner: round(linear_cka(a, b), 4) for owner, a, b in zip(owners, *feats, strict=True)}
+    return {"linear_cka": cka, "n_examples": int(len(rows)), "min_group": min(cka, key=cka.get)}
+
+
+def _group_features(model, owners: list[str], x: np.ndarray, pre: dict) -> list[np.ndarray]:
+    captured: dict[str, torch.Tensor] = {}
+    mask: list[torch.Tensor] = []
+
+    def pooled(name):
+        def hook(_module, _args, out):
+            t = (out[0] if isinstance(out, tuple) else out).float()
+            if t.ndim == 4:  # images: N, C, H, W
+                captured[name] = t.mean((2, 3))
+            elif t.ndim == 3 and mask:  # tokens: N, T, H, padding left out
+                m = mask[0].to(t.dtype).unsqueeze(-1)
+                captured[name] = (t * m).sum(1) / m.sum(1).clamp_min(1.0)
+            else:
+                captured[name] = t.flatten(1)
+        return hook
+
+    def fn(net, *inputs):
+        mask[:] = [inputs[1]] if len(inputs) > 1 else []
+        net(*inputs)
+        return torch.cat([captured[o] for o in owners], 1)
+
+    handles = [model.get_submodule(o).register_forward_hook(pooled(o)) for o in owners]
+    try:
+        flat = predict(model, x, pre, fn=fn, desc="drift features")
+    finally:
+        for h in handles:
+            h.remove()
+    widths = [int(captured[o].shape[1]) for o in owners]
+    return np.split(flat, np.cumsum(widths)[:-1], axis=1)
 
 
 def _round(ci: tuple[float, float]) -> list[float]:
@@ -105,13 +159,16 @@ def _print_table(r: dict) -> None:
     lo, hi = r["transfer_gain_ci95"]
     print(f"transfer gain {r['transfer_gain']:+.4f} [{lo:+.4f}, {hi:+.4f}], McNemar p={r['mcnemar_p']:.2g}: "
           f"{r['verdict']}")
+    if "representation_drift" in r:
+        cka = r["representation_drift"]["linear_cka"]
+        print("CKA pre-trained vs fine-tuned, input side first: " + ", ".join(f"{v:.2f}" for v in cka.values()))
 
 
 def main(argv: list[str] | None = None) -> None:
     params = cli(__doc__, argv)
     paths = params.paths
     run(paths.prepared, paths.finetuned, paths.baselines, paths.evaluate_metrics, paths.evaluate_plots,
-        params.evaluate)
+        params.evaluate, zoo.resolve(params.model, paths.chosen_model), paths.weights_lock)
 
 
 if __name__ == "__main__":

@@ -129,6 +129,7 @@ class BaselineParams:
 class EvaluateParams:
     n_bootstrap: int = _f(2000, ge=100)
     seed: int = 0
+    drift_examples: int = _f(1000, ge=0)
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ class SelectParams:
     # model names (as model.name), random:<name> for the same network untrained, tfidf for TF-IDF of the text
     candidates: list[str] = _f(["timm:efficientnet_lite0", "random:timm:efficientnet_lite0"])
     knn_k: int = _f(10, ge=1)
+    seed: int = 0  # the random twins' weights and the k-NN hold-out
 
 
 @dataclass(frozen=True)

@@ -103,15 +103,18 @@ def holdout(labels: np.ndarray, share: float = 0.2, seed: int = 0) -> np.ndarray
 
 
 def candidate_features(name: str, model_p: ModelParams, n_classes: int, train: Split,
-                       weights_lock: Path, text_files: Path | None) -> np.ndarray:
+                       weights_lock: Path, text_files: Path | None, seed: int = 0) -> np.ndarray:
     """Frozen features of the training split under candidate `name`."""
     if name == TFIDF:
         return _tfidf_features(train, model_p, text_files)
     from stages import zoo
     from stages.train import predict
 
+    from stages.train import seed_everything
+
     pretrained = not name.startswith(RANDOM)
     m = dataclasses.replace(model_p, name=name.removeprefix(RANDOM))
+    seed_everything(seed)  # a random twin's weights (and a new head's) come from the global generator
     loaded = zoo.load(m, n_classes, weights_lock, pretrained=pretrained)
     return predict(loaded.model, train.x, loaded.pre, fn=zoo.features, desc=f"{name} features")
 
@@ -153,7 +156,7 @@ def run(prepared: Path, out: Path, model_p: ModelParams, p: SelectParams, weight
     manifest = read_json(Path(prepared) / "manifest.json")
     classes, data_modality = manifest["classes"], manifest.get("modality", "image")
     train = load_split(prepared, "train")
-    held = holdout(train.y)
+    held = holdout(train.y, seed=p.seed)
     began = time.perf_counter()
     scores: dict[str, dict[str, Any]] = {}
     text_files = None
@@ -163,7 +166,7 @@ def run(prepared: Path, out: Path, model_p: ModelParams, p: SelectParams, weight
             print(f"{name}: skipped ({scores[name]['skipped']})")
             continue
         start = time.perf_counter()
-        f_train = candidate_features(name, model_p, len(classes), train, weights_lock, text_files)
+        f_train = candidate_features(name, model_p, len(classes), train, weights_lock, text_files, p.seed)
         if text_files is None and name.removeprefix(RANDOM).startswith("hf:"):
             text_files = find_weights(name.removeprefix(RANDOM), model_p.weights, model_p.allow_download,
                                       model_p.revision).path

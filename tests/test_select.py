@@ -67,6 +67,11 @@ def test_select_scores_every_candidate_and_chooses_a_pretrained_one(tiny_source,
     assert sorted(result["ranking"]) == sorted(result["candidates"])
     for scores in result["candidates"].values():
         assert scores["seconds"] > 0 and 0 <= scores["knn_accuracy"] <= 1 and scores["feature_dim"] == 1280
+    again = select.run(params.paths.prepared, tmp_path / "again.json", params.model, params.select,
+                       params.paths.weights_lock)
+    for name, scores in result["candidates"].items():  # seeded: the random twin is the same network each time
+        assert (again["candidates"][name]["logme"], again["candidates"][name]["knn_accuracy"]) == (
+            scores["logme"], scores["knn_accuracy"]), name
 
 
 def test_auto_uses_the_choice_and_says_what_to_run_when_there_is_none(tiny_source, tmp_path):
