@@ -89,19 +89,12 @@ def _tfidf_floor(train, val, classes, model_pre: dict, p):
     """TF-IDF of the model's own tokens + logistic regression, moved into a TfidfLinear module."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    from stages.text import tokenizer
+    from stages.text import word_piece_ids
 
     pre = {"modality": "text", "files": model_pre["files"], "max_length": model_pre["max_length"]}
-    tok = tokenizer(str(pre["files"]))
-    special = set(tok.all_special_ids)
-
-    def ids(split):  # the token ids the module will count: truncated like every other model's input
-        enc = tok([str(t) for t in split.x], truncation=True, max_length=pre["max_length"])["input_ids"]
-        return [[i for i in row if i not in special] for row in enc]
-
     vec = TfidfVectorizer(analyzer=lambda row: row, lowercase=False)  # rows are already token ids
-    x_train = vec.fit_transform(ids(train))
-    clf, c, acc = best_logreg(x_train, train, vec.transform(ids(val)), val, [p.floor_c])
+    x_train = vec.fit_transform(word_piece_ids(train.x, pre))
+    clf, c, acc = best_logreg(x_train, train, vec.transform(word_piece_ids(val.x, pre)), val, [p.floor_c])
     model = zoo.build(zoo.TFIDF_LINEAR, len(classes), pre)
     columns = torch.tensor([int(t) for t in vec.get_feature_names_out()])
     with torch.no_grad():

@@ -122,18 +122,12 @@ def candidate_features(name: str, model_p: ModelParams, n_classes: int, train: S
 def _tfidf_features(train: Split, model_p: ModelParams, text_files: Path | None) -> np.ndarray:
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    from stages.text import tokenizer
+    from stages.text import word_piece_ids
 
     if text_files is None:
         raise ValueError("select candidate tfidf needs a text candidate (hf:...) listed before it, for its tokenizer")
-    tok = tokenizer(str(text_files))
-    special = set(tok.all_special_ids)
-
-    def ids(split: Split) -> list[list[int]]:
-        enc = tok([str(t) for t in split.x], truncation=True, max_length=model_p.max_length)["input_ids"]
-        return [[i for i in row if i not in special] for row in enc]
-
-    return TfidfVectorizer(analyzer=lambda row: row, lowercase=False).fit_transform(ids(train)).toarray()
+    ids = word_piece_ids(train.x, {"files": text_files, "max_length": model_p.max_length})
+    return TfidfVectorizer(analyzer=lambda row: row, lowercase=False).fit_transform(ids).toarray()
 
 
 def modality_of(name: str) -> str:

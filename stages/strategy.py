@@ -196,13 +196,13 @@ def wise_ft(model: nn.Module, start: dict[str, torch.Tensor], val: Split, pre: d
     missing = end.keys() ^ start.keys()
     if missing:
         raise ValueError(f"WiSE-FT needs the same weights at both ends; these differ: {sorted(missing)[:5]}")
+    def mix(a: float) -> dict[str, torch.Tensor]:
+        return {k: torch.lerp(start[k].to(v.dtype), v, a) if v.is_floating_point() else v for k, v in end.items()}
+
     rows = []
     for alpha in np.linspace(0.0, 1.0, steps + 1):
-        a = float(alpha)
-        model.load_state_dict({k: torch.lerp(start[k].to(v.dtype), v, a) if v.is_floating_point() else v
-                               for k, v in end.items()})
-        rows.append({"alpha": round(a, 4), "val_accuracy": accuracy(model, val, pre)})
+        model.load_state_dict(mix(float(alpha)))
+        rows.append({"alpha": round(float(alpha), 4), "val_accuracy": accuracy(model, val, pre)})
     best = max(rows, key=lambda r: (r["val_accuracy"], r["alpha"]))
-    model.load_state_dict({k: torch.lerp(start[k].to(v.dtype), v, best["alpha"]) if v.is_floating_point() else v
-                           for k, v in end.items()})
+    model.load_state_dict(mix(best["alpha"]))
     return best["alpha"], rows

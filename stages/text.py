@@ -109,6 +109,15 @@ def tokenize(texts: np.ndarray, pre: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return enc["input_ids"].long(), enc["attention_mask"].long()
 
 
+def word_piece_ids(texts: np.ndarray, pre: dict) -> list[list[int]]:
+    """Each text's token ids without the special tokens, truncated like every model's input: what the
+    TF-IDF floor (and the select stage's tfidf candidate) counts."""
+    tok = tokenizer(str(pre["files"]))
+    special = set(tok.all_special_ids)
+    enc = tok([str(t) for t in texts], truncation=True, max_length=pre["max_length"])["input_ids"]
+    return [[i for i in row if i not in special] for row in enc]
+
+
 def truncated_count(texts: np.ndarray, pre: dict) -> int:
     """How many texts are longer than max_length tokens (and so lose their end)."""
     tok = tokenizer(str(pre["files"]))
