@@ -16,7 +16,7 @@ PRESET = $(if $(TASK),--preset presets/$(TASK).yaml)
 # pyproject.toml cannot silently run on stale pins.
 DEPS_HASH = $(shell $(PYTHON) -c "import tomllib,hashlib,json; p=tomllib.load(open('pyproject.toml','rb'))['project']; print(hashlib.sha256(json.dumps([p['dependencies'], p.get('optional-dependencies')], sort_keys=True).encode()).hexdigest())")
 
-.PHONY: help setup data postgres run compare smoke report test test-fast ui serve bench bench-selection bench-overhead bench-gpu prefect-server deploy worker lock clean
+.PHONY: help setup data postgres run compare curves smoke report test test-fast ui serve bench bench-selection bench-overhead bench-gpu prefect-server deploy worker lock clean
 help:  ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
 
@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml requirements.lock
 	@touch $@
 
 data: $(STAMP)  ## install the demo dataset the run will read (Debian) when it is missing
-	@$(if $(TASK),test -f presets/$(TASK).yaml || { echo "TASK=$(TASK): no presets/$(TASK).yaml (try TASK=image or TASK=text)" >&2; exit 1; };) \
+	@$(if $(TASK),test -f presets/$(TASK).yaml || { echo "TASK=$(TASK): no presets/$(TASK).yaml (try TASK=image, text, text-dapt or pretrain)" >&2; exit 1; };) \
 	src=$$($(BIN)/python -c 'import sys, yaml; from stages.params import Params; p = sys.argv[1:] and yaml.safe_load(open(sys.argv[1])) or {}; print(p.get("paths", {}).get("source") or Params.load().paths.source)' $(if $(TASK),presets/$(TASK).yaml)); \
 	case "$$src" in \
 	  /usr/share/datasets/fashion-mnist) file=$$src/train-images-idx3-ubyte.gz; pkg=dataset-fashion-mnist;; \
@@ -47,11 +47,14 @@ data: $(STAMP)  ## install the demo dataset the run will read (Debian) when it i
 	  echo "$$src is missing. Run: sudo apt-get install $$pkg, or set paths.source in params.yaml." >&2; exit 1; \
 	fi
 
-run: setup  ## run the pipeline (only what changed) and print the summary; TASK=text|image applies that preset
+run: setup  ## run the pipeline (only what changed) and print the summary; TASK=image|text|text-dapt|pretrain applies that preset
 	$(BIN)/python -m flows.pipeline $(PRESET)
 
 compare: setup  ## fine-tuning strategies side by side -> metrics/strategies.json, plots/strategies.png; TASK=text|image
 	$(BIN)/python -m flows.compare $(PRESET)
+
+curves: setup  ## label-efficiency curves, fine-tuned vs scratch -> metrics/label_efficiency.json, plots/label_efficiency.png
+	$(BIN)/python -m flows.curves $(PRESET)
 
 smoke: setup  ## the pipeline on presets/smoke.yaml (CI on pull requests; WRITES those settings into params.yaml)
 	$(BIN)/python -m flows.pipeline --preset presets/smoke.yaml
@@ -84,7 +87,7 @@ serve: setup  ## serve the champion model over HTTP on port 8000 (python -m flow
 bench: setup  ## measure serving latency: PyTorch vs ONNX Runtime fp32 vs int8 (after make run)
 	$(BIN)/python bench/serve.py
 
-bench-selection: setup  ## does select's ranking predict the trained accuracy? Kendall tau (TASK=text|image; after make run)
+bench-selection: setup  ## does select's ranking predict the trained accuracy? Kendall tau (TASK=text|image|pretrain; after make run)
 	$(BIN)/python bench/selection.py $(PRESET)
 
 bench-overhead: setup  ## measure what Prefect + DVC add to the stages' own time (smoke preset, scratch copy)

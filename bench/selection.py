@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     paths = params.paths
     if not (paths.prepared / "manifest.json").exists():
         raise SystemExit(f"{paths.prepared} has no prepared data: run `make run` for this task first")
-    if read_json(paths.prepared / "manifest.json").get("dataset") not in (None, params.prepare.dataset):
+    manifest = read_json(paths.prepared / "manifest.json")
+    if manifest.get("dataset") not in (None, params.prepare.dataset) or (
+            params.prepare.classes and manifest["classes"] != params.prepare.classes):
         raise SystemExit(f"{paths.prepared} holds another task's data: run `make run` for this task first")
     with tempfile.TemporaryDirectory(prefix="bench-selection-") as tmp:
         scored = select.run(paths.prepared, Path(tmp) / "select.json", params.model, params.select, paths.weights_lock)
@@ -110,7 +112,10 @@ def main(argv: list[str] | None = None) -> None:
           f"({len(rows)} candidates)")
     print(f"selection of all candidates {scored['seconds']:.1f} s = {result['selection_share_of_one_finetune']:.1%} "
           f"of one fine-tune of {default['candidate']} ({default['train_seconds']:.1f} s)")
-    out = ROOT / "bench" / "results" / f"selection-{params.prepare.dataset}.json"
+    # named by dataset (selection-fashion-mnist.json, selection-wordnet.json), or by the preset for the tasks
+    # that share a dataset with another (selection-pretrain.json)
+    tag = args.preset.stem if args.preset and args.preset.stem not in ("image", "text") else params.prepare.dataset
+    out = ROOT / "bench" / "results" / f"selection-{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"-> {out}")

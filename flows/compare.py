@@ -19,7 +19,7 @@ import numpy as np
 
 from prefect import flow, get_run_logger, task
 
-from flows.pipeline import TASKS, WorkspaceBusy, _repro, apply_overrides, read_preset, workspace_lock
+from flows.pipeline import TASKS, WorkspaceBusy, _repro, apply_presets, workspace_lock
 from stages.files import read_json, write_json
 from stages.params import Params
 
@@ -74,7 +74,11 @@ def summarise(params: Params) -> dict[str, Any]:
     skipped = {n: results.pop(n)["not_applicable"] for n in list(results) if "not_applicable" in results[n]}
     keys = ("accuracy", "accuracy_ci95", "train_seconds", "trainable_params", "total_params", "val_accuracy",
             "settings")
-    summary: dict[str, Any] = {"strategies": {n: {k: r[k] for k in keys} for n, r in results.items()}}
+    summary: dict[str, Any] = {"strategies": {n: {k: r[k] for k in keys if k in r} for n, r in results.items()}}
+    for n, r in results.items():  # a headstart-pre-trained backbone: how much of its source task each keeps
+        if "forgetting" in r:
+            summary["strategies"][n]["forgetting"] = r["forgetting"]["forgetting"]
+            summary["strategies"][n]["forgetting_ci95"] = r["forgetting"]["forgetting_ci95"]
     best = max(results, key=lambda n: results[n]["val_accuracy"])
     summary["best_on_validation"] = best
     if skipped:
@@ -127,11 +131,13 @@ def _plot(out: Path, strategies: dict[str, dict], model_name: str) -> None:
 
 def _print_table(summary: dict[str, Any]) -> None:
     rows = summary["strategies"]
-    print(f"{'strategy':<18}{'test acc':>9}  {'95% CI':<18}{'seconds':>8}{'trainable':>12}")
+    print(f"{'strategy':<18}{'test acc':>9}  {'95% CI':<18}{'seconds':>8}{'trainable':>12}"
+          + ("  forgetting [95% CI]" if any("forgetting" in r for r in rows.values()) else ""))
     for n, r in sorted(rows.items(), key=lambda kv: -kv[1]["accuracy"]):
         lo, hi = r["accuracy_ci95"]
         print(f"{n:<18}{r['accuracy']:>9.4f}  [{lo:.4f}, {hi:.4f}]  {r['train_seconds']:>7.0f}"
-              f"{r['trainable_params']:>12,}")
+              f"{r['trainable_params']:>12,}" + (f"  {r['forgetting']:+.4f} [{r['forgetting_ci95'][0]:+.4f}, "
+                                                  f"{r['forgetting_ci95'][1]:+.4f}]" if "forgetting" in r else ""))
     if "best_vs_full" in summary:
         b = summary["best_vs_full"]
         print(f"best on validation: {b['best']} ({b['accuracy_difference']:+.4f} test accuracy vs full; 95% CIs "
@@ -145,9 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", type=Path, action="append", default=[], metavar="FILE",
                         help="apply a partial params file first (e.g. presets/text.yaml), as flows.pipeline does")
     args = parser.parse_args(argv)
-    if args.preset:
-        with workspace_lock():
-            apply_overrides(Path(args.params), {k: v for f in args.preset for k, v in read_preset(f).items()})
+    apply_presets(Path(args.params), args.preset)
     params = Params.load(Path(args.params))  # fail on a bad params file before anything starts
     unknown = [n for n in args.only or [] if n not in params.compare.strategies]
     if unknown:

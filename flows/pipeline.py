@@ -28,6 +28,9 @@ from prefect import flow, get_run_logger, task
 from stages.params import Params
 
 STAGES = ("prepare", "select", "finetune", "baseline", "evaluate", "export", "register")
+# Pre-training headstart does itself (pretrain/dvc.yaml), run after prepare and only for a task that
+# uses its output: the paths.<key> it writes -> its stage.
+PRETRAIN_STAGES = {"pretrained": "pretrain/dvc.yaml:pretrain", "dapt": "pretrain/dvc.yaml:dapt"}
 # Training is deterministic: retrying a failure repeats it. Talking to a tracking store is not, so the
 # stages that do are retried, and only for failures that look transient.
 RETRIES = {"register": 2}
@@ -96,13 +99,22 @@ def dvc(*args: str, capture: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=capture, text=True, env=_env())
 
 
-def stale_stages() -> list[str]:
-    """Stages whose code, params or inputs changed since dvc.lock was written (their downstream too)."""
-    res = dvc("status", "--json")
+def pretrain_stages(params: Params) -> list[str]:
+    """The pretrain/dvc.yaml stages whose output model.name or a select candidate names."""
+    named = {Path(n.removeprefix("random:").partition(":")[2]).resolve()
+             for n in (params.model.name, *params.select.candidates) if ":" in n}
+    return [stage for key, stage in PRETRAIN_STAGES.items() if Path(getattr(params.paths, key)).resolve() in named]
+
+
+def stale_stages(params: Params | None = None) -> list[str]:
+    """Stages whose code, params or inputs changed since dvc.lock was written (their downstream too),
+    with the pre-training stages the task uses."""
+    own = pretrain_stages(params) if params is not None else []
+    res = dvc("status", "--json", "dvc.yaml", *(["pretrain/dvc.yaml"] if own else []))
     if res.returncode != 0:
         raise RuntimeError(f"dvc status failed:\n{res.stderr or res.stdout}")
     changed = set(json.loads(res.stdout or "{}"))
-    return [s for s in STAGES if s in changed]
+    return [s for s in (*own, *STAGES) if s in changed]
 
 
 def _repro(name: str) -> str:
@@ -140,6 +152,7 @@ TASKS = {
                retry_condition_fn=_retry_if_transient)
     for name in STAGES
 }
+pretrain_task = task(_repro, name="pretrain")  # with_options(name=...) per pretrain/dvc.yaml stage
 
 
 @flow(name="headstart-pipeline", log_prints=True)
@@ -151,12 +164,17 @@ def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None 
         if overrides:
             apply_overrides(Path(params_file), overrides)
             log.info("params.yaml updated: %s", overrides)
-        stale = stale_stages()
+        params = Params.load(Path(params_file))
+        stale = stale_stages(params)
         if not stale:
             log.info("dvc status: data, code and params unchanged; nothing to retrain")
             return {name: "up to date, skipped" for name in STAGES}
         log.info("out of date: %s", ", ".join(stale))
-        return {name: TASKS[name](name) for name in STAGES}
+        done = {"prepare": TASKS["prepare"]("prepare")}
+        for stage in pretrain_stages(params):  # the model the task fine-tunes from, locked in the weights lock
+            short = stage.rsplit(":", 1)[1]
+            done[short] = pretrain_task.with_options(name=short)(stage)
+        return {**done, **{name: TASKS[name](name) for name in STAGES[1:]}}
 
 
 def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
@@ -185,6 +203,13 @@ def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
         rt.dump(doc, f)
 
 
+def apply_presets(params_file: Path, presets: list[Path]) -> None:
+    """Apply partial params files to params_file in order (a later one wins), holding the workspace lock."""
+    if presets:
+        with workspace_lock():
+            apply_overrides(Path(params_file), {k: v for f in presets for k, v in read_preset(f).items()})
+
+
 def summary(params: Params) -> str:
     """The few lines a person wants after a run: accuracies with CIs, gain, verdict, registry, parity."""
     paths = params.paths
@@ -198,6 +223,7 @@ def summary(params: Params) -> str:
     lo, hi = ev["transfer_gain_ci95"]
     out.append(f"transfer gain (fine-tuned - scratch): {ev['transfer_gain']:+.4f} [{lo:+.4f}, {hi:+.4f}], "
                f"McNemar p = {ev['mcnemar_p']:.2g}, verdict: {ev['verdict']}")
+    out += _transfer_notes(params, ev)
     if paths.registered.exists():
         r = json.loads(paths.registered.read_text())
         out.append(f"registered: {r['model_name']} version {r['version']}, aliases: {', '.join(r['aliases']) or 'none'}"
@@ -212,6 +238,35 @@ def summary(params: Params) -> str:
                    f"{e['int8_size_bytes'] / 1e6:.1f} MB vs {e['size_bytes'] / 1e6:.1f} MB")
     out.append("Browse runs and the registry: make ui  (then open http://127.0.0.1:5000)")
     return "\n".join(out)
+
+
+def _transfer_notes(params: Params, ev: dict) -> list[str]:
+    """Domain shift (measured by select before training), forgetting and drift, when the run has them;
+    a warning when the shift is large and transfer did not clearly help (likely negative transfer)."""
+    from stages.shift import LARGE_PAD
+
+    out = []
+    paths = params.paths
+    if paths.select_metrics.exists() and paths.chosen_model.exists():
+        used = json.loads(paths.chosen_model.read_text())["model"]
+        shift = json.loads(paths.select_metrics.read_text())["candidates"].get(used, {}).get("domain_shift")
+        if shift:
+            out.append(f"domain shift, source -> target (before training): proxy A-distance "
+                       f"{shift['proxy_a_distance']:.2f}, MMD^2 {shift['mmd2']:.4f} (p = {shift['mmd_p_value']:.3g})")
+            if shift["proxy_a_distance"] > LARGE_PAD and ev["verdict"] != "positive":
+                out.append(f"WARNING: the target data is far from {used}'s source (proxy A-distance "
+                           f"{shift['proxy_a_distance']:.2f} > {LARGE_PAD}) and the verdict is {ev['verdict']}: "
+                           "likely negative transfer. Try another pre-trained model (select.candidates), a "
+                           "gentler strategy (lp_ft, l2sp), or more labels")
+    if "forgetting" in ev:
+        f = ev["forgetting"]
+        lo, hi = f["forgetting_ci95"]
+        out.append(f"source task: accuracy {f['source_accuracy_before']:.4f} before fine-tuning, "
+                   f"{f['source_accuracy_after']:.4f} after (forgetting {f['forgetting']:+.4f} [{lo:+.4f}, {hi:+.4f}])")
+    if "representation_drift" in ev:
+        cka = ev["representation_drift"]["linear_cka"]
+        out.append("representation drift, CKA per layer group from the input: " + " ".join(f"{v:.2f}" for v in cka.values()))
+    return out
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -255,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
         with workspace_lock():
             if overrides:
                 apply_overrides(Path(args.params), overrides)
-            if stale_stages():
+            if stale_stages(Params.load(Path(args.params))):
                 pipeline(params_file=args.params)
             else:
                 print("dvc status: data, code and params unchanged since the last run; nothing to retrain.")

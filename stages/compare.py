@@ -1,6 +1,7 @@
 """Fine-tuning strategies side by side: each entry of compare.strategies fine-tunes the same pre-trained
 model on the same prepared data with its finetune settings changed (stages/strategy.py), and is scored
-on the test split (accuracy with a 95% bootstrap interval, training seconds, trainable parameters).
+on the test split (accuracy with a 95% bootstrap interval, training seconds, trainable parameters, and
+forgetting of the source task when the model is a headstart pre-trained checkpoint).
 
   python -m stages.compare <name>   one entry -> paths.strategies/<name>.json (a DVC stage per entry,
                                     compare@<name> in compare/dvc.yaml, so each is cached on its own)
@@ -17,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from stages import finetune, zoo
+from stages import evaluate, finetune, zoo
 from stages.data import load_split
 from stages.files import write_json
 from stages.params import Params
@@ -48,6 +49,9 @@ def run(params: Params, name: str) -> dict[str, Any]:
         history = (Path(tmp) / "history.csv").read_text()
     train = meta["train"]
     n_boot, seed = params.evaluate.n_bootstrap, params.evaluate.seed
+    lost = None  # a backbone headstart pre-trained itself has a source task: how much of it each strategy keeps
+    if zoo.family_of(model_p.name) == "local":
+        lost = evaluate.forgetting(model, zoo.find_weights(model_p.name, model_p.weights).path, n_boot, seed)
     result = {
         "strategy": name,
         "settings": params.compare.strategies[name],
@@ -59,13 +63,15 @@ def run(params: Params, name: str) -> dict[str, Any]:
         "best_epoch": train["best_epoch"],
         "val_accuracy": train["best_val_accuracy"],
         **{k: train[k] for k in ("probe_C", "wise_alpha") if k in train},
+        **({"forgetting": lost} if lost else {}),
         "n_test": int(len(correct)),
         "history_csv": history,
     }
     write_json(paths.strategies / f"{name}.json", result)
     lo, hi = result["accuracy_ci95"]
     print(f"{name}: test accuracy {result['accuracy']:.4f} [{lo:.4f}, {hi:.4f}], {result['train_seconds']:.0f} s, "
-          f"{result['trainable_params']:,} trainable parameters")
+          f"{result['trainable_params']:,} trainable parameters"
+          + (f", forgetting of the source task {lost['forgetting']:+.4f}" if lost else ""))
     return result
 
 

@@ -16,6 +16,7 @@ prepare.max_quarantined of the examples are in it."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import shutil
@@ -52,6 +53,29 @@ def read(dataset: str, source: Path, p) -> Source:
     readers = {"fashion-mnist": fashion_mnist, "wordnet": wordnet, "image-folder": image_folder,
                "text-table": text_table}  # fmt: skip
     return readers[dataset](Path(source), p)
+
+
+def keep_classes(src: Source, keep: list[str] | None) -> Source:
+    """`src` with only the classes in `keep` (in that order, labels renumbered 0..k-1); None keeps all.
+    This is how one source serves two tasks: e.g. Fashion-MNIST's first five classes to pre-train on
+    (pretrain.classes) and the other five as the target (prepare.classes)."""
+    if keep is None:
+        return src
+    unknown = [c for c in keep if c not in src.classes]
+    if unknown or len(set(keep)) != len(keep) or len(keep) < 2:
+        raise ValueError(f"classes {keep}: need at least two distinct class names of the source"
+                         + (f"; not among them: {unknown} (the source has {src.classes})" if unknown else ""))
+    old = np.array([src.classes.index(c) for c in keep])
+    relabel = np.full(len(src.classes), -1)
+    relabel[old] = np.arange(len(keep))
+
+    def subset(split: Split | None) -> Split | None:
+        if split is None:
+            return None
+        rows = np.flatnonzero(np.isin(split.y, old))
+        return Split(split.x[rows], relabel[split.y[rows]].astype(np.int64))
+
+    return dataclasses.replace(src, classes=list(keep), pool=subset(src.pool), test=subset(src.test))
 
 
 # ---------------------------------------------------------------------------------------- Fashion-MNIST

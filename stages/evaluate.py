@@ -1,7 +1,8 @@
 """Score every model on the full test set and decide whether transfer helped.
 For each model: accuracy and macro-F1 with 95% bootstrap intervals, per-class accuracy and a confusion
 matrix. Fine-tuned vs scratch: the paired-bootstrap interval of the accuracy gain, McNemar's exact test,
-and a verdict (positive / negative / inconclusive) read off the interval. Representation drift: linear
+and a verdict (positive / negative / inconclusive) read off the interval. Forgetting, when the pre-trained model is a headstart checkpoint with a source task
+(stages/pretrain.py): source-task accuracy before and after fine-tuning. Representation drift: linear
 CKA between the pre-trained and the fine-tuned network's features on test examples, per layer group
 (1: the group computes what it did before fine-tuning, up to rotation and scale; lower: it changed).
 Reads paths.prepared, paths.finetuned, paths.baselines, paths.chosen_model and the pre-trained weights
@@ -60,6 +61,11 @@ def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path
     })  # fmt: skip
     if model_p is not None and p.drift_examples:
         report["representation_drift"] = drift(finetuned, model_p, weights_lock, test.x, k, p.drift_examples, p.seed)
+    if model_p is not None and zoo.family_of(model_p.name) == "local":
+        tuned, _ = zoo.load_checkpoint(finetuned)
+        lost = forgetting(tuned, zoo.find_weights(model_p.name, model_p.weights).path, p.n_bootstrap, p.seed)
+        if lost is not None:
+            report["forgetting"] = lost
     if zoo.modality(pres["finetuned"]) == "text":
         from stages.text import truncated_count
 
@@ -68,6 +74,36 @@ def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path
     _confusion_plots(plots, y, preds, classes)
     _print_table(report)
     return report
+
+
+def forgetting(tuned: torch.nn.Module, checkpoint: Path, n_bootstrap: int, seed: int) -> dict | None:
+    """Source-task accuracy of a pre-trained checkpoint (its own head, its held-out source examples) before
+    fine-tuning, and after: the fine-tuned backbone under the same source head. `forgetting` is before -
+    after, with a paired-bootstrap 95% interval. None when the checkpoint has no source task with data
+    (e.g. ImageNet weights; stages/pretrain.py keeps one with the checkpoints it makes)."""
+    held = zoo.source_test(checkpoint)
+    if held is None:
+        return None
+    source, meta = zoo.load_checkpoint(checkpoint)
+    head = set(zoo.head_parameters(source))
+    pre = meta["preprocessing"]
+    before = predict(source, held.x, pre, desc="source task, before").argmax(1) == held.y
+    body = {k: v for k, v in tuned.state_dict().items() if k not in head}
+    missing = [k for k in source.state_dict() if k not in body and k not in head]
+    if missing:
+        raise ValueError(f"the fine-tuned model does not have the pre-trained backbone's layout ({missing[:3]}...): "
+                         f"cannot measure forgetting on {checkpoint}'s source task")
+    source.load_state_dict(body, strict=False)  # the fine-tuned backbone, the source head kept
+    after = predict(source, held.x, pre, desc="source task, after").argmax(1) == held.y
+    diff = before.astype(float) - after.astype(float)
+    return {
+        "source_classes": meta["classes"],
+        "source_accuracy_before": float(before.mean()),
+        "source_accuracy_after": float(after.mean()),
+        "forgetting": float(diff.mean()),
+        "forgetting_ci95": _round(bootstrap_ci(lambda i: diff[i].mean(), len(diff), n_bootstrap, seed)),
+        "n_source_test": int(len(held.y)),
+    }
 
 
 def drift(finetuned: Path, model_p: ModelParams, weights_lock: Path, x: np.ndarray, n_classes: int,
@@ -162,6 +198,11 @@ def _print_table(r: dict) -> None:
     if "representation_drift" in r:
         cka = r["representation_drift"]["linear_cka"]
         print("CKA pre-trained vs fine-tuned, input side first: " + ", ".join(f"{v:.2f}" for v in cka.values()))
+    if "forgetting" in r:
+        f = r["forgetting"]
+        lo, hi = f["forgetting_ci95"]
+        print(f"source task ({len(f['source_classes'])} classes): accuracy {f['source_accuracy_before']:.4f} before "
+              f"fine-tuning, {f['source_accuracy_after']:.4f} after: forgetting {f['forgetting']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -52,6 +52,13 @@ class Paths:
     strategies_plot: Path
     select_metrics: Path
     chosen_model: Path
+    curves: Path = Path("metrics/curves")
+    label_efficiency: Path = Path("metrics/label_efficiency.json")
+    label_efficiency_plot: Path = Path("plots/label_efficiency.png")
+    pretrained: Path = Path("models/pretrained")
+    pretrain_metrics: Path = Path("metrics/pretrain.json")
+    dapt: Path = Path("models/dapt")
+    dapt_metrics: Path = Path("metrics/dapt.json")
 
 
 # finetune.strategy: what stages/strategy.py implements (described there and in params.yaml)
@@ -76,6 +83,7 @@ class PrepareParams:
     max_quarantined: float = _f(0.01, ge=0, le=1)
     leakage: str = _f("remove", choices=("remove", "fail"))
     near_duplicate_bits: int = _f(0, ge=0, le=64)
+    classes: list[str] | None = None  # keep only these classes of the source (None: all)
 
 
 @dataclass(frozen=True)
@@ -166,6 +174,46 @@ class CompareParams:
 
 
 @dataclass(frozen=True)
+class CurvesParams:
+    budgets: list[int] = _f([10, 30, 100, 300, 1000], ge=1)  # labelled training examples per class
+    seeds: list[int] = _f([0, 1, 2])
+    val_per_class: int = _f(20, ge=1)
+    test_per_class: int | None = _f(200, ge=1)  # None: the source's whole test split
+    image_size: int = _f(48, ge=32, le=512)
+    steps: int = _f(300, ge=1)  # optimizer steps per point: epochs = steps * batch / examples, at least 1
+    multiplier_at: int = _f(100, ge=1)  # the budget the label multiplier is reported for
+
+
+@dataclass(frozen=True)
+class PretrainParams:
+    architecture: str = "timm:efficientnet_lite0"
+    classes: list[str] | None = None  # the source task: these classes of paths.source (None: all)
+    per_class: int = _f(1000, ge=1)
+    val_per_class: int = _f(100, ge=1)
+    test_per_class: int = _f(200, ge=1)  # kept with the checkpoint: forgetting and domain shift use them
+    image_size: int = _f(80, ge=32, le=512)
+    epochs: int = _f(5, ge=1)
+    batch_size: int = _f(64, ge=1)
+    lr: float = _f(3e-3, gt=0)
+    weight_decay: float = _f(0.01, ge=0)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DaptParams:
+    base: str = "hf:sentence-transformers/all-MiniLM-L6-v2"  # the text encoder whose pre-training continues
+    head_steps: int = _f(100, ge=0)  # the new MLM head alone first (the encoder frozen), at head_lr
+    head_lr: float = _f(1e-3, gt=0)
+    steps: int = _f(400, ge=1)  # then everything, at lr
+    batch_size: int = _f(32, ge=1)
+    lr: float = _f(5e-5, gt=0)
+    max_length: int = _f(64, ge=8)
+    mask_probability: float = _f(0.15, gt=0, lt=1)
+    eval_texts: int = _f(500, ge=1)  # held out of training: the masked-token loss before and after
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class ScheduleParams:
     cron: str = "0 2 * * *"
     timezone: str = "UTC"
@@ -185,6 +233,9 @@ class Params:
     export: ExportParams
     select: SelectParams = field(default_factory=SelectParams)
     compare: CompareParams = field(default_factory=CompareParams)
+    curves: CurvesParams = field(default_factory=CurvesParams)
+    pretrain: PretrainParams = field(default_factory=PretrainParams)
+    dapt: DaptParams = field(default_factory=DaptParams)
     schedule: ScheduleParams = field(default_factory=ScheduleParams)
 
     @classmethod

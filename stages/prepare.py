@@ -21,7 +21,7 @@ from stages.params import PrepareParams, cli
 
 
 def run(source: Path, out: Path, p: PrepareParams, quarantine: Path | None = None) -> dict:
-    src = datasets.read(p.dataset, Path(source), p)
+    src = datasets.keep_classes(datasets.read(p.dataset, Path(source), p), p.classes)
     classes = src.classes
     record = _check_quarantine(src, p, quarantine)
     if len(src.pool.y) == 0:

@@ -2,7 +2,8 @@
 One parent run per pipeline run, a nested run per model (params, per-epoch metrics, test metrics,
 confusion matrix); the fine-tuned model is registered under register.model_name with lineage tags, its
 ONNX files and a model card. The promotion gate (minimum accuracy, gain over scratch judged by its CI,
-ONNX parity, no regression against the current `champion`) is recorded check by check as tags
+ONNX parity, no regression against the current `champion`, and the continual-retraining guard: no
+forgetting of the previous data version's test set, found through DVC) is recorded check by check as tags
 gate.<check>.value / gate.<check>.passed and gate.passed; `challenger` is set only when every check passes.
 Reads paths.prepared, paths.finetuned, paths.baselines, the training histories, paths.evaluate_*,
 paths.onnx, paths.onnx_int8 and paths.export_metrics; writes the receipt paths.registered. Tracking store: $MLFLOW_TRACKING_URI, else SQLite at paths.mlflow_db.
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
+import shutil
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
@@ -29,6 +32,7 @@ from stages import zoo
 from stages.data import load_split
 from stages.files import read_json, sha256_file, write_json
 from stages.params import RegisterParams, cli
+from stages.stats import bootstrap_ci
 from stages.train import predict
 
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -136,7 +140,7 @@ def run(
         _attach_onnx(client, earlier.run_id, p.model_name, version, onnx_files, export)
 
     champion_acc = _champion_accuracy(client, p.model_name, report, prepared)
-    checks = gate(report, export, champion_acc, p)
+    checks = [*gate(report, export, champion_acc, p), previous_data_check(client, p.model_name, version, finetuned)]
     ok = all(c.passed for c in checks)
     for c in checks:
         client.set_model_version_tag(p.model_name, version, f"gate.{c.name}.value", c.value)
@@ -161,6 +165,62 @@ def run(
 
 
 RUN_KEY = "headstart.run_key"
+PREVIOUS_DATA_RULE = "accuracy on the previous data version's test set >= the lower end of that version's 95% CI there"
+
+
+def previous_data_check(client: MlflowClient, name: str, version: int, finetuned: Path,
+                        n_bootstrap: int = 2000, seed: int = 0) -> Check:
+    """The continual-retraining guard: when this version was trained on a newer data version than the
+    versions before it, score it on the test set of the latest earlier data version (read from the DVC
+    cache by the prepared data's hash, tag data_dvc_md5) next to the version registered from that data.
+    It fails when the new model's accuracy there falls below that version's 95% CI: it forgot old data."""
+    this = client.get_model_version(name, str(version))
+    md5 = this.tags.get("data_dvc_md5", "unknown")
+    earlier = [v for v in client.search_model_versions(f"name='{name}'")
+               if int(v.version) < version and v.tags.get("data_dvc_md5", "unknown") not in ("unknown", md5)]
+    if md5 == "unknown" or not earlier:
+        return Check("previous_data", "no earlier data version", PREVIOUS_DATA_RULE, True)
+    old = max(earlier, key=lambda v: int(v.version))
+    test = dvc_cached_split(old.tags["data_dvc_md5"], "test")
+    if test is None:
+        print(f"WARNING: the test set of version {old.version}'s data ({old.tags['data_dvc_md5']}) is not in the DVC "
+              "cache (dvc pull brings it back); the continual-retraining guard could not run")
+        return Check("previous_data", f"v{old.version}'s test set not in the DVC cache", PREVIOUS_DATA_RULE, True)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=old.run_id, artifact_path="checkpoint", dst_path=tmp)
+        old_model, old_meta = zoo.load_checkpoint(Path(path))
+        old_correct = predict(old_model, test.x, old_meta["preprocessing"]).argmax(1) == test.y
+    new_model, new_meta = zoo.load_checkpoint(finetuned)
+    new_acc = float((predict(new_model, test.x, new_meta["preprocessing"]).argmax(1) == test.y).mean())
+    low, _ = bootstrap_ci(lambda i: old_correct[i].mean(), len(test.y), n_bootstrap, seed)
+    print(f"continual-retraining guard: on version {old.version}'s test set ({len(test.y)} examples) this model "
+          f"scores {new_acc:.4f}, version {old.version} {old_correct.mean():.4f} (95% CI from {low:.4f})")
+    return Check("previous_data", f"{new_acc - float(old_correct.mean()):+.4f} vs v{old.version}", PREVIOUS_DATA_RULE,
+                 new_acc >= low)
+
+
+def dvc_cached_split(dir_md5: str, split: str, repo: Path = Path(".")) -> Any:
+    """Split `split` of the prepared data whose DVC hash is `dir_md5` ("<md5>.dir"), read from the DVC cache
+    (any data version DVC has seen here, current or not); None when the cache no longer holds it."""
+    from dvc.repo import Repo
+
+    from stages.data import Split
+
+    cache = Repo(str(repo)).cache.local
+    listing = Path(cache.oid_to_path(dir_md5))
+    if not listing.exists():
+        return None
+    entries = {e["relpath"]: e["md5"] for e in json.loads(listing.read_text())}
+    for suffix in (".safetensors", ".jsonl"):
+        if f"{split}{suffix}" in entries:
+            blob = Path(cache.oid_to_path(entries[f"{split}{suffix}"]))
+            if not blob.exists():
+                return None
+            with tempfile.TemporaryDirectory() as tmp:  # the cache holds it under its hash, not its name
+                shutil.copy(blob, Path(tmp) / f"{split}{suffix}")
+                loaded: Split = load_split(Path(tmp), split)
+            return loaded
+    return None
 
 
 def log_comparison(store: Store, experiment: str, summary: Path, results: Path, plot: Path,
@@ -190,6 +250,25 @@ def log_comparison(store: Store, experiment: str, summary: Path, results: Path, 
                                     "train_seconds": r["train_seconds"], "trainable_params": r["trainable_params"],
                                     "val_accuracy": r["val_accuracy"]})
     return parent.info.run_id
+
+
+def log_curves(store: Store, experiment: str, summary: Path, plot: Path, params_digest: str) -> str:
+    """Record a `make curves` as one run ("curves"): each budget's mean accuracies as metrics (step = the
+    budget), the label multiplier, the JSON and the plot. Returns the run id."""
+    experiment_id = connect(store, experiment)
+    r = read_json(summary)
+    lm = r["label_multiplier"]
+    with mlflow.start_run(experiment_id=experiment_id, run_name="curves") as run:
+        mlflow.set_tags({"headstart.role": "curves", "headstart.params_sha256": params_digest, "model": r["model"]})
+        mlflow.log_params({"budgets": r["budgets"], "seeds": r["seeds"], **r["settings"]})
+        for b in r["budgets"]:
+            mlflow.log_metrics({f"{m}_accuracy": r["curves"][m][str(b)]["mean"] for m in r["curves"]}, step=b)
+        mlflow.log_metrics({k: v for k, v in (("label_multiplier", lm["multiplier"]),
+                                              ("label_multiplier_more_than", lm["more_than"])) if v is not None})
+        mlflow.log_artifact(str(summary))
+        if Path(plot).exists():
+            mlflow.log_artifact(str(plot))
+    return run.info.run_id
 
 
 def run_key(finetuned: Path, evaluation: Path, exported: Path, lineage: dict[str, str]) -> str:

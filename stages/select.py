@@ -9,6 +9,9 @@ Two scores per candidate, both on frozen features (what the head of the network 
   knn_accuracy  k-nearest-neighbour accuracy (cosine) on a held-out fifth of the training split (stratified,
                 fixed seed), the other four fifths as neighbours: what the features give with no fitting.
 Only the training split is read, so the scores cost one forward pass over it per candidate.
+A candidate headstart pre-trained itself (stages/pretrain.py) also gets `domain_shift`: proxy A-distance
+and an MMD permutation test between its held-out source examples and the target's training examples, in
+its frozen feature space (stages/shift.py): a large shift warns of negative transfer before training.
 Candidates: model names as in model.name (timm:..., hf:..., local:...), `random:<name>` for the same
 network with random weights (what "no transfer" scores), and `tfidf` for TF-IDF features of the text
 (the tokenizer of the first text candidate). The choice is the pre-trained candidate with the highest
@@ -119,6 +122,29 @@ def candidate_features(name: str, model_p: ModelParams, n_classes: int, train: S
     return predict(loaded.model, train.x, loaded.pre, fn=zoo.features, desc=f"{name} features")
 
 
+def domain_shift(name: str, model_p: ModelParams, n_classes: int, target: Split, weights_lock: Path,
+                 seed: int = 0) -> dict[str, Any] | None:
+    """How far the target's training examples are from the candidate's own source examples, in the
+    candidate's frozen feature space: proxy A-distance and an MMD permutation test (stages/shift.py).
+    None unless the candidate is a pre-trained headstart checkpoint that carries its source examples."""
+    from stages import zoo
+    from stages.shift import mmd_permutation_test, proxy_a_distance
+    from stages.train import predict
+
+    if name.startswith(RANDOM) or name == TFIDF or zoo.family_of(name) != "local":
+        return None
+    folder = zoo.find_weights(name, model_p.weights).path
+    held = zoo.source_test(folder)
+    if held is None:
+        return None
+    loaded = zoo.load(dataclasses.replace(model_p, name=name), n_classes, weights_lock)
+    f_source, f_target = (predict(loaded.model, s.x, loaded.pre, fn=zoo.features, desc=f"{name} {what} features")
+                          for s, what in ((held, "source"), (target, "target")))
+    mmd, p = mmd_permutation_test(f_source, f_target, seed=seed)
+    return {"proxy_a_distance": round(proxy_a_distance(f_source, f_target, seed=seed), 4), "mmd2": round(mmd, 6),
+            "mmd_p_value": round(p, 4), "n_source": int(len(held.y)), "n_target": int(len(target.y))}
+
+
 def _tfidf_features(train: Split, model_p: ModelParams, text_files: Path | None) -> np.ndarray:
     from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -173,6 +199,11 @@ def run(prepared: Path, out: Path, model_p: ModelParams, p: SelectParams, weight
         }
         print(f"{name}: LogME {scores[name]['logme']:.4f}, {p.knn_k}-NN held-out accuracy "
               f"{scores[name]['knn_accuracy']:.4f} ({scores[name]['seconds']:.1f} s)")
+        shift = domain_shift(name, model_p, len(classes), train, weights_lock, p.seed)
+        if shift is not None:  # before any training: is the source like the target at all?
+            scores[name]["domain_shift"] = shift
+            print(f"{name}: domain shift source -> target: proxy A-distance {shift['proxy_a_distance']:.2f} (0 same, "
+                  f"2 disjoint), MMD^2 {shift['mmd2']:.4f} (permutation p = {shift['mmd_p_value']:.3g})")
     scored = [n for n in scores if "logme" in scores[n]]
     eligible = [n for n in scored if n != TFIDF and not n.startswith(RANDOM)]  # only these can be fine-tuned
     if not eligible and model_p.name == AUTO:

@@ -14,6 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 
+# A proxy A-distance above this counts as a large shift: a linear domain classifier is right 3 times in 4
+# (PAD = 2(1 - 2 err) = 1.0 at 25% error). Between two halves of one dataset it is near 0, between
+# different tasks' images near 2.
+LARGE_PAD = 1.0
+
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
     """Linear CKA between two representations of the same n examples (rows paired)."""

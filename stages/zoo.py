@@ -466,6 +466,17 @@ def load_checkpoint(path: Path, weights: bool = True) -> tuple[nn.Module, dict[s
     return model.eval(), meta
 
 
+SOURCE_TEST = "source_test"  # held-out source-task examples a checkpoint headstart pre-trained carries
+
+
+def source_test(checkpoint: Path) -> Any:
+    """The held-out source examples a pre-trained checkpoint carries (a Split), or None (e.g. ImageNet
+    weights): evaluate measures forgetting on them, select the domain shift (stages/pretrain.py writes them)."""
+    from stages.data import load_split
+
+    return load_split(checkpoint, SOURCE_TEST) if (Path(checkpoint) / f"{SOURCE_TEST}.safetensors").exists() else None
+
+
 def main(argv: list[str] | None = None) -> None:
     from stages.params import Params
 

@@ -33,7 +33,7 @@ def write_params(tmp_path: Path, source: Path, **sections) -> Path:
     raw["evaluate"]["n_bootstrap"] = 200
     raw["finetune"]["probe_c"] = [1.0]
     for section, values in sections.items():
-        raw[section].update(values)
+        raw.setdefault(section, {}).update(values)  # a section left to its defaults may be absent
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path

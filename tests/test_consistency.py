@@ -141,3 +141,33 @@ def test_entry_points_run_main_last():
         text = path.read_text()
         if '\nif __name__ == "__main__":' in text:
             assert text.rstrip().endswith('if __name__ == "__main__":\n    main()'), path.name
+
+
+def test_the_curves_pipeline_runs_a_point_per_model_budget_and_seed_with_its_code_as_deps():
+    stage = yaml.safe_load((ROOT / "curves" / "dvc.yaml").read_text())["stages"]["curve"]
+    assert stage["cmd"] == "python -m stages.curves point ${item.model} ${item.budget} ${item.seed}"
+    assert stage["matrix"] == {"model": ["finetuned", "scratch"], "budget": "${curves.budgets}",
+                               "seed": "${curves.seeds}"}
+    needed = {f"stages/{m}.py" for m in _imported_stage_modules("curves") - {"params", "files"}}
+    assert needed | {"stages/curves.py"} <= set(stage["deps"])
+    # which points exist is not a setting of any point: extending the ladder must not retrain the rest
+    assert not {"curves", "curves.budgets", "curves.seeds"} & set(stage["params"])
+    params = Params.load(ROOT / "params.yaml")
+    for key in re.findall(r"\$\{paths\.(\w+)\}", (ROOT / "curves" / "dvc.yaml").read_text()):
+        assert hasattr(params.paths, key), key
+
+
+def test_the_pretrain_pipeline_runs_each_module_with_its_code_as_deps():
+    from flows.pipeline import PRETRAIN_STAGES
+
+    stages = yaml.safe_load((ROOT / "pretrain" / "dvc.yaml").read_text())["stages"]
+    assert {f"pretrain/dvc.yaml:{name}" for name in stages} == set(PRETRAIN_STAGES.values())
+    params = Params.load(ROOT / "params.yaml")
+    for name, stage in stages.items():
+        assert stage["cmd"] == f"python -m stages.{name}" and stage["wdir"] == ".."
+        needed = {f"stages/{m}.py" for m in _imported_stage_modules(name) - {"params", "files"}}
+        assert needed | {f"stages/{name}.py"} <= set(stage["deps"]), name
+        # it writes the weights lock, so depending on it would make it stale after every run of its own
+        assert "${paths.weights_lock}" not in stage["deps"], name
+        out = next(iter(stage["outs"]))
+        assert out.startswith("${paths.") and hasattr(params.paths, out[len("${paths."):-1]), name

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from flows.pipeline import apply_overrides, read_preset
+from stages.data import FASHION_MNIST_CLASSES
 from stages.params import Params
 
 from .conftest import ROOT, flow_env, sh
@@ -23,11 +24,15 @@ def test_smoke_preset_flattens_to_valid_overrides(tmp_path):
     assert "# peak of the one-cycle schedule" in params.read_text()  # the file keeps its comments
 
 
-def test_the_image_preset_resets_everything_the_text_preset_sets(tmp_path):
-    """`make run TASK=text` then `make run TASK=image` must land on exactly the committed image settings,
-    or DVC's run cache would not recognise them and the image models would retrain."""
-    text, image = read_preset(ROOT / "presets/text.yaml"), read_preset(ROOT / "presets/image.yaml")
-    assert set(text) == set(image)
+OTHERS = ("text", "text-dapt", "pretrain")
+
+
+@pytest.mark.parametrize("other", OTHERS)
+def test_the_image_preset_resets_everything_the_other_presets_set(tmp_path, other):
+    """`make run TASK=text` (or pretrain) then `make run TASK=image` must land on exactly the committed image
+    settings, or DVC's run cache would not recognise them and the image models would retrain."""
+    text, image = read_preset(ROOT / f"presets/{other}.yaml"), read_preset(ROOT / "presets/image.yaml")
+    assert set(text) == set(image)  # every task preset sets the same keys: switching leaves nothing behind
     params = tmp_path / "params.yaml"
     params.write_text((ROOT / "params.yaml").read_text())
     committed = Params.load(params)
@@ -35,8 +40,11 @@ def test_the_image_preset_resets_everything_the_text_preset_sets(tmp_path):
     assert Params.load(params) == committed  # image.yaml holds the committed values
     apply_overrides(params, text)
     p = Params.load(params)
-    assert (p.prepare.dataset, p.model.name, p.prepare.test_per_class) == (
-        "wordnet", "hf:sentence-transformers/all-MiniLM-L6-v2", 200)
+    if other.startswith("text"):
+        assert (p.prepare.dataset, p.model.name, p.prepare.test_per_class) == (
+            "wordnet", "hf:models/dapt" if other == "text-dapt" else "hf:sentence-transformers/all-MiniLM-L6-v2", 200)
+    else:
+        assert (p.model.name, p.prepare.classes) == ("local:models/pretrained", list(FASHION_MNIST_CLASSES[5:]))
     apply_overrides(params, image)
     assert Params.load(params) == committed
     assert params.read_text() == (ROOT / "params.yaml").read_text()  # byte for byte: comments, 1.0e-3, [a, b]

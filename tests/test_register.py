@@ -174,3 +174,77 @@ def test_promotion_needs_a_passed_gate_or_a_recorded_reason(tmp_path, mlflow_sto
     for alias in (CHALLENGER, CHAMPION):
         assert f"`{alias}`" in readme
     assert f"Models → `{name}`" in readme
+
+
+def _constant_model(folder, predicts: int) -> None:
+    """A pixel-linear checkpoint that predicts class `predicts` for every image."""
+    pre = zoo.preprocessing(zoo.PIXEL_LINEAR, 28)
+    model = zoo.build(zoo.PIXEL_LINEAR, 10, pre)
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.zero_()
+        model[1].bias[predicts] = 5.0
+    meta = {"kind": "finetuned", "architecture": zoo.PIXEL_LINEAR, "init": "random", "pretrained_sha256": None,
+            "classes": [str(i) for i in range(10)], "preprocessing": pre, "train": {"epochs": 1}}
+    zoo.save_checkpoint(folder, model, meta)
+
+
+@pytest.mark.slow
+def test_a_retrained_model_that_forgets_the_previous_data_version_is_refused_challenger(
+        tmp_path, mlflow_store, monkeypatch):
+    """Data version A (its test set: class 0 only) registers a model that gets it right. A retrain on data
+    version B that has forgotten class 0 is refused `challenger`; one that still knows it is not. The old
+    test set comes from the DVC cache, found by the prepared data's hash recorded on the earlier version."""
+    import sys
+
+    import numpy as np
+    import yaml
+
+    from stages.data import Split, save_split
+
+    from .conftest import sh
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    sh(["git", "init", "-q"], tmp_path)
+    dvc = [sys.executable, "-m", "dvc"]
+    sh(dvc + ["init", "-q"], tmp_path)
+    md5 = {}
+    for version, label in (("A", 0), ("B", 1)):
+        folder = tmp_path / f"prepared-{version}"
+        folder.mkdir()
+        save_split(folder, "test", Split(np.zeros((30, 28, 28), np.uint8), np.full(30, label, np.int64)))
+        sh(dvc + ["add", "-q", folder.name], tmp_path)
+        md5[version] = yaml.safe_load((tmp_path / f"{folder.name}.dvc").read_text())["outs"][0]["md5"]
+    name = "continual"
+
+    def register(where: str, data: str, predicts: int) -> dict:
+        history = _workspace(tmp_path / where, "positive", 0.9)
+        _constant_model(tmp_path / where / "finetuned", predicts)
+        return run(tmp_path / where / "prepared", tmp_path / where / "finetuned", tmp_path / where / "baselines",
+                   {"finetuned": history}, tmp_path / where / "evaluate.json", tmp_path / where / "plots",
+                   tmp_path / where / "export.json",
+                   {"fp32": tmp_path / where / "model.onnx", "int8": tmp_path / where / "model_int8.onnx"},
+                   tmp_path / where / "registered.json", mlflow_store,
+                   RegisterParams(model_name=name, experiment="test", min_accuracy=0.7),
+                   {"git_commit": "abc", "params_sha256": where, "data_dvc_md5": md5[data]})
+
+    first = register("a", "A", predicts=0)
+    assert first["aliases"] == ["challenger"]
+    assert {c["name"]: c["value"] for c in first["gate"]}["previous_data"] == "no earlier data version"
+    forgot = register("b-forgot", "B", predicts=1)  # class 0 forgotten: 0.0 on version A's test set
+    check = next(c for c in forgot["gate"] if c["name"] == "previous_data")
+    assert not check["passed"] and check["value"] == f"-1.0000 vs v{first['version']}"
+    assert forgot["aliases"] == [] and forgot["challenger_reason"] == "gate failed: previous_data"
+    kept = register("b-kept", "B", predicts=0)  # still right on A's test set (the other checks use the tags)
+    assert next(c for c in kept["gate"] if c["name"] == "previous_data")["passed"]
+    assert kept["aliases"] == ["challenger"]
+    client = MlflowClient()
+    assert client.get_model_version(name, forgot["version"]).tags["gate.previous_data.passed"] == "false"
+
+    # the old data version gone from the cache (dvc gc): the guard says so instead of guessing
+    import shutil
+
+    shutil.rmtree(tmp_path / ".dvc" / "cache")
+    gone = register("b-gone", "B", predicts=1)
+    assert next(c for c in gone["gate"] if c["name"] == "previous_data")["value"].endswith("not in the DVC cache")

@@ -1,0 +1,284 @@
+"""Label-efficiency curves: how many labels does transfer save? For each label budget (curves.budgets,
+examples per class) and seed (curves.seeds), the pre-trained model is fine-tuned and the same architecture
+is trained from scratch on the same examples, and both are scored on one fixed test set.
+
+  python -m stages.curves point finetuned 100 0   one point -> paths.curves/finetuned-100-0.json (a DVC
+                                                  stage per point in curves/dvc.yaml, cached on its own:
+                                                  adding a budget or a seed trains only the new points)
+  python -m stages.curves summary                 every point -> paths.label_efficiency (JSON) and
+                                                  paths.label_efficiency_plot (PNG)
+`make curves` (python -m flows.curves) does both.
+
+The data come straight from paths.source (prepare.dataset, prepare.classes), not from prepare's fixed
+subset: per class, a seed's permutation gives the validation examples first (the same at every budget)
+and then the training examples, so a seed's smaller budgets are subsets of its larger ones. The test set
+is the source's test split (curves.test_per_class of each class, drawn once for every point) or, for a
+source without one, a stratified draw made before any training examples.
+
+What a point costs is fixed by curves.steps, not by the budget (as BiT-HyperRule does for small data):
+epochs = steps * batch / examples, so 10 examples per class train for many short epochs and 1,000 per
+class for one long one, and a ladder of five budgets x 3 seeds x 2 models stays affordable on 2 CPU
+cores. Images are resized to curves.image_size (smaller than model.image_size: the plot says so). The
+fine-tuned points use `full` fine-tuning with finetune's lr and regularisation; scratch uses
+baseline.scratch_lr. There is no early stopping (a 10-example run would stop in its warm-up); the best
+validation epoch is kept.
+
+The label multiplier: the budget at which scratch reaches the fine-tuned accuracy at
+curves.multiplier_at, divided by that budget (interpolated on a log scale between the budgets tried),
+with a 95% interval from resampling the seeds; "more than" the largest budget / multiplier_at when
+scratch never gets there."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages import datasets, zoo
+from stages.data import Split, stratified_indices
+from stages.files import atomic_path, read_json, write_json
+from stages.params import Params
+
+MODELS = ("finetuned", "scratch")
+TEST_SEED = 12345  # the test draw is one for every point, whatever the seeds
+
+
+def data(params: Params, budget: int, seed: int) -> tuple[Split, Split, Split, list[str]]:
+    """Train (`budget` per class), validation and test splits for one point (see the module docstring)."""
+    c = params.curves
+    src = datasets.keep_classes(datasets.read(params.prepare.dataset, params.paths.source, params.prepare),
+                                params.prepare.classes)
+    pool = src.pool
+    if src.test is not None:
+        test = src.test
+        if c.test_per_class is not None:
+            test = _take(test, stratified_indices(test.y, c.test_per_class, 0, TEST_SEED, 0, src.classes)[0])
+    else:  # no test split of its own: a stratified draw first, and the rest is the pool
+        need = c.test_per_class or 100
+        te = stratified_indices(pool.y, need, 0, TEST_SEED, 0, src.classes)[0]
+        test = _take(pool, te)
+        pool = _take(pool, np.setdiff1d(np.arange(len(pool.y)), te))
+    try:  # validation first, so it is the same at every budget and smaller budgets nest in larger ones
+        va, tr = stratified_indices(pool.y, c.val_per_class, budget, seed, 0, src.classes)
+    except ValueError as e:
+        raise ValueError(f"budget {budget} per class: {e} (here: curves.val_per_class + the budget; lower "
+                         "curves.budgets)") from None
+    return _take(pool, tr), _take(pool, va), test, src.classes
+
+
+def _take(s: Split, rows: np.ndarray) -> Split:
+    return Split(s.x[rows], s.y[rows])
+
+
+def point(params: Params, model: str, budget: int, seed: int) -> dict[str, Any]:
+    """Train one point of the curve and score it on the test set; writes paths.curves/<model>-<budget>-<seed>.json."""
+    from stages.strategy import Plan
+    from stages.train import TrainConfig, fit, predict, seed_everything
+
+    began = time.perf_counter()
+    c, ft = params.curves, params.finetune
+    train, val, test, classes = data(params, budget, seed)
+    model_p = dataclasses.replace(zoo.resolve(params.model, params.paths.chosen_model), image_size=c.image_size)
+    epochs = max(1, round(c.steps * ft.batch_size / len(train.y)))
+    seed_everything(seed)
+    loaded = zoo.load(model_p, len(classes), params.paths.weights_lock, pretrained=model == "finetuned")
+    lr = ft.lr if model == "finetuned" else params.baseline.scratch_lr
+    cfg = TrainConfig.of(ft, epochs=epochs, lr=lr, seed=seed, patience=epochs, compile=False)
+    print(f"{model} {model_p.name}, {budget} per class ({len(train.y)} examples), seed {seed}: "
+          f"{epochs} epochs of {math.ceil(len(train.y) / ft.batch_size)} steps")
+    result = fit(loaded.model, train, val, loaded.pre, cfg, Plan.of(loaded.model), desc=f"{model}-{budget}-{seed}")
+    correct = predict(loaded.model, test.x, loaded.pre, desc="test").argmax(1) == test.y
+    out = {
+        "model": model, "budget": budget, "seed": seed, "name": model_p.name,
+        "accuracy": float(correct.mean()), "val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
+        "epochs": epochs, "n_train": int(len(train.y)), "n_test": int(len(test.y)),
+        "image_size": c.image_size if zoo.modality(loaded.pre) == "image" else None,
+        "seconds": round(time.perf_counter() - began, 2),
+    }
+    write_json(params.paths.curves / f"{model}-{budget}-{seed}.json", out)
+    print(f"{model} at {budget} per class, seed {seed}: test accuracy {out['accuracy']:.4f}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the summary
+
+
+def mean_ci(values: list[float]) -> tuple[float, list[float]]:
+    """Mean and 95% t-interval across seeds (a single seed: the interval is the point)."""
+    from scipy import stats
+
+    v = np.asarray(values, float)
+    if len(v) < 2:
+        return float(v.mean()), [float(v.mean())] * 2
+    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+    return float(v.mean()), [float(v.mean() - half), float(v.mean() + half)]
+
+
+def budget_to_reach(budgets: list[int], accuracy: list[float], target: float) -> float | None:
+    """The smallest budget at which the curve (piecewise linear in log budget) reaches `target`; None when
+    it never does within `budgets`. At or above target at the first budget: that budget (an upper bound)."""
+    for i, a in enumerate(accuracy):
+        if a >= target:
+            if i == 0:
+                return float(budgets[0])
+            a0, lb0, lb1 = accuracy[i - 1], math.log(budgets[i - 1]), math.log(budgets[i])
+            return float(math.exp(lb0 + (target - a0) / (a - a0) * (lb1 - lb0)))
+    return None
+
+
+def interpolate(budgets: list[int], accuracy: list[float], at: float) -> float:
+    """The curve's accuracy at budget `at` (linear in log budget; `at` within the budgets tried)."""
+    return float(np.interp(math.log(at), np.log(budgets), accuracy))
+
+
+def label_multiplier(budgets: list[int], finetuned: np.ndarray, scratch: np.ndarray, at: int,
+                     n_resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """How many times `at` labels per class scratch needs to match fine-tuning at `at`. `finetuned` and
+    `scratch` are (budgets x seeds) accuracies; the interval resamples the seeds of every point."""
+    if not budgets[0] <= at <= budgets[-1]:
+        raise ValueError(f"curves.multiplier_at {at} is outside the budgets tried ({budgets[0]}-{budgets[-1]})")
+
+    def one(f: np.ndarray, s: np.ndarray) -> float:
+        b = budget_to_reach(budgets, list(s.mean(1)), interpolate(budgets, list(f.mean(1)), at))
+        return math.inf if b is None else b / at
+
+    rng = np.random.default_rng(seed)
+    pick = lambda a: np.take_along_axis(a, rng.integers(0, a.shape[1], a.shape), 1)  # noqa: E731
+    draws = np.array([one(pick(finetuned), pick(scratch)) for _ in range(n_resamples)])
+    # an observed draw at each end (no interpolation: a draw may be infinite, scratch never catching up)
+    ordered = np.sort(draws)
+    lo, hi = (float(ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]) for q in (0.025, 0.975))
+    value = one(finetuned, scratch)
+    most = budgets[-1] / at
+    return {
+        "at": at,
+        "finetuned_accuracy": interpolate(budgets, list(finetuned.mean(1)), at),
+        "multiplier": None if math.isinf(value) else round(value, 3),
+        "more_than": None if not math.isinf(value) else round(most, 3),
+        "ci95": [None if math.isinf(lo) else round(lo, 3), None if math.isinf(hi) else round(hi, 3)],
+        "ci95_note": ("null: scratch never caught up within the budgets tried in any resample of the seeds"
+                      if math.isinf(lo) else "null upper end: in some resamples of the seeds scratch never caught up "
+                      "within the budgets tried" if math.isinf(hi) else None),
+    }
+
+
+def summary(params: Params) -> dict[str, Any]:
+    """Gather every point into paths.label_efficiency and draw paths.label_efficiency_plot."""
+    c, paths = params.curves, params.paths
+    budgets, seeds = sorted(c.budgets), list(c.seeds)
+    files = {(m, b, s): paths.curves / f"{m}-{b}-{s}.json" for m in MODELS for b in budgets for s in seeds}
+    missing = [f.name for f in files.values() if not f.exists()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} points have no result yet ({', '.join(missing[:4])}...): run "
+                                "`make curves` (or dvc repro curves/dvc.yaml)")
+    points = {k: read_json(f) for k, f in files.items()}
+    acc = {m: np.array([[points[m, b, s]["accuracy"] for s in seeds] for b in budgets]) for m in MODELS}
+    curves: dict[str, Any] = {}
+    for m in MODELS:
+        curves[m] = {}
+        for i, b in enumerate(budgets):
+            mean, ci = mean_ci(list(acc[m][i]))
+            curves[m][str(b)] = {"mean": round(mean, 6), "ci95": [round(v, 6) for v in ci],
+                                 "per_seed": {str(s): acc[m][i][j] for j, s in enumerate(seeds)},
+                                 "seconds": round(sum(points[m, b, s]["seconds"] for s in seeds), 1)}
+    separated = {str(b): curves["finetuned"][str(b)]["ci95"][0] > curves["scratch"][str(b)]["ci95"][1]
+                 for b in budgets}
+    first = points[MODELS[0], budgets[0], seeds[0]]
+    out = {
+        "model": first["name"],
+        "budgets": budgets,
+        "seeds": seeds,
+        "settings": {"image_size": first["image_size"], "steps": c.steps, "batch_size": params.finetune.batch_size,
+                     "val_per_class": c.val_per_class, "n_test": first["n_test"],
+                     "budget": f"{c.steps} optimizer steps per point for both models, whatever the number of labels"},
+        "curves": curves,
+        "finetuned_ci_above_scratch": separated,
+        "label_multiplier": label_multiplier(budgets, acc["finetuned"], acc["scratch"], c.multiplier_at),
+        "seconds": round(sum(p["seconds"] for p in points.values()), 1),
+    }
+    write_json(paths.label_efficiency, out)
+    _plot(paths.label_efficiency_plot, out)
+    _print(out)
+    return out
+
+
+def describe(m: dict[str, Any]) -> str:
+    """The label multiplier in one sentence."""
+    at = m["at"]
+    if m["multiplier"] is None:
+        return (f"scratch needs more than {m['more_than']:g}x the labels ({at} per class) to match fine-tuning: "
+                "it never caught up within the budgets tried")
+    lo, hi = m["ci95"]
+    return (f"scratch needs {m['multiplier']:.1f}x the labels to match fine-tuning at {at} per class "
+            f"(95% interval {lo:.1f}x to " + (f"{hi:.1f}x)" if hi is not None else "beyond the budgets tried)"))
+
+
+def _plot(out: Path, r: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    b = np.array(r["budgets"])
+    for m, colour in zip(MODELS, ("#4C72B0", "#DD8452"), strict=True):
+        rows = [r["curves"][m][str(x)] for x in b]
+        mean = np.array([p["mean"] for p in rows])
+        ax.plot(b, mean, "o-", color=colour, label="fine-tuned (pre-trained)" if m == "finetuned" else "from scratch")
+        ax.fill_between(b, [p["ci95"][0] for p in rows], [p["ci95"][1] for p in rows], color=colour, alpha=0.2)
+        for x, p in zip(b, rows, strict=True):
+            ax.scatter([x] * len(p["per_seed"]), list(p["per_seed"].values()), color=colour, s=8, alpha=0.6)
+    lm = r["label_multiplier"]
+    ax.axhline(lm["finetuned_accuracy"], color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xticks(b, [str(x) for x in b])
+    ax.set_xlabel("labelled training examples per class (log scale)")
+    ax.set_ylabel("test accuracy (mean over seeds, 95% CI band)")
+    s = r["settings"]
+    size = f"{s['image_size']} px images, " if s["image_size"] else ""
+    ax.set_title(f"Label efficiency: {r['model']}\n{size}{s['steps']} optimizer steps per point for both models, "
+                 f"{len(r['seeds'])} seeds, {s['n_test']} test examples", fontsize=10)
+    ax.text(0.98, 0.03, describe(lm).replace(" (95%", "\n(95%"), transform=ax.transAxes, ha="right", va="bottom",
+            fontsize=8, wrap=True)
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def _print(r: dict[str, Any]) -> None:
+    print(f"{'per class':>10}{'fine-tuned':>12}  {'95% CI':<17}{'scratch':>9}  {'95% CI':<17}")
+    for b in r["budgets"]:
+        f, s = r["curves"]["finetuned"][str(b)], r["curves"]["scratch"][str(b)]
+        print(f"{b:>10}{f['mean']:>12.4f}  [{f['ci95'][0]:.4f}, {f['ci95'][1]:.4f}]{s['mean']:>9.4f}  "
+              f"[{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]" + ("" if r["finetuned_ci_above_scratch"][str(b)]
+                                                             else "  (intervals overlap)"))
+    print(describe(r["label_multiplier"]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    one = sub.add_parser("point", help="train and score one point of the curves")
+    one.add_argument("model", choices=MODELS)
+    one.add_argument("budget", type=int, help="labelled examples per class")
+    one.add_argument("seed", type=int)
+    sub.add_parser("summary", help="gather the points into the JSON and the plot")
+    args = parser.parse_args(argv)
+    params = Params.load(args.params)
+    if args.command == "point":
+        point(params, args.model, args.budget, args.seed)
+    else:
+        summary(params)
+
+
+if __name__ == "__main__":
+    main()
