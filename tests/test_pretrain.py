@@ -98,3 +98,19 @@ def test_the_flow_runs_the_pre_training_stages_a_task_uses_and_only_those(tmp_pa
     if preset:
         apply_overrides(path, read_preset(ROOT / "presets" / f"{preset}.yaml"))
     assert pretrain_stages(Params.load(path)) == stages
+
+
+def test_the_summary_warns_of_negative_transfer_only_when_the_shift_is_large_and_the_verdict_not_positive(
+        tmp_path, tiny_source):
+    from flows.pipeline import _transfer_notes
+    from stages.files import write_json
+
+    params = Params.load(tiny_params(tmp_path, tiny_source))
+    write_json(params.paths.chosen_model, {"model": "local:models/pretrained"})
+    ev = {"verdict": "inconclusive"}
+    for pad, verdict, warned in ((1.6, "inconclusive", True), (1.6, "positive", False), (0.4, "negative", False)):
+        write_json(params.paths.select_metrics, {"candidates": {"local:models/pretrained": {"domain_shift": {
+            "proxy_a_distance": pad, "mmd2": 0.1, "mmd_p_value": 0.002}}}})
+        notes = _transfer_notes(params, {**ev, "verdict": verdict})
+        assert notes[0].startswith(f"domain shift, source -> target (before training): proxy A-distance {pad:.2f}")
+        assert any(n.startswith("WARNING: the target data is far from") for n in notes) == warned, (pad, verdict)
