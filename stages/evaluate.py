@@ -36,6 +36,8 @@ def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path
         model, meta = zoo.load_checkpoint(path)
         pres[name] = meta["preprocessing"]
         preds[name] = predict(model, test.x, pres[name], desc=f"test {name}").argmax(1)
+        if name == "finetuned":
+            tuned = model  # drift and forgetting below look inside it again
 
     report: dict = {}
     for name, pred in preds.items():
@@ -60,9 +62,9 @@ def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path
         "test_sha256": manifest["test_sha256"],
     })  # fmt: skip
     if model_p is not None and p.drift_examples:
-        report["representation_drift"] = drift(finetuned, model_p, weights_lock, test.x, k, p.drift_examples, p.seed)
+        report["representation_drift"] = drift(tuned, pres["finetuned"], model_p, weights_lock, test.x, k,
+                                               p.drift_examples, p.seed)
     if model_p is not None and zoo.family_of(model_p.name) == "local":
-        tuned, _ = zoo.load_checkpoint(finetuned)
         lost = forgetting(tuned, zoo.find_weights(model_p.name, model_p.weights).path, p.n_bootstrap, p.seed)
         if lost is not None:
             report["forgetting"] = lost
@@ -106,19 +108,18 @@ def forgetting(tuned: torch.nn.Module, checkpoint: Path, n_bootstrap: int, seed:
     }
 
 
-def drift(finetuned: Path, model_p: ModelParams, weights_lock: Path, x: np.ndarray, n_classes: int,
-          n: int, seed: int) -> dict:
-    """Linear CKA per layer group between the pre-trained network (model_p) and the fine-tuned one, on `n`
-    test examples drawn with `seed`. A group's features: its last module's output, averaged over image
+def drift(tuned: torch.nn.Module, pre: dict, model_p: ModelParams, weights_lock: Path, x: np.ndarray,
+          n_classes: int, n: int, seed: int) -> dict:
+    """Linear CKA per layer group between the pre-trained network (model_p) and the fine-tuned one (`tuned`,
+    whose preprocessing is `pre`), on `n` test examples drawn with `seed`. A group's features: its last module's output, averaged over image
     positions or over a text's tokens."""
     from stages.shift import linear_cka
 
-    tuned, meta = zoo.load_checkpoint(finetuned)
     base = zoo.load(model_p, n_classes, weights_lock).model.eval()
     groups = zoo.layer_groups(base)
     owners = [g[-1].rsplit(".", 1)[0] for g in groups]  # the module holding a group's last parameter
     rows = np.random.default_rng(seed).permutation(len(x))[: min(n, len(x))]
-    feats = [_group_features(m, owners, x[rows], meta["preprocessing"]) for m in (base, tuned)]
+    feats = [_group_features(m, owners, x[rows], pre) for m in (base, tuned)]
     cka = {owner: round(linear_cka(a, b), 4) for owner, a, b in zip(owners, *feats, strict=True)}
     return {"linear_cka": cka, "n_examples": int(len(rows)), "min_group": min(cka, key=cka.get)}
 

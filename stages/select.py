@@ -122,10 +122,11 @@ def candidate_features(name: str, model_p: ModelParams, n_classes: int, train: S
     return predict(loaded.model, train.x, loaded.pre, fn=zoo.features, desc=f"{name} features")
 
 
-def domain_shift(name: str, model_p: ModelParams, n_classes: int, target: Split, weights_lock: Path,
+def domain_shift(name: str, model_p: ModelParams, n_classes: int, f_target: np.ndarray, weights_lock: Path,
                  seed: int = 0) -> dict[str, Any] | None:
-    """How far the target's training examples are from the candidate's own source examples, in the
-    candidate's frozen feature space: proxy A-distance and an MMD permutation test (stages/shift.py).
+    """How far the target's training examples (`f_target`: their features under this candidate, as scored
+    above) are from the candidate's own source examples, in the candidate's frozen feature space: proxy
+    A-distance and an MMD permutation test (stages/shift.py).
     None unless the candidate is a pre-trained headstart checkpoint that carries its source examples."""
     from stages import zoo
     from stages.shift import mmd_permutation_test, proxy_a_distance
@@ -138,11 +139,10 @@ def domain_shift(name: str, model_p: ModelParams, n_classes: int, target: Split,
     if held is None:
         return None
     loaded = zoo.load(dataclasses.replace(model_p, name=name), n_classes, weights_lock)
-    f_source, f_target = (predict(loaded.model, s.x, loaded.pre, fn=zoo.features, desc=f"{name} {what} features")
-                          for s, what in ((held, "source"), (target, "target")))
+    f_source = predict(loaded.model, held.x, loaded.pre, fn=zoo.features, desc=f"{name} source features")
     mmd, p = mmd_permutation_test(f_source, f_target, seed=seed)
     return {"proxy_a_distance": round(proxy_a_distance(f_source, f_target, seed=seed), 4), "mmd2": round(mmd, 6),
-            "mmd_p_value": round(p, 4), "n_source": int(len(held.y)), "n_target": int(len(target.y))}
+            "mmd_p_value": round(p, 4), "n_source": int(len(held.y)), "n_target": int(len(f_target))}
 
 
 def _tfidf_features(train: Split, model_p: ModelParams, text_files: Path | None) -> np.ndarray:
@@ -199,7 +199,7 @@ def run(prepared: Path, out: Path, model_p: ModelParams, p: SelectParams, weight
         }
         print(f"{name}: LogME {scores[name]['logme']:.4f}, {p.knn_k}-NN held-out accuracy "
               f"{scores[name]['knn_accuracy']:.4f} ({scores[name]['seconds']:.1f} s)")
-        shift = domain_shift(name, model_p, len(classes), train, weights_lock, p.seed)
+        shift = domain_shift(name, model_p, len(classes), f_train, weights_lock, p.seed)
         if shift is not None:  # before any training: is the source like the target at all?
             scores[name]["domain_shift"] = shift
             print(f"{name}: domain shift source -> target: proxy A-distance {shift['proxy_a_distance']:.2f} (0 same, "

@@ -59,7 +59,8 @@ def test_drift_per_layer_group_is_one_where_nothing_changed_and_lower_where_weig
     zoo.save_checkpoint(tmp_path / "ft", model, {"architecture": loaded.architecture, "classes": list("abcdefghij"),
                                                  "preprocessing": loaded.pre})
     x = np.random.default_rng(0).integers(0, 255, (60, 28, 28)).astype(np.uint8)
-    result = drift(tmp_path / "ft", m, ROOT / "weights.lock", x, 10, n=50, seed=0)
+    tuned, meta = zoo.load_checkpoint(tmp_path / "ft")
+    result = drift(tuned, meta["preprocessing"], m, ROOT / "weights.lock", x, 10, n=50, seed=0)
     cka = list(result["linear_cka"].values())
     assert len(cka) == len(groups) and result["n_examples"] == 50
     assert all(v == pytest.approx(1.0, abs=1e-4) for v in cka[:-1])
