@@ -84,7 +84,7 @@ def measure(name: str, side: int, image_size: int, n_train: int, batch: int, epo
     pre = zoo.preprocessing(name, image_size)
     train, val = synthetic(n_train, side, 10, seed), synthetic(10, side, 10, seed + 1)
     cfg = TrainConfig(epochs=epochs, batch_size=batch, lr=1e-3, weight_decay=0.01,
-                      patience=epochs + 1, seed=seed, augment=False, label_smoothing=0.1)
+                      patience=epochs + 1, seed=seed, augment="none", label_smoothing=0.1)
     steps = epochs * math.ceil(n_train / batch)
     rows = []
     for loop in ("plain PyTorch", "headstart fit"):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages import zoo
+from stages import hyperrule, zoo
 from stages.data import load_split
 from stages.files import atomic_path, read_json
 from stages.params import BaselineParams, FinetuneParams, ModelParams, cli
@@ -48,12 +48,16 @@ def _scratch(train, val, classes, out, history, model_p, ft, p, weights_lock, ch
     model, pre = loaded.model, loaded.pre
     # Same budget as finetune (epochs, batch, schedule, early stopping); only the peak lr differs, and every
     # layer trains from the first step (finetune.strategy is about protecting pre-trained weights: none here).
+    ft, auto = hyperrule.resolve(ft, len(train.y), zoo.modality(pre))  # the same rule, so the same budget
+    auto.pop("lr", None)  # scratch trains at baseline.scratch_lr
     cfg = TrainConfig.of(ft, lr=p.scratch_lr, seed=p.seed)
-    print(f"training {model_p.name} from random weights on {len(train.y)} examples")
+    print(f"training {model_p.name} from random weights on {len(train.y)} examples"
+          + (f"; {hyperrule.describe(auto)}" if auto else ""))
     result = fit(model, train, val, pre, cfg, Plan.of(model), desc="scratch", checkpoints=checkpoints)
     write_history(history, result.history)
     zoo.save_checkpoint(out, model, _meta("scratch", loaded.architecture, "random", None, classes, pre, {
-        **cfg.__dict__, "best_epoch": result.best_epoch, "seconds": result.seconds}))
+        **cfg.__dict__, **({"auto": auto} if auto else {}), "best_epoch": result.best_epoch,
+        "seconds": result.seconds}))
     return result.best_val_accuracy
 
 

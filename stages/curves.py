@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from stages import datasets, zoo
+from stages import datasets, hyperrule, zoo
 from stages.data import Split, stratified_indices
 from stages.files import atomic_path, read_json, write_json
 from stages.params import Params
@@ -87,6 +87,7 @@ def point(params: Params, model: str, budget: int, seed: int) -> dict[str, Any]:
     epochs = max(1, round(c.steps * ft.batch_size / len(train.y)))
     seed_everything(seed)
     loaded = zoo.load(model_p, len(classes), params.paths.weights_lock, pretrained=model == "finetuned")
+    ft, _ = hyperrule.resolve(ft, len(train.y), zoo.modality(loaded.pre))  # lr and augmentation (epochs: above)
     lr = ft.lr if model == "finetuned" else params.baseline.scratch_lr
     cfg = TrainConfig.of(ft, epochs=epochs, lr=lr, seed=seed, patience=epochs, compile=False)
     print(f"{model} {model_p.name}, {budget} per class ({len(train.y)} examples), seed {seed}: "

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from stages import strategy, zoo
+from stages import hyperrule, strategy, zoo
 from stages.data import load_split
 from stages.files import read_json
 from stages.params import FinetuneParams, ModelParams, cli
@@ -49,8 +49,11 @@ def _run(prepared, out, history, model_p, p, weights_lock, rank: int, world: int
         if rank == 0 and truncated:
             print(f"{truncated} of {len(train.y)} training texts are longer than model.max_length "
                   f"({pre['max_length']} tokens) and are truncated")
+    p, auto = hyperrule.resolve(p, len(train.y), zoo.modality(pre))
+    if rank == 0 and auto:
+        print(hyperrule.describe(auto))
     cfg = TrainConfig.of(p)
-    done: dict = {"strategy": p.strategy}  # what the strategy's own steps chose, kept in model.json
+    done: dict = {"strategy": p.strategy, **({"auto": auto} if auto else {})}  # what the strategy's own steps chose, kept in model.json
     if p.strategy in ("linear_probe", "lp_ft"):
         done["probe_C"], done["probe_val_accuracy"] = strategy.linear_probe(model, train, val, pre, p.probe_c)
         if rank == 0:

@@ -100,13 +100,16 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class FinetuneParams:
-    epochs: int = _f(10, ge=1)
+    # "auto": chosen from the number of training examples and the model's modality (stages/hyperrule.py)
+    epochs: int | typing.Literal["auto"] = _f("auto", ge=1)
     batch_size: int = _f(32, ge=1)
-    lr: float = _f(1e-3, gt=0)
+    lr: float | typing.Literal["auto"] = _f("auto", gt=0)
     weight_decay: float = _f(0.01, ge=0)
     freeze_epochs: int = _f(0, ge=0)
     patience: int = _f(5, ge=1)
-    augment: bool = True
+    # one of train.AUGMENTS, or auto; true and false from older params files mean flip_shift and none
+    augment: bool | typing.Literal["auto", "none", "flip", "flip_shift", "crop"] = "auto"
+    crop_min_area: float = _f(0.35, gt=0, le=1)
     label_smoothing: float = _f(0.1, ge=0, lt=1)
     grad_clip: float = _f(0.0, ge=0)
     seed: int = 0
@@ -306,10 +309,28 @@ def _value(tp: Any, v: Any, path: str, errors: list[str]) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         return validate(tp, v, f"{path}.", errors)
+    if origin is typing.Literal:
+        if v in args and type(v) in {type(a) for a in args}:
+            return v
+        errors.append(f"{path}: expected {' or '.join(repr(a) for a in args)}, got {v!r}")
+        return v
     if origin in (typing.Union, types.UnionType):
         if v is None and type(None) in args:
             return None
-        return _value(next(a for a in args if a is not type(None)), v, path, errors)
+        # the first alternative that takes the value wins; when none does, say what each expected
+        tried: list[str] = []
+        for alt in (a for a in args if a is not type(None)):
+            own: list[str] = []
+            value = _value(alt, v, path, own)
+            if not own:
+                return value
+            tried.extend(e.removeprefix(f"{path}: ") for e in own)
+        got = f", got {v!r}"
+        if all(t.startswith("expected ") and t.endswith(got) for t in tried):  # "expected int or 'auto', got 'x'"
+            errors.append(f"{path}: expected {' or '.join(t[len('expected '):-len(got)] for t in tried)}{got}")
+        else:
+            errors.append(f"{path}: " + "; or ".join(tried))
+        return v
     if origin is dict:
         if not isinstance(v, dict):
             errors.append(f"{path}: expected a mapping, got {v!r}")

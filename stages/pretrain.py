@@ -51,7 +51,7 @@ def run(source: Path, dataset_p: Any, p: PretrainParams, out: Path, metrics: Pat
     pre = zoo.preprocessing(p.architecture, p.image_size)
     model = zoo.build(p.architecture, len(src.classes), pre)
     cfg = TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
-                      patience=p.epochs, seed=p.seed, augment=True, label_smoothing=0.1)
+                      patience=p.epochs, seed=p.seed, augment="flip_shift", label_smoothing=0.1)
     print(f"pre-training {p.architecture} from random weights on {len(train.y)} source images of "
           f"{len(src.classes)} classes ({', '.join(src.classes)}), {p.image_size} px")
     result = fit(model, train, val, pre, cfg, Plan.of(model), desc="pretrain")

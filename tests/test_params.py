@@ -45,7 +45,7 @@ def test_digest_ignores_layout_but_not_values():
     reordered = dict(reversed(list(raw().items())))
     assert Params.from_dict(reordered).digest() == a.digest()
     changed = raw()
-    changed["finetune"]["epochs"] += 1
+    changed["finetune"]["epochs"] = 11
     assert Params.from_dict(changed).digest() != a.digest()
 
 
@@ -66,10 +66,12 @@ def test_a_near_miss_key_gets_a_suggestion_and_all_problems_are_listed_at_once()
     bad = raw()
     bad["prepare"]["per_clas"] = bad["prepare"].pop("per_class")
     bad["finetune"]["epochs"] = 0
+    bad["finetune"]["lr"] = "fast"
     with pytest.raises(ValueError) as e:
         Params.from_dict(bad)
     assert "prepare.per_clas: unknown key (did you mean per_class?)" in str(e.value)
     assert "finetune.epochs: must be >= 1, got 0" in str(e.value)
+    assert "finetune.lr: expected a number, got the string 'fast'" in str(e.value)  # or auto, it goes on
 
 
 def test_wrong_types_are_named():
@@ -78,5 +80,6 @@ def test_wrong_types_are_named():
     bad["finetune"]["probe_c"] = 1.0
     with pytest.raises(ValueError) as e:
         Params.from_dict(bad)
-    assert "finetune.augment: expected bool, got 'yes'" in str(e.value)
+    assert ("finetune.augment: expected bool or 'auto' or 'none' or 'flip' or 'flip_shift' or 'crop', got 'yes'"
+            in str(e.value))
     assert "finetune.probe_c: expected a list, got 1.0" in str(e.value)

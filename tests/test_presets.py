@@ -21,7 +21,7 @@ def test_smoke_preset_flattens_to_valid_overrides(tmp_path):
     apply_overrides(params, overrides)
     p = Params.load(params)
     assert (p.finetune.epochs, p.model.image_size, p.prepare.per_class) == (5, 48, 20)
-    assert "# peak of the one-cycle schedule" in params.read_text()  # the file keeps its comments
+    assert "# labelled training examples per class" in params.read_text()  # the file keeps its comments
 
 
 OTHERS = ("text", "text-dapt", "pretrain")
