@@ -63,6 +63,24 @@ def test_pretrained_features_separate_classes_better_than_random_ones():
     assert separation(trained.model) > 2 * separation(random)
 
 
+@pytest.mark.parametrize("name", ["timm:efficientnet_lite0", "torchvision:resnet18"])
+def test_scratch_and_fine_tuned_models_start_from_the_same_kind_of_new_head(name):
+    """Only the backbone may differ between the two sides of the comparison. timm's EfficientNet initialises
+    its own classifier for ImageNet (uniform +-1/sqrt(classes)): kept for the scratch model, it started
+    from logits 17x larger than the fine-tuned model's fresh head, and a loss of 4 instead of 1.6."""
+    m = ModelParams(name=name, image_size=32)
+    torch.manual_seed(0)
+    fresh = zoo.build(name, 10, zoo.preprocessing(name, 32))
+    zoo.reset_head(fresh, 10)  # the head zoo.load gives a pre-trained backbone (no weights needed here)
+    torch.manual_seed(0)
+    scratch = zoo.load(m, 10, LOCK, pretrained=False).model
+    heads = [model.get_submodule(zoo.head_name(model)) for model in (fresh, scratch)]
+    assert heads[1].weight.shape == (10, heads[1].in_features)
+    ratio = float(heads[1].weight.std() / heads[0].weight.std())
+    assert 0.9 < ratio < 1.1, f"scratch head weights std {ratio:.2f}x the fine-tuned model's"
+    assert float(heads[1].bias.abs().max()) <= 1 / heads[1].in_features ** 0.5  # nn.Linear's default range
+
+
 def test_a_tampered_weight_file_is_refused(tmp_path):
     lock = json.loads(LOCK.read_text())
     entry = lock["timm:efficientnet_lite0"]["files"]
