@@ -57,7 +57,7 @@ def test_overrides_are_recorded_by_dvc_and_nothing_is_left_stale(project, first_
     assert list(lock["stages"]) == ["prepare", "select", "finetune", "baseline", "evaluate", "export", "register"]
     assert lock["stages"]["finetune"]["params"]["params.yaml"]["finetune"]["epochs"] == 5
     assert "epochs: 5" in (project / "params.yaml").read_text()
-    assert "# peak of the one-cycle schedule" in (project / "params.yaml").read_text()  # comments kept
+    assert "# labelled training examples per class" in (project / "params.yaml").read_text()  # comments kept
     status = sh([sys.executable, "-m", "dvc", "status", "--json", "dvc.yaml"], project)  # not compare/
     assert json.loads(status.stdout) == {}  # `dvc repro` alone would now do nothing: same record
 
