@@ -21,7 +21,7 @@ size. The same shape here, with numbers for a CPU or one GPU and a few hundred t
             square-root rule for Adam, Malladi et al. 2022).
   augment   texts: none. Images: flip + a small shift below 20k examples; random resized crop + flip
             from 20k on. A short schedule cannot afford strong augmentation: on the image demo (1,000
-            images, 10 passes) crops cost fine-tuning a point and scratch training 4 (bench/augment.py,
+            images, 10 passes) crops cost fine-tuning a point and scratch training 3 (bench/augment.py,
             README). Crops from 20k on follow BiT, which adds regularisation (MixUp) only from its middle
             tier; not measured here.
 
