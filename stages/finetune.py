@@ -53,7 +53,8 @@ def _run(prepared, out, history, model_p, p, weights_lock, rank: int, world: int
     if rank == 0 and auto:
         print(hyperrule.describe(auto))
     cfg = TrainConfig.of(p)
-    done: dict = {"strategy": p.strategy, **({"auto": auto} if auto else {})}  # what the strategy's own steps chose, kept in model.json
+    # what the rule and the strategy's own steps chose, kept in model.json
+    done: dict = {"strategy": p.strategy, **({"auto": auto} if auto else {})}
     if p.strategy in ("linear_probe", "lp_ft"):
         done["probe_C"], done["probe_val_accuracy"] = strategy.linear_probe(model, train, val, pre, p.probe_c)
         if rank == 0:

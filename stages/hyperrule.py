@@ -17,8 +17,8 @@ size. The same shape here, with numbers for a CPU or one GPU and a few hundred t
   lr        by modality and batch size, not by dataset size (BiT keeps its lr fixed across sizes too,
             and make curves fine-tunes well at 1e-3 from 100 to 10,000 examples): AdamW peak 1e-3 at
             batch 32 for CNNs, 1e-4 at batch 16 for transformer encoders (MiniLM on the text demo: 0.8775
-            test accuracy at 1e-4 and batch 16, 0.8675 at 2e-4 and batch 32), scaled by the square root of batch / reference (the
-            square-root rule for Adam, Malladi et al. 2022).
+            test accuracy at 1e-4 and batch 16, 0.8675 at 2e-4 and batch 32), scaled by the square root
+            of batch / reference (the square-root rule for Adam, Malladi et al. 2022).
   augment   texts: none. Images: flip + a small shift below 20k examples; random resized crop + flip
             from 20k on. A short schedule cannot afford strong augmentation: on the image demo (1,000
             images, 10 passes) crops cost fine-tuning a point and scratch training 3 (bench/augment.py,

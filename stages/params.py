@@ -66,6 +66,9 @@ STRATEGIES = ("full", "linear_probe", "partial", "gradual_unfreeze", "lp_ft", "l
 
 DATASETS = ("fashion-mnist", "wordnet", "image-folder", "text-table")
 
+# finetune.augment: what happens to each training batch of images (stages/train.py, augment)
+AUGMENTS = ("none", "flip", "flip_shift", "crop")
+
 
 @dataclass(frozen=True)
 class PrepareParams:
@@ -107,8 +110,8 @@ class FinetuneParams:
     weight_decay: float = _f(0.01, ge=0)
     freeze_epochs: int = _f(0, ge=0)
     patience: int = _f(5, ge=1)
-    # one of train.AUGMENTS, or auto; true and false from older params files mean flip_shift and none
-    augment: bool | typing.Literal["auto", "none", "flip", "flip_shift", "crop"] = "auto"
+    # one of AUGMENTS, or auto; true and false from older params files mean flip_shift and none
+    augment: bool | typing.Literal[("auto", *AUGMENTS)] = "auto"
     crop_min_area: float = _f(0.35, gt=0, le=1)
     label_smoothing: float = _f(0.1, ge=0, lt=1)
     grad_clip: float = _f(0.0, ge=0)

@@ -33,6 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from stages.data import Split, batches, to_model_input
+from stages.params import AUGMENTS
 
 if TYPE_CHECKING:
     from stages.strategy import Plan
@@ -411,11 +412,9 @@ def sync_batchnorm(model: nn.Module) -> None:
             module.forward = functools.partial(forward, module, module.forward)
 
 
-# finetune.augment: what happens to each training batch of images
-AUGMENTS = ("none", "flip", "flip_shift", "crop")
-
-
-def augment(x: torch.Tensor, gen: torch.Generator, how: str = "flip_shift", crop_min_area: float = 0.35) -> torch.Tensor:
+def augment(
+    x: torch.Tensor, gen: torch.Generator, how: str = "flip_shift", crop_min_area: float = 0.35
+) -> torch.Tensor:
     """Label-preserving changes to a batch of images, the cheapest defence against memorising a few hundred:
       flip        random horizontal flip;
       flip_shift  flip, and a shift of up to 1/16 of the side (a 1/8 shift left fine-tuning underfitting in
