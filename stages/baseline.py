@@ -46,11 +46,11 @@ def _scratch(train, val, classes, out, history, model_p, ft, p, weights_lock, ch
     seed_everything(p.seed)
     loaded = zoo.load(model_p, len(classes), weights_lock, pretrained=False)
     model, pre = loaded.model, loaded.pre
-    # Same budget as finetune (epochs, batch, schedule, early stopping); only the peak lr differs, and every
-    # layer trains from the first step (finetune.strategy is about protecting pre-trained weights: none here).
-    ft, auto = hyperrule.resolve(ft, len(train.y), zoo.modality(pre))  # the same rule, so the same budget
-    auto.pop("lr", None)  # scratch trains at baseline.scratch_lr
-    cfg = TrainConfig.of(ft, lr=p.scratch_lr, seed=p.seed)
+    # Same budget as finetune (epochs, batch, schedule, early stopping) by the same rule; its own peak lr and
+    # augmentation; every layer trains from the first step (finetune.strategy is about protecting
+    # pre-trained weights: none here).
+    ft, auto = hyperrule.resolve(hyperrule.scratch(ft, p), len(train.y), zoo.modality(pre))
+    cfg = TrainConfig.of(ft, seed=p.seed)
     print(f"training {model_p.name} from random weights on {len(train.y)} examples"
           + (f"; {hyperrule.describe(auto)}" if auto else ""))
     result = fit(model, train, val, pre, cfg, Plan.of(model), desc="scratch", checkpoints=checkpoints)

@@ -20,8 +20,8 @@ epochs = steps * batch / examples, so 10 examples per class train for many short
 class for one long one, and a ladder of five budgets x 3 seeds x 2 models stays affordable on 2 CPU
 cores. Images are resized to curves.image_size (smaller than model.image_size: the plot says so). The
 fine-tuned points use `full` fine-tuning with finetune's lr and regularisation; scratch uses
-baseline.scratch_lr. There is no early stopping (a 10-example run would stop in its warm-up); the best
-validation epoch is kept.
+baseline.scratch_lr and baseline.augment. There is no early stopping (a 10-example run would stop in its
+warm-up); the best validation epoch is kept.
 
 The label multiplier: the budget at which scratch reaches the fine-tuned accuracy at
 curves.multiplier_at, divided by that budget (interpolated on a log scale between the budgets tried),
@@ -87,9 +87,10 @@ def point(params: Params, model: str, budget: int, seed: int) -> dict[str, Any]:
     epochs = max(1, round(c.steps * ft.batch_size / len(train.y)))
     seed_everything(seed)
     loaded = zoo.load(model_p, len(classes), params.paths.weights_lock, pretrained=model == "finetuned")
+    if model == "scratch":  # the baseline's own lr and augmentation
+        ft = hyperrule.scratch(ft, params.baseline)
     ft, _ = hyperrule.resolve(ft, len(train.y), zoo.modality(loaded.pre))  # lr and augmentation (epochs: above)
-    lr = ft.lr if model == "finetuned" else params.baseline.scratch_lr
-    cfg = TrainConfig.of(ft, epochs=epochs, lr=lr, seed=seed, patience=epochs, compile=False)
+    cfg = TrainConfig.of(ft, epochs=epochs, seed=seed, patience=epochs, compile=False)
     print(f"{model} {model_p.name}, {budget} per class ({len(train.y)} examples), seed {seed}: "
           f"{epochs} epochs of {math.ceil(len(train.y) / ft.batch_size)} steps")
     result = fit(loaded.model, train, val, loaded.pre, cfg, Plan.of(loaded.model), desc=f"{model}-{budget}-{seed}")

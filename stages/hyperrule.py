@@ -82,5 +82,13 @@ def resolve(p: Any, n: int, modality: str) -> tuple[Any, dict[str, str]]:
     return dataclasses.replace(p, **chosen), {k: f"{chosen[k]} ({v})" for k, v in why.items()}
 
 
+def scratch(ft: Any, b: Any) -> Any:
+    """The settings the from-scratch baseline trains with (FinetuneParams, BaselineParams -> FinetuneParams):
+    fine-tuning's budget (epochs, batch, schedule, early stopping), its own peak lr, and its own augmentation
+    unless baseline.augment is `same`. Random weights have nothing to protect and everything to learn, so a
+    fair baseline is tuned on its own (bench/recipe.py, on a development split)."""
+    return dataclasses.replace(ft, lr=b.scratch_lr, **({} if b.augment == "same" else {"augment": b.augment}))
+
+
 def describe(why: dict[str, str]) -> str:
     return "auto settings: " + "; ".join(f"{k} {v}" for k, v in why.items())

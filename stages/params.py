@@ -135,6 +135,7 @@ class FinetuneParams:
 @dataclass(frozen=True)
 class BaselineParams:
     scratch_lr: float = _f(3e-3, gt=0)
+    augment: typing.Literal[("same", *AUGMENTS)] = "same"  # scratch's own, or the same as finetune's
     floor_c: float = _f(0.1, gt=0)
     seed: int = 0
 

@@ -11,7 +11,7 @@ import torch
 
 from flows.pipeline import apply_overrides, read_preset
 from stages import hyperrule
-from stages.params import FinetuneParams, Params
+from stages.params import BaselineParams, FinetuneParams, Params
 from stages.train import TrainConfig, augment, fit
 
 from .conftest import ROOT
@@ -64,6 +64,15 @@ def test_resolve_replaces_only_auto_and_says_why():
     old = dataclasses.replace(p, epochs=3, lr=5e-4)
     assert hyperrule.resolve(dataclasses.replace(old, augment=True), 10, "image")[0].augment == "flip_shift"
     assert hyperrule.resolve(dataclasses.replace(old, augment=False), 10, "image")[0].augment == "none"
+
+
+def test_scratch_keeps_the_budget_with_its_own_lr_and_augmentation():
+    ft = dataclasses.replace(FinetuneParams(), batch_size=16)
+    same = hyperrule.resolve(hyperrule.scratch(ft, BaselineParams(scratch_lr=3e-3)), 1_000, "image")[0]
+    assert (same.epochs, same.lr, same.augment, same.batch_size) == (10, 3e-3, "flip_shift", 16)
+    own, why = hyperrule.resolve(hyperrule.scratch(ft, BaselineParams(scratch_lr=3e-3, augment="none")), 1_000,
+                                 "image")
+    assert (own.epochs, own.lr, own.augment) == (10, 3e-3, "none") and set(why) == {"epochs"}
 
 
 def test_training_refuses_settings_that_were_not_resolved():
