@@ -16,7 +16,7 @@ PRESET = $(if $(TASK),--preset presets/$(TASK).yaml)
 # pyproject.toml cannot silently run on stale pins.
 DEPS_HASH = $(shell $(PYTHON) -c "import tomllib,hashlib,json; p=tomllib.load(open('pyproject.toml','rb'))['project']; print(hashlib.sha256(json.dumps([p['dependencies'], p.get('optional-dependencies')], sort_keys=True).encode()).hexdigest())")
 
-.PHONY: help setup data postgres run compare curves smoke report test test-fast ui serve bench bench-selection bench-augment bench-overhead bench-gpu prefect-server deploy worker lock clean
+.PHONY: help setup data postgres run compare curves smoke report test test-fast ui serve bench bench-selection bench-augment bench-recipe bench-overhead bench-gpu prefect-server deploy worker lock clean
 help:  ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
 
@@ -92,6 +92,9 @@ bench-selection: setup  ## does select's ranking predict the trained accuracy? K
 
 bench-augment: setup  ## what each image augmentation buys: fine-tuned and scratch per finetune.augment mode (after make run)
 	$(BIN)/python bench/augment.py
+
+bench-recipe: setup  ## tune settings on a development split, never the test set: ARGS='--variant finetune.lr=5.0e-5 ...' (TASK=...)
+	$(BIN)/python bench/recipe.py $(PRESET) $(ARGS)
 
 bench-overhead: setup  ## measure what Prefect + DVC add to the stages' own time (smoke preset, scratch copy)
 	$(BIN)/python bench/overhead.py
