@@ -47,6 +47,10 @@ def development_split(params: Params, prepared: Path, per_class: int) -> Split:
     if src.test is None and p.test_per_class is None:
         raise SystemExit("prepare.test_per_class is null: the test split took every example left, none remain")
     used = p.per_class + p.val_per_class + (p.test_per_class if src.test is None else 0)
+    short = [f"{name!r} has {max(0, n - used)}" for name, n in zip(src.classes, np.bincount(src.pool.y))
+             if n - used < per_class]
+    if short:
+        raise SystemExit(f"--dev-per-class {per_class}: too few unused examples ({', '.join(short)}); ask for fewer")
     # drawn exactly as prepare draws (stratified_indices shuffles each class with its own (seed, class)
     # generator): the first `used` of each class are prepare's train/val/test, the next `per_class` ours
     _, dev = stratified_indices(src.pool.y, used, per_class, p.seed, 0, src.classes)
