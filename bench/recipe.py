@@ -13,7 +13,7 @@ Run:  .venv/bin/python bench/recipe.py --preset presets/text.yaml --variant fine
 A variant is one or more space-separated key=value settings (YAML values, checked like params.yaml).
 --kind scratch trains the from-scratch baseline instead of the fine-tune (seeded by baseline.seed).
 Everything it trains goes to a temporary folder; the test split is not scored.
-Prints a table and writes bench/results/recipe-<dataset>-<kind>.json."""
+Prints a table and writes bench/results/recipe-<dataset or preset>-<kind>.json."""
 
 from __future__ import annotations
 
@@ -150,7 +150,9 @@ def main(argv: list[str] | None = None) -> None:
         val = "/".join(f"{v:.3f}" for v in r["val_accuracy"] if v is not None)
         print(f"{r['variant']:<{w}}{r['dev_accuracy']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]   "
               f"{r['vs_reference']:+.4f} [{dci[0]:+.4f}, {dci[1]:+.4f}]   {val:<14}{r['seconds']:>8.0f}")
-    out = ROOT / "bench" / "results" / f"recipe-{base.prepare.dataset}-{args.kind}.json"
+    # by dataset, or by the preset for a task that shares its dataset with another (recipe-pretrain-...)
+    tag = args.preset.stem if args.preset and args.preset.stem not in ("image", "text") else base.prepare.dataset
+    out = ROOT / "bench" / "results" / f"recipe-{tag}-{args.kind}.json"
     out.write_text(json.dumps({"preset": str(args.preset) if args.preset else None, "kind": args.kind,
                                "seeds": args.seeds, "n_dev": len(dev.y), "rows": rows}, indent=2) + "\n")
     print(f"-> {out.relative_to(ROOT)}")
