@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.selection import params_with  # noqa: E402
+from bench.selection import params_with, with_settings  # noqa: E402
+from flows.pipeline import parse_overrides  # noqa: E402
 from stages import baseline, datasets, finetune, prepare, zoo  # noqa: E402
 from stages.data import Split, load_split, stratified_indices  # noqa: E402
 from stages.files import read_json  # noqa: E402
@@ -63,35 +63,24 @@ def development_split(params: Params, prepared: Path, per_class: int) -> Split:
 
 
 def variant_params(base: Params, settings: list[str]) -> Params:
-    raw = json.loads(json.dumps(base.to_dict()))
-    for setting in settings:
-        dotted, sep, value = setting.partition("=")
-        if not sep:
-            raise SystemExit(f"--variant {setting!r}: write key=value, e.g. finetune.lr=5.0e-5")
-        *parents, leaf = dotted.split(".")
-        node = raw
-        for key in parents:
-            node = node[key]
-        if leaf not in node:
-            raise SystemExit(f"--variant {setting!r}: params.yaml has no {dotted}")
-        node[leaf] = yaml.safe_load(value)
-    return Params.from_dict(raw)
+    return with_settings(base, parse_overrides(settings))  # key=value parsed as `--set` is
 
 
 def train_and_score(params: Params, kind: str, seed: int, dev: Split, tmp: Path) -> dict:
     paths = params.paths
     out = tmp / "model"
+    model_p = zoo.resolve(params.model, paths.chosen_model)
     start = time.perf_counter()
     if kind == "finetuned":
         ft = dataclasses.replace(params.finetune, seed=seed)
-        val_accuracy = finetune.run(paths.prepared, out, tmp / "h.csv", zoo.resolve(params.model, paths.chosen_model),
-                                    ft, paths.weights_lock).best_val_accuracy
+        result = finetune.run(paths.prepared, out, tmp / "h.csv", model_p, ft, paths.weights_lock)
+        val_accuracy = result.best_val_accuracy
     else:
         classes = read_json(paths.prepared / "manifest.json")["classes"]
         train, val = load_split(paths.prepared, "train"), load_split(paths.prepared, "val")
         bp = dataclasses.replace(params.baseline, seed=seed)
-        val_accuracy = baseline._scratch(train, val, classes, out, tmp / "h.csv", zoo.resolve(params.model, paths.chosen_model),
-                          params.finetune, bp, paths.weights_lock, None)
+        val_accuracy = baseline._scratch(train, val, classes, out, tmp / "h.csv", model_p, params.finetune, bp,
+                                         paths.weights_lock, None)
     seconds = time.perf_counter() - start
     model, meta = zoo.load_checkpoint(out)
     correct = predict(model, dev.x, meta["preprocessing"], desc="development").argmax(1) == dev.y

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,14 +37,21 @@ from stages.train import predict  # noqa: E402
 
 
 def params_with(preset: Path | None) -> Params:
-    raw = json.loads(json.dumps(Params.load(ROOT / "params.yaml").to_dict()))
-    if preset is not None:
-        for dotted, value in read_preset(preset).items():
-            *parents, leaf = dotted.split(".")
-            node = raw
-            for key in parents:
-                node = node[key]
-            node[leaf] = json.loads(json.dumps(value))
+    base = Params.load(ROOT / "params.yaml")
+    return with_settings(base, read_preset(preset)) if preset is not None else base
+
+
+def with_settings(base: Params, settings: dict[str, Any]) -> Params:
+    """`base` with dotted keys set ({"finetune.lr": 5e-5}), in memory, validated like params.yaml."""
+    raw = json.loads(json.dumps(base.to_dict()))
+    for dotted, value in settings.items():
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for key in parents:
+            node = node.get(key, {})
+        if leaf not in node:
+            raise SystemExit(f"{dotted}: params.yaml has no {dotted}")
+        node[leaf] = json.loads(json.dumps(value))
     return Params.from_dict(raw)
 
 
