@@ -1,10 +1,12 @@
 """What serving the fine-tuned model costs on this CPU: PyTorch eager vs ONNX Runtime fp32 vs ONNX Runtime
 int8, measured in one process, interleaved (each round times every engine once, so machine noise hits
-all of them alike), after warm-up, on real test images.
+all of them alike), after warm-up, on real test examples: images or texts, whichever the pipeline made.
 
 Run after `make run` (it reads the pipeline's outputs):  .venv/bin/python bench/serve.py
-Prints a table and writes bench/results/serve.json. Times are for the model call alone: preprocessing
-(resize, normalise) is done once beforehand, the same for all engines. Threads: --threads for both."""
+                   or `make run TASK=text`, then the same command for the text model.
+Prints a table and writes the model's entry in bench/results/serve.json (other models' entries are kept).
+Times are for the model call alone: preprocessing (resize and normalise; tokenise, each batch padded to
+its longest text as a server would) is done beforehand, the same for all engines. Threads: --threads for both."""
 
 from __future__ import annotations
 
@@ -26,8 +28,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from stages import zoo  # noqa: E402
-from stages.data import load_split, to_model_input  # noqa: E402
+from stages.data import load_split  # noqa: E402
+from stages.export import input_names, onnx_feed  # noqa: E402
 from stages.params import Params  # noqa: E402
+
+
+def serve_key(meta: dict) -> str:
+    """The model's name in serve.json: efficientnet_lite0@80px, all-MiniLM-L6-v2@64tok."""
+    arch = meta["architecture"].split(":", 1)[-1].rstrip("/").split("/")[-1]
+    pre = meta["preprocessing"]
+    return f"{arch}@{pre['max_length']}tok" if pre.get("modality") == "text" else f"{arch}@{pre['image_size']}px"
 
 
 def main() -> None:
@@ -46,19 +56,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     paths = Params.load(args.params).paths
     model, meta = zoo.load_checkpoint(paths.finetuned)
-    test = load_split(paths.prepared, "test")
-    x = to_model_input(test.x[:512], meta["preprocessing"]).numpy()
+    model.eval()
+    pre = meta["preprocessing"]
+    examples = load_split(paths.prepared, "test").x[:512]
+    names = input_names(pre)
 
     def session(path: Path):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = args.threads
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         s = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        return lambda batch: s.run(None, {"input": batch})[0]
+        return lambda feed: s.run(None, feed)[0]
 
     @torch.inference_mode()
-    def eager(batch):
-        return model(torch.from_numpy(batch)).numpy()
+    def eager(feed):
+        return model(*(torch.from_numpy(feed[n]) for n in names)).numpy()
 
     engines = {"pytorch_eager": eager, "onnx_fp32": session(paths.onnx), "onnx_int8": session(paths.onnx_int8)}
     rng = np.random.default_rng(0)
@@ -66,17 +78,17 @@ def main() -> None:
     def timed(batch_size: int, rounds: int) -> dict[str, list[float]]:
         times = {name: [] for name in engines}
         for r in range(args.warmup + rounds):
-            start = rng.integers(0, len(x) - batch_size + 1)
-            batch = np.ascontiguousarray(x[start : start + batch_size])
+            start = rng.integers(0, len(examples) - batch_size + 1)
+            feed = onnx_feed(examples[start : start + batch_size], pre)  # untimed: the same for every engine
             for name, fn in engines.items():  # interleaved: one call of each engine per round
                 t = time.perf_counter()
-                fn(batch)
+                fn(feed)
                 if r >= args.warmup:
                     times[name].append(time.perf_counter() - t)
         return times
 
     single, batched = timed(1, args.rounds), timed(64, args.batch_rounds)
-    model_name = f"{meta['architecture']}@{meta['preprocessing']['image_size']}px"
+    model_name = serve_key(meta)
     row = {}
     for name in engines:
         p50, p95 = (float(np.percentile(single[name], q) * 1e3) for q in (50, 95))
@@ -91,12 +103,13 @@ def main() -> None:
     }}  # fmt: skip
     print(f"{model_name}, {args.threads} threads, batch-1 p50/p95 over {args.rounds} interleaved requests, "
           f"batch-64 median over {args.batch_rounds}")
-    print(f"{'engine':<15}{'p50 ms':>9}{'p95 ms':>9}{'b64 img/s':>11}{'speedup b1':>12}")
+    print(f"{'engine':<15}{'p50 ms':>9}{'p95 ms':>9}{'b64 ex/s':>11}{'speedup b1':>12}")
     for name, r in row.items():
         print(f"{name:<15}{r['p50_ms_b1']:>9.2f}{r['p95_ms_b1']:>9.2f}{r['throughput_b64']:>11.0f}"
               f"{base / r['p50_ms_b1']:>11.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    kept = json.loads(args.out.read_text()) if args.out.exists() else {}
+    args.out.write_text(json.dumps({**kept, **result}, indent=2) + "\n")
     print(f"-> {args.out}")
 
 

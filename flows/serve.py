@@ -5,10 +5,14 @@ Run:  python -m flows.serve --alias champion              (the version the regis
 Then: curl -s localhost:8000/health
       curl -s -X POST localhost:8000/predict -H 'content-type: application/json' \\
            -d '{"images": [[[0, 0, ...28 values...], ...28 rows...]]}'
+A text model takes texts instead, tokenised with the tokenizer saved in its checkpoint:
+      curl -s -X POST localhost:8000/predict -H 'content-type: application/json' \\
+           -d '{"texts": ["a domestic animal that barks", "a baked food made of flour"]}'
 
 An alias is resolved to a concrete version once, at start-up, and every response names that version.
 Requests are validated before any inference: a body larger than --max-body-bytes is refused (413),
-as is a batch over --max-batch or an image of the wrong shape or value range (422)."""
+as is a batch over --max-batch, an image of the wrong shape or value range, or a text that is not a
+non-empty string (422). Texts longer than the model's max_length tokens are truncated, as in training."""
 
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ from fastapi.responses import JSONResponse
 
 
 class ModelService:
-    """An ONNX model plus the preprocessing and class names from its headstart checkpoint JSON."""
+    """An ONNX model plus the preprocessing and class names from its headstart checkpoint JSON (and, for a
+    text model, the tokenizer files beside it)."""
 
     def __init__(self, checkpoint_json: Path, onnx_path: Path, version: str | None = None) -> None:
         from stages.export import safe_session
@@ -32,19 +37,33 @@ class ModelService:
         meta = json.loads(Path(checkpoint_json).read_text())
         self.classes: list[str] = meta["classes"]
         self.pre: dict = meta["preprocessing"]
-        if self.pre.get("modality") == "text":
-            raise SystemExit("this server takes images; serving a text model (tokenizer in front of the ONNX "
-                             "graph) is not built yet. The ONNX file takes input_ids and attention_mask from the "
-                             "tokenizer saved in the model's checkpoint folder.")
-        self.input_shape = tuple(meta.get("input_shape", (28, 28)))
+        self.text = self.pre.get("modality") == "text"
+        if self.text:
+            from stages.text import tokenizer
+
+            if self.pre.get("files") == ".":  # the tokenizer was saved beside the checkpoint JSON
+                self.pre["files"] = str(Path(checkpoint_json).resolve().parent)
+            try:  # at start-up, not at the first request: a server without its tokenizer should not start
+                tokenizer(self.pre["files"])
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"{checkpoint_json}: the text model's tokenizer files are not in "
+                                 f"{self.pre['files']} ({e}); serve a checkpoint folder as the finetune stage "
+                                 f"wrote it, or a registered version with --alias") from None
+        self.input_key = "texts" if self.text else "images"
+        self.input_shape = None if self.text else tuple(meta.get("input_shape", (28, 28)))
         self.version = version
         self.onnx_path = str(onnx_path)
         self.session = safe_session(Path(self.onnx_path))
 
-    def predict(self, images: np.ndarray) -> list[dict[str, Any]]:
-        from stages.data import to_model_input
+    def validate(self, raw: Any, max_batch: int) -> np.ndarray:
+        if self.text:
+            return validate_texts(raw, max_batch)
+        return validate_images(raw, self.input_shape, max_batch)
 
-        logits = self.session.run(None, {"input": to_model_input(images, self.pre).numpy()})[0]
+    def predict(self, examples: np.ndarray) -> list[dict[str, Any]]:
+        from stages.export import onnx_feed
+
+        logits = self.session.run(["logits"], onnx_feed(examples, self.pre))[0]
         z = np.exp(logits - logits.max(1, keepdims=True))
         probs = z / z.sum(1, keepdims=True)
         return [
@@ -70,6 +89,20 @@ def validate_images(raw: Any, shape: tuple[int, int], max_batch: int) -> np.ndar
     return arr.astype(np.uint8)
 
 
+def validate_texts(raw: Any, max_batch: int) -> np.ndarray:
+    """The request's texts as an object array, or ValueError saying what is wrong with them."""
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("'texts' must be a non-empty list of strings")
+    if len(raw) > max_batch:
+        raise ValueError(f"{len(raw)} texts in one request; at most {max_batch}")
+    for i, t in enumerate(raw):
+        if not isinstance(t, str):
+            raise ValueError(f"texts[{i}] is {type(t).__name__}, not a string")
+        if not t.strip():
+            raise ValueError(f"texts[{i}] is empty: there is nothing to classify")
+    return np.array(raw, dtype=object)
+
+
 def create_app(service: ModelService, max_batch: int = 64, max_body_bytes: int = 2_000_000):
     app = FastAPI(title="headstart model server")
 
@@ -83,8 +116,10 @@ def create_app(service: ModelService, max_batch: int = 64, max_body_bytes: int =
 
     @app.get("/health")
     def health() -> dict:
+        shape = ({"max_length": service.pre["max_length"]} if service.text
+                 else {"input_shape": list(service.input_shape)})
         return {"status": "ok", "model_version": service.version, "onnx": service.onnx_path,
-                "classes": service.classes, "input_shape": list(service.input_shape)}
+                "classes": service.classes, "input": service.input_key, **shape}
 
     @app.post("/predict")
     async def predict(request: Request) -> dict:
@@ -95,13 +130,18 @@ def create_app(service: ModelService, max_batch: int = 64, max_body_bytes: int =
             payload = json.loads(body)
         except json.JSONDecodeError as e:
             raise HTTPException(422, f"body is not JSON: {e}") from None
-        if not isinstance(payload, dict) or "images" not in payload:
-            raise HTTPException(422, "body must be a JSON object with the key 'images'")
+        key = service.input_key
+        if not isinstance(payload, dict) or key not in payload:
+            other = "images" if service.text else "texts"
+            hint = ""
+            if isinstance(payload, dict) and other in payload:
+                hint = f" (this is {'a text' if service.text else 'an image'} model; it does not take '{other}')"
+            raise HTTPException(422, f"body must be a JSON object with the key '{key}'{hint}")
         try:
-            images = validate_images(payload["images"], service.input_shape, max_batch)
+            examples = service.validate(payload[key], max_batch)
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
-        return {"model_version": service.version, "predictions": service.predict(images)}
+        return {"model_version": service.version, "predictions": service.predict(examples)}
 
     return app
 
@@ -116,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--max-batch", type=int, default=64, help="images or texts in one request (default: %(default)s)")
     ap.add_argument("--max-body-bytes", type=int, default=2_000_000)
     args = ap.parse_args(argv)
 

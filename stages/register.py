@@ -490,7 +490,8 @@ top-1 agreement {export['top1_agreement']:.4%}. ONNX int8: {export['int8_size_by
 
 def fetch_alias(store: Store, name: str, alias: str, dst: Path, int8: bool = False) -> tuple[str, Path, Path]:
     """Resolve `models:/<name>@<alias>` to a concrete version now, and download what serving it needs:
-    the version, its checkpoint JSON (classes, preprocessing) and its ONNX file."""
+    the version, its checkpoint JSON (classes, preprocessing), for a text model the tokenizer files
+    saved beside it (not the PyTorch weights), and its ONNX file."""
     version = describe_alias(store, name, alias)
     if version is None:
         raise LookupError(f"no version of {name} has the alias {alias!r}: set it in the MLflow UI (make ui)")
@@ -498,8 +499,13 @@ def fetch_alias(store: Store, name: str, alias: str, dst: Path, int8: bool = Fal
         raise ValueError(f"{name} version {version['version']}: its int8 model was not accepted by export; serve fp32")
     fetch = lambda path: Path(mlflow.artifacts.download_artifacts(  # noqa: E731
         run_id=version["run_id"], artifact_path=path, dst_path=str(dst)))
+    checkpoint_json = fetch("checkpoint/model.json")
+    if json.loads(checkpoint_json.read_text())["preprocessing"].get("modality") == "text":
+        for f in MlflowClient().list_artifacts(version["run_id"], "checkpoint"):
+            if not f.is_dir and f.path.rsplit("/", 1)[-1] not in ("model.safetensors", "model.json"):
+                fetch(f.path)
     onnx_file = "model_int8.onnx" if int8 else "model.onnx"
-    return str(version["version"]), fetch("checkpoint/model.json"), fetch(f"onnx/{onnx_file}")
+    return str(version["version"]), checkpoint_json, fetch(f"onnx/{onnx_file}")
 
 
 def describe_alias(store: Store, name: str, alias: str) -> dict[str, Any] | None:
