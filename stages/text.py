@@ -91,10 +91,20 @@ def encoder(files: Path, pretrained: bool, **kwargs: Any) -> nn.Module:
     return AutoModel.from_config(config, **{k: v for k, v in kwargs.items() if k == "trust_remote_code"})
 
 
+# A model folder holds its vocabulary in one of these (fast tokenizers, WordPiece, BPE, SentencePiece).
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                    "tokenizer.model")
+
+
 @functools.lru_cache(maxsize=8)
 def tokenizer(files: str):
     from transformers import AutoTokenizer
 
+    # Given a folder with config.json but no vocabulary, transformers builds a tokenizer that knows only its
+    # special tokens: every word becomes [UNK] and predictions are garbage, with no error.
+    if Path(files).is_dir() and not any((Path(files) / f).exists() for f in VOCABULARY_FILES):
+        raise FileNotFoundError(f"{files} has no tokenizer vocabulary (none of {', '.join(VOCABULARY_FILES)}); "
+                                f"copy the tokenizer files of the model it came from into it")
     tok = AutoTokenizer.from_pretrained(files)
     if tok.pad_token is None:  # GPT-2 style tokenizers have none; padding is masked out anyway
         tok.pad_token = tok.eos_token or tok.unk_token

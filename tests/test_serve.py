@@ -152,6 +152,15 @@ def test_a_registered_text_model_is_fetched_with_its_tokenizer_and_without_its_w
     assert got == onnx_logits(onnx_path, texts, pre, batch_size=2).argmax(1).tolist()
 
 
+def test_a_text_checkpoint_without_its_tokenizer_does_not_start(tmp_path):
+    ckpt, onnx_path, _, _ = _text_checkpoint(tmp_path)
+    for f in ckpt.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            f.unlink()
+    with pytest.raises(SystemExit, match="tokenizer files are not in"):
+        ModelService(ckpt / "model.json", onnx_path)
+
+
 @pytest.mark.slow
 def test_serve_bench_times_a_text_model_and_keeps_other_models_results(tmp_path):
     """bench/serve.py on a tiny text model (few rounds: this checks that it runs, it measures nothing)."""

@@ -75,3 +75,14 @@ def test_remote_code_needs_a_pinned_revision():
     with pytest.raises(ValueError, match="needs model.revision pinned"):
         text.load_kwargs(trust_remote_code=True, revision=None)
     assert text.load_kwargs()["trust_remote_code"] is False
+
+
+def test_a_model_folder_without_its_vocabulary_is_refused_not_tokenised_into_unknowns(tmp_path):
+    # transformers would build a tokenizer of 5 special tokens from config.json alone: every word [UNK]
+    folder = tiny_hf_model(tmp_path / "bert", "bert")
+    for f in folder.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            f.unlink()
+    pre = zoo.text_preprocessing(folder, 16, "mean")
+    with pytest.raises(FileNotFoundError, match="has no tokenizer vocabulary"):
+        text.tokenize(TEXTS, pre)
