@@ -56,7 +56,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     paths = Params.load(args.params).paths
     model, meta = zoo.load_checkpoint(paths.finetuned)
-    model.eval()
     pre = meta["preprocessing"]
     examples = load_split(paths.prepared, "test").x[:512]
     names = input_names(pre)
