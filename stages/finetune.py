@@ -98,7 +98,8 @@ def _run(prepared, out, history, model_p, p, weights_lock, rank: int, world: int
         return result
     zoo.save_checkpoint(out, model, meta)
     write_history(history, result.history)
-    print(f"best validation accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch} -> {out}")
+    kept = "best validation accuracy" if cfg.keep == "best" else "validation accuracy of the last epoch,"
+    print(f"{kept} {result.best_val_accuracy:.4f} at epoch {result.best_epoch} -> {out}")
     return result
 
 

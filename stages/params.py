@@ -110,6 +110,7 @@ class FinetuneParams:
     weight_decay: float = _f(0.01, ge=0)
     freeze_epochs: int = _f(0, ge=0)
     patience: int = _f(5, ge=1)
+    keep: typing.Literal["best", "last"] = "best"  # which epoch's weights training ends with
     # one of AUGMENTS, or auto; true and false from older params files mean flip_shift and none
     augment: bool | typing.Literal[("auto", *AUGMENTS)] = "auto"
     crop_min_area: float = _f(0.35, gt=0, le=1)

@@ -53,6 +53,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # clip the gradient's global norm to this; 0 = off
     compile: bool = False  # torch.compile the model for training (pays off on GPU for long runs)
     checkpoint_every_steps: int = 0  # with a checkpoint folder: also save mid-epoch every this many steps
+    keep: str = "best"  # "best": the best validation epoch's weights (ties: the later); "last": the last epoch's
 
     @classmethod
     def of(cls, settings: Any, **changes: Any) -> TrainConfig:
@@ -114,7 +115,8 @@ def fit(
     desc: str = "train",
     checkpoints: Path | None = None,
 ) -> FitResult:
-    """Train `model` in place; on return it holds the weights of the best validation epoch (on every rank).
+    """Train `model` in place; on return it holds the weights of the best validation epoch (on every rank),
+    or of the last epoch with `cfg.keep == "last"` (which also never stops early).
     `plan` (stages/strategy.py) says which parameters train in which epoch, at which learning rate.
 
     With `checkpoints` (a folder), the whole training state is saved there after every epoch and every
@@ -270,15 +272,15 @@ def fit(
         # A tie goes to the later epoch: it has trained longer, at the lower learning rate where one-cycle
         # does its best work, and a few hundred validation examples often cannot tell the two apart.
         improved = val_acc >= best.best_val_accuracy
-        if improved:
+        if improved or cfg.keep == "last":
             best.best_epoch, best.best_val_accuracy = epoch, val_acc
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
         if lead:
             tqdm.write(
                 f"{desc} epoch {epoch}/{cfg.epochs}: loss {train_loss:.4f}  train acc {train_acc:.3f}  "
-                f"val acc {val_acc:.3f}{'  (best)' if improved else ''}"
+                f"val acc {val_acc:.3f}{'  (best)' if improved and cfg.keep == 'best' else ''}"
             )
-        stop = epoch - best.best_epoch >= cfg.patience
+        stop = epoch - best.best_epoch >= cfg.patience  # never with keep "last": best_epoch is this epoch
         if saver and not stop and epoch < cfg.epochs:  # the next epoch starts from here
             saver.save({"epoch": epoch + 1, "step": 0, "epoch_gen": None, **_state(model, opt, sched, gen, best, best_state)})
         if stop:

@@ -179,3 +179,21 @@ def test_compare_strategies_are_checked_as_finetune_settings():
     assert "compare.strategies.bad.strategy: must be one of full, linear_probe" in str(e.value)
     raw["compare"] = {"strategies": {"mine": {"strategy": "lp_ft", "layer_decay": 0.5}}}
     assert Params.from_dict(raw).finetune_for("mine").layer_decay == 0.5
+
+
+def test_training_ends_with_the_best_validation_epoch_or_with_keep_last_the_last_one():
+    train, v = tiny_images(24, 0), tiny_images(12, 1)
+    # validation labels shifted by one class: the more the model learns, the worse it scores there, so the
+    # best validation epoch is the first and patience 1 stops the run in the second
+    val = Split(x=v.x, y=(v.y + 1) % 3)
+    for keep in ("best", "last"):
+        model, pre = small_cnn()
+        cfg = dataclasses.replace(CFG, epochs=4, patience=1, keep=keep)
+        result = fit(model, train, val, pre, cfg, Plan.of(model), desc=keep)
+        vals = [row["val_accuracy"] for row in result.history]
+        if keep == "best":
+            assert result.best_epoch == 1 and len(vals) == 2 and vals[0] > vals[1]
+            assert accuracy(model, val, pre) == pytest.approx(vals[0], abs=1e-6)
+        else:  # never stops early, and the weights it returns score what the last epoch did
+            assert result.best_epoch == 4 and len(vals) == 4
+            assert accuracy(model, val, pre) == pytest.approx(vals[-1], abs=1e-6)
