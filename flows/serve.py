@@ -32,17 +32,16 @@ class ModelService:
     text model, the tokenizer files beside it)."""
 
     def __init__(self, checkpoint_json: Path, onnx_path: Path, version: str | None = None) -> None:
+        from stages import zoo
         from stages.export import safe_session
 
-        meta = json.loads(Path(checkpoint_json).read_text())
+        meta = zoo.checkpoint_meta(Path(checkpoint_json).parent)  # a text model's tokenizer files: that folder
         self.classes: list[str] = meta["classes"]
         self.pre: dict = meta["preprocessing"]
         self.text = self.pre.get("modality") == "text"
         if self.text:
             from stages.text import tokenizer
 
-            if self.pre.get("files") == ".":  # the tokenizer was saved beside the checkpoint JSON
-                self.pre["files"] = str(Path(checkpoint_json).resolve().parent)
             try:  # at start-up, not at the first request: a server without its tokenizer should not start
                 tokenizer(self.pre["files"])
             except (OSError, ValueError) as e:

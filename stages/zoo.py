@@ -456,16 +456,24 @@ def save_checkpoint(out: Path, model: nn.Module, meta: dict[str, Any]) -> None:
         (tmp / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def load_checkpoint(path: Path, weights: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model from a checkpoint directory, in eval mode."""
-    from safetensors.torch import load_model
-
+def checkpoint_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint directory's model.json, with a text model's `"files": "."` (its config and tokenizer,
+    saved beside the weights) made the directory's absolute path."""
     path = Path(path)
     if not (path / "model.json").exists():
         raise FileNotFoundError(f"{path}/model.json not found: is {path} a headstart checkpoint?")
     meta = json.loads((path / "model.json").read_text())
     if meta["preprocessing"].get("files") == ".":
         meta["preprocessing"]["files"] = str(path.resolve())
+    return meta
+
+
+def load_checkpoint(path: Path, weights: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model from a checkpoint directory, in eval mode."""
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    meta = checkpoint_meta(path)
     model = build(meta["architecture"], len(meta["classes"]), meta["preprocessing"])
     if weights:
         load_model(model, str(path / "model.safetensors"))
