@@ -16,7 +16,7 @@ PRESET = $(if $(TASK),--preset presets/$(TASK).yaml)
 # pyproject.toml cannot silently run on stale pins.
 DEPS_HASH = $(shell $(PYTHON) -c "import tomllib,hashlib,json; p=tomllib.load(open('pyproject.toml','rb'))['project']; print(hashlib.sha256(json.dumps([p['dependencies'], p.get('optional-dependencies')], sort_keys=True).encode()).hexdigest())")
 
-.PHONY: help setup data postgres run compare curves smoke report test test-fast ui serve bench bench-selection bench-augment bench-recipe bench-overhead bench-gpu prefect-server deploy worker lock clean
+.PHONY: help setup data postgres run compare curves smoke report test test-isa test-fast ui serve bench bench-selection bench-augment bench-recipe bench-overhead bench-gpu prefect-server deploy worker lock clean
 help:  ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
 
@@ -74,6 +74,16 @@ postgres:  # PostgreSQL binaries for tests/test_servers.py (Debian's postgresql 
 	else \
 	  echo "PostgreSQL is not installed: sudo apt-get install postgresql (tests/test_servers.py needs it)" >&2; exit 1; \
 	fi
+
+# The tests whose figures depend on the CPU's fp32 kernels, under oneDNN's default, AVX2 and SSE4.1 kernels:
+# another machine's arithmetic tried on this one (ONEDNN_MAX_CPU_ISA can only lower the ISA, not raise it).
+ISA_TESTS := tests/test_export.py tests/test_distributed.py tests/test_strategy.py tests/test_pipeline_e2e.py
+test-isa: setup  ## the arithmetic-sensitive tests under each oneDNN ISA (default, AVX2, SSE41)
+	@for isa in default AVX2 SSE41; do \
+	  echo "== ONEDNN_MAX_CPU_ISA=$$isa"; \
+	  if [ $$isa = default ]; then env -u ONEDNN_MAX_CPU_ISA $(BIN)/python -m pytest -q $(ISA_TESTS); \
+	  else ONEDNN_MAX_CPU_ISA=$$isa $(BIN)/python -m pytest -q $(ISA_TESTS); fi; \
+	done
 
 test-fast: setup  ## unit tests only
 	$(BIN)/python -m pytest -m "not slow"

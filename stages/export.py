@@ -1,7 +1,7 @@
 """Export the fine-tuned model to ONNX (dynamic batch axis, pinned opset), check the graph, and prove
-parity with PyTorch on the real test set with onnxruntime: every logit within
-export.atol + export.rtol * |logit| and top-1 agreement of at least export.min_top1_agreement, or the
-stage fails and the previous export stays. The register stage logs the files to MLflow.
+parity with PyTorch on the real test set with onnxruntime: every example's logits within a tolerance
+derived from PyTorch's own fp32 rounding error (see `parity`) and top-1 agreement of at least
+export.min_top1_agreement, or the stage fails and the previous export stays. The register stage logs the files to MLflow.
 Also writes a static int8 model (calibrated on the validation split) and its test accuracy; it is
 marked accepted when its relative accuracy drop is within export.int8_max_relative_drop.
 Reads paths.finetuned, paths.prepared; writes paths.onnx, paths.onnx_int8 and paths.export_metrics.
@@ -9,6 +9,7 @@ Run: dvc repro export   (or: python -m stages.export)"""
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 from typing import Any
@@ -128,17 +129,49 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, pre: dict) -> 
     prepped.unlink()
 
 
+def exact_logits(model: torch.nn.Module, x: np.ndarray, pre: dict, batch_size: int) -> np.ndarray:
+    """The same network evaluated in float64: the reference that both fp32 implementations are measured against."""
+    wide = copy.deepcopy(model).double()
+    as64 = lambda m, *inputs: m(*(t.double() if t.is_floating_point() else t for t in inputs))  # noqa: E731
+    return predict(wide, x, pre, batch_size=batch_size, fn=as64)
+
+
+def row_deviation(a: np.ndarray, b: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Per example: the largest |a - b| over its logits, relative to the size of its logits (1 + max |logit|).
+    Rounding error scales with the magnitudes a row's arithmetic carries, not with each logit, so a logit
+    near zero beside large ones is allowed the same absolute error as they are."""
+    return np.abs(a - b).max(1) / (1.0 + np.abs(reference).max(1))
+
+
 def parity(
-    model: torch.nn.Module, onnx_path: Path, x: np.ndarray, pre: dict, batch_size: int, atol: float, rtol: float
+    model: torch.nn.Module, onnx_path: Path, x: np.ndarray, pre: dict, p: ExportParams
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """Compare ONNX Runtime with PyTorch on the same examples; also returns the ONNX logits."""
-    torch_logits = predict(model, x, pre, batch_size=batch_size, desc="parity: torch")
-    ort_logits = onnx_logits(onnx_path, x, pre, batch_size)
-    diff = np.abs(ort_logits - torch_logits)
+    """Compare ONNX Runtime with PyTorch on the same examples; also returns the ONNX logits.
+
+    The rule is derived from fp32 itself, not from one machine: on `p.spread_examples` of the examples the
+    network also runs in float64, and PyTorch fp32's own error against it (`fp32_spread`, per row, see
+    row_deviation) is what this CPU's kernels legitimately vary by. Another kernel choice (AVX-512 vs AVX2
+    vs SSE4.1, thread count, ONNX Runtime's fused graph) rounds differently by about that much, so the ONNX
+    logits may differ from PyTorch's by up to `p.spread_factor` times the spread on every example, never
+    less than `p.min_tolerance`. A wrong weight or op moves logits by orders of magnitude more. What gates
+    besides: top-1 agreement (`p.min_top1_agreement`), and the ONNX model's own test accuracy downstream.
+    """
+    torch_logits = predict(model, x, pre, batch_size=p.batch_size, desc="parity: torch")
+    ort_logits = onnx_logits(onnx_path, x, pre, p.batch_size)
+    sample = np.unique(np.linspace(0, len(x) - 1, min(p.spread_examples, len(x))).round().astype(int))
+    exact = exact_logits(model, x[sample], pre, p.batch_size)
+    spread = float(row_deviation(torch_logits[sample], exact, exact).max())
+    tolerance = max(p.min_tolerance, p.spread_factor * spread)
+    deviation = row_deviation(ort_logits, torch_logits, torch_logits)
     return {
-        "max_abs_diff": float(diff.max()),
-        # how much of the allowed |diff| <= atol + rtol * |torch| the worst logit uses (<= 1 passes)
-        "worst_tolerance_use": float((diff / (atol + rtol * np.abs(torch_logits))).max()),
+        "max_abs_diff": float(np.abs(ort_logits - torch_logits).max()),
+        "max_row_deviation": float(deviation.max()),
+        "fp32_spread": spread,  # PyTorch fp32 vs float64, per row as in row_deviation, on spread_examples rows
+        "onnx_fp64_deviation": float(row_deviation(ort_logits[sample], exact, exact).max()),
+        "spread_examples": int(len(sample)),
+        "tolerance": tolerance,
+        # how much of the allowed deviation the worst example uses (<= 1 passes)
+        "worst_tolerance_use": float(deviation.max() / tolerance),
         "top1_agreement": float((ort_logits.argmax(1) == torch_logits.argmax(1)).mean()),
         "n_examples": int(len(x)),
     }, ort_logits
@@ -150,15 +183,19 @@ def run(finetuned: Path, prepared: Path, out: Path, out_int8: Path, metrics: Pat
     test, val = load_split(prepared, "test"), load_split(prepared, "val")
     with atomic_path(out) as tmp, atomic_path(out_int8) as tmp_int8:
         export_onnx(model, pre, tmp, p.opset)
-        result, fp32_logits = parity(model, tmp, test.x, pre, p.batch_size, p.atol, p.rtol)
+        result, fp32_logits = parity(model, tmp, test.x, pre, p)
         print(f"ONNX parity on {result['n_examples']} test examples: max |diff| {result['max_abs_diff']:.2e}, "
-              f"top-1 agreement {result['top1_agreement']:.4%}")
+              f"worst row deviation {result['max_row_deviation']:.2e} ({result['worst_tolerance_use']:.0%} of the "
+              f"tolerance {result['tolerance']:.1e} = max({p.min_tolerance:g}, {p.spread_factor:g} x PyTorch's own "
+              f"fp32 spread {result['fp32_spread']:.1e})), top-1 agreement {result['top1_agreement']:.4%}")
         if result["worst_tolerance_use"] > 1 or result["top1_agreement"] < p.min_top1_agreement:
             raise ValueError(
-                f"ONNX export does not match PyTorch: max |diff| {result['max_abs_diff']:.3g} (allowed "
-                f"{p.atol} + {p.rtol} * |logit|; the worst logit uses {result['worst_tolerance_use']:.2f}x of "
-                f"that), top-1 agreement {result['top1_agreement']:.4%} (needed {p.min_top1_agreement:.2%}); "
-                f"the previous {out} is kept. Try another export.opset."
+                f"ONNX export does not match PyTorch: worst row deviation {result['max_row_deviation']:.3g} "
+                f"(max |diff| {result['max_abs_diff']:.3g}) is {result['worst_tolerance_use']:.2f}x the tolerance "
+                f"{result['tolerance']:.3g} ({p.spread_factor:g} x PyTorch's own fp32 spread "
+                f"{result['fp32_spread']:.3g}, at least {p.min_tolerance:g}), top-1 agreement "
+                f"{result['top1_agreement']:.4%} (needed {p.min_top1_agreement:.2%}); the previous {out} is kept. "
+                "Try another export.opset."
             )
         quantize_int8(tmp, tmp_int8, val.x, pre)
         int8_logits = onnx_logits(tmp_int8, test.x, pre, p.batch_size)

