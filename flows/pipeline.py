@@ -211,33 +211,63 @@ def apply_presets(params_file: Path, presets: list[Path]) -> None:
 
 
 def summary(params: Params) -> str:
-    """The few lines a person wants after a run: accuracies with CIs, gain, verdict, registry, parity."""
+    """The few lines a person wants after a run: the answer in one sentence, accuracies with CIs, the
+    fine-tuned model against each alternative, what was registered, parity. Also writes paths.summary."""
+    from stages.evaluate import answer
+
     paths = params.paths
     if not paths.evaluate_metrics.exists():
         return "no results yet: run `make run`"
     ev = json.loads(paths.evaluate_metrics.read_text())
-    out = [f"{'model':<14}{'test accuracy':>14}  95% CI"]
+    if "vs" not in ev:
+        return "the last evaluation predates this version of headstart: run `make run` to evaluate again"
+    out = [answer(ev), f"{'model':<14}{'test accuracy':>14}  {'95% CI':<18}{'val accuracy':>12}"]
     for name in ("finetuned", "scratch", "linear_probe", "floor"):
         lo, hi = ev[name]["accuracy_ci95"]
-        out.append(f"{name:<14}{ev[name]['accuracy']:>14.4f}  [{lo:.4f}, {hi:.4f}]")
-    lo, hi = ev["transfer_gain_ci95"]
-    out.append(f"transfer gain (fine-tuned - scratch): {ev['transfer_gain']:+.4f} [{lo:+.4f}, {hi:+.4f}], "
-               f"McNemar p = {ev['mcnemar_p']:.2g}, verdict: {ev['verdict']}")
+        best = "  <- best" if name == ev["best"] else ""
+        val = "-" if ev[name]["val_accuracy"] is None else f"{ev[name]['val_accuracy']:.4f}"
+        out.append(f"{name:<14}{ev[name]['accuracy']:>14.4f}  [{lo:.4f}, {hi:.4f}]  {val:>11}{best}")
+    for alt, c in ev["vs"].items():
+        lo, hi = c["gain_ci95"]
+        out.append(f"fine-tuned - {alt}: {c['gain']:+.4f} [{lo:+.4f}, {hi:+.4f}], McNemar p = {c['mcnemar_p']:.2g}")
+    out.append(f"verdict (fine-tuned vs the best alternative, {ev['best_alternative']}): {ev['verdict']}; "
+               f"transfer (fine-tuned vs scratch): {ev['transfer_verdict']}")
     out += _transfer_notes(params, ev)
-    if paths.registered.exists():
-        r = json.loads(paths.registered.read_text())
-        out.append(f"registered: {r['model_name']} version {r['version']}, aliases: {', '.join(r['aliases']) or 'none'}"
-                   f" ({r.get('challenger_reason', '')})")
+    registered = json.loads(paths.registered.read_text()) if paths.registered.exists() else None
+    if registered:
+        out.append(f"registered: {registered['model_name']} version {registered['version']} "
+                   f"({registered.get('candidate', 'finetuned')}), aliases: "
+                   f"{', '.join(registered['aliases']) or 'none'} ({registered.get('challenger_reason', '')})")
     if paths.export_metrics.exists():
         e = json.loads(paths.export_metrics.read_text())
-        out.append(f"ONNX: {e['onnx_path']}, top-1 agreement {e['top1_agreement']:.4%}, max |logit diff| "
-                   f"{e['max_abs_diff']:.1e} ({e['worst_tolerance_use']:.0%} of the tolerance) on "
+        out.append(f"ONNX ({e.get('model', 'finetuned')}): {e['onnx_path']}, top-1 agreement {e['top1_agreement']:.4%}, "
+                   f"max |logit diff| {e['max_abs_diff']:.1e} ({e['worst_tolerance_use']:.0%} of the tolerance) on "
                    f"{e['n_examples']} test examples")
         out.append(f"ONNX int8: {e['onnx_int8_path']}, test accuracy {e['int8_accuracy']:.4f} vs fp32 "
                    f"{e['fp32_accuracy']:.4f} ({'accepted' if e['int8_accepted'] else 'rejected'}), "
                    f"{e['int8_size_bytes'] / 1e6:.1f} MB vs {e['size_bytes'] / 1e6:.1f} MB")
     out.append("Browse runs and the registry: make ui  (then open http://127.0.0.1:5000)")
+    write_summary(paths.summary, ev, registered)
     return "\n".join(out)
+
+
+def write_summary(path: Path, ev: dict, registered: dict | None) -> None:
+    """The run's result for machines (CI jobs, the PR report, scripts): every model, the best, the verdict."""
+    from stages.files import write_json
+
+    keys = ("accuracy", "accuracy_ci95", "val_accuracy")
+    write_json(path, {
+        "models": {m: {k: ev[m][k] for k in keys} for m in ("finetuned", "scratch", "linear_probe", "floor")},
+        "best": ev["best"],
+        "best_alternative": ev["best_alternative"],
+        "verdict": ev["verdict"],
+        "transfer_verdict": ev["transfer_verdict"],
+        "vs": {m: {k: c[k] for k in ("gain", "gain_ci95", "mcnemar_p")} for m, c in ev["vs"].items()},
+        "registered": None if registered is None else {
+            "model_name": registered["model_name"], "version": registered["version"],
+            "aliases": registered["aliases"], "candidate": registered.get("candidate", "finetuned")},
+        "n_test": ev["n_test"],
+    })  # fmt: skip
 
 
 def _transfer_notes(params: Params, ev: dict) -> list[str]:

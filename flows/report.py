@@ -62,10 +62,14 @@ def render(
     """The report from what the run wrote (pure: every input is passed in, so it is easy to test)."""
     ev = evaluation
     lo, hi = ev["transfer_gain_ci95"]
-    out = [f"## {title}", "",
-           f"**Transfer verdict: {ev['verdict']}** — fine-tuned minus from-scratch accuracy "
-           f"{ev['transfer_gain']:+.4f} (95% CI [{lo:+.4f}, {hi:+.4f}], McNemar p = {ev['mcnemar_p']:.2g}) "
-           f"on {ev['n_test']} test examples.", "",
+    out = [f"## {title}", ""]
+    if "vs" in ev:  # evaluations before the comparison with every alternative had only the scratch one
+        from stages.evaluate import answer
+
+        out += [f"**Verdict: {ev['verdict']}** — {answer(ev)}", ""]
+    out += [f"**Transfer verdict: {ev.get('transfer_verdict', ev['verdict'])}** — fine-tuned minus from-scratch "
+            f"accuracy {ev['transfer_gain']:+.4f} (95% CI [{lo:+.4f}, {hi:+.4f}], McNemar p = {ev['mcnemar_p']:.2g}) "
+            f"on {ev['n_test']} test examples.", "",
            "| model | test accuracy | 95% CI | macro-F1 |", "|---|---|---|---|"]
     out += [f"| {m} | {ev[m]['accuracy']:.4f} | {_ci(ev[m]['accuracy_ci95'])} | {ev[m]['macro_f1']:.4f} |"
             for m in MODELS if m in ev]
@@ -86,7 +90,7 @@ def render(
     if champion is None:
         out.append("No version has the `champion` alias in this tracking store yet.")
     else:
-        acc = ev["finetuned"]["accuracy"]
+        acc = ev[(receipt or {}).get("candidate", "finetuned")]["accuracy"]
         same = champion["tags"].get("test_sha256") == ev.get("test_sha256")
         champ_acc = float(champion["tags"].get("test_accuracy", "nan"))
         out.append(f"`champion` is version {champion['version']}: test accuracy {champ_acc:.4f} "

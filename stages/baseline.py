@@ -57,7 +57,7 @@ def _scratch(train, val, classes, out, history, model_p, ft, p, weights_lock, ch
     write_history(history, result.history)
     zoo.save_checkpoint(out, model, _meta("scratch", loaded.architecture, "random", None, classes, pre, {
         **cfg.__dict__, **({"auto": auto} if auto else {}), "best_epoch": result.best_epoch,
-        "seconds": result.seconds}))
+        "best_val_accuracy": result.best_val_accuracy, "seconds": result.seconds}))
     return result.best_val_accuracy
 
 

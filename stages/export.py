@@ -1,10 +1,11 @@
-"""Export the fine-tuned model to ONNX (dynamic batch axis, pinned opset), check the graph, and prove
-parity with PyTorch on the real test set with onnxruntime: every example's logits within a tolerance
-derived from PyTorch's own fp32 rounding error (see `parity`) and top-1 agreement of at least
-export.min_top1_agreement, or the stage fails and the previous export stays. The register stage logs the files to MLflow.
+"""Export the candidate model (register.candidate: the run's best model by default, or the fine-tuned one)
+to ONNX (dynamic batch axis, pinned opset), check the graph, and prove parity with PyTorch on the real test
+set with onnxruntime: every example's logits within a tolerance derived from PyTorch's own fp32 rounding
+error (see `parity`) and top-1 agreement of at least export.min_top1_agreement, or the stage fails and the
+previous export stays. The register stage logs the files to MLflow.
 Also writes a static int8 model (calibrated on the validation split) and its test accuracy; it is
 marked accepted when its relative accuracy drop is within export.int8_max_relative_drop.
-Reads paths.finetuned, paths.prepared; writes paths.onnx, paths.onnx_int8 and paths.export_metrics.
+Reads paths.evaluate_metrics (which model won), paths.finetuned or paths.baselines, paths.prepared; writes paths.onnx, paths.onnx_int8 and paths.export_metrics.
 Run: dvc repro export   (or: python -m stages.export)"""
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 
 from stages import zoo
 from stages.data import batches, load_split, to_model_input
-from stages.files import atomic_path, write_json
+from stages.evaluate import candidate
+from stages.files import atomic_path, read_json, write_json
 from stages.params import ExportParams, cli
 from stages.train import predict
 
@@ -177,8 +179,10 @@ def parity(
     }, ort_logits
 
 
-def run(finetuned: Path, prepared: Path, out: Path, out_int8: Path, metrics: Path, p: ExportParams) -> dict:
-    model, meta = zoo.load_checkpoint(finetuned)
+def run(model_dir: Path, prepared: Path, out: Path, out_int8: Path, metrics: Path, p: ExportParams,
+        name: str = "finetuned") -> dict:
+    """Export the model in `model_dir` (the candidate `name`: finetuned, or the baseline that won)."""
+    model, meta = zoo.load_checkpoint(model_dir)
     pre = meta["preprocessing"]
     test, val = load_split(prepared, "test"), load_split(prepared, "val")
     with atomic_path(out) as tmp, atomic_path(out_int8) as tmp_int8:
@@ -213,16 +217,19 @@ def run(finetuned: Path, prepared: Path, out: Path, out_int8: Path, metrics: Pat
               f"fp32 {fp32_acc:.4f} (relative drop {drop:.2%}, allowed {p.int8_max_relative_drop:.2%}: "
               f"{'accepted' if result['int8_accepted'] else 'rejected'}); "
               f"{result['size_bytes'] / 1e6:.1f} MB -> {result['int8_size_bytes'] / 1e6:.1f} MB")
-    result.update({"parity_passed": True, "onnx_path": str(out), "onnx_int8_path": str(out_int8), "opset": p.opset})
+    result.update({"model": name, "parity_passed": True, "onnx_path": str(out), "onnx_int8_path": str(out_int8),
+                   "opset": p.opset})
     write_json(metrics, result)
-    print(f"exported {out} and {out_int8}")
+    print(f"exported {name} to {out} and {out_int8}")
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
     params = cli(__doc__, argv)
     paths = params.paths
-    run(paths.finetuned, paths.prepared, paths.onnx, paths.onnx_int8, paths.export_metrics, params.export)
+    name = candidate(read_json(paths.evaluate_metrics), params.register.candidate)
+    model_dir = zoo.model_dirs(paths.finetuned, paths.baselines)[name]
+    run(model_dir, paths.prepared, paths.onnx, paths.onnx_int8, paths.export_metrics, params.export, name)
 
 
 if __name__ == "__main__":

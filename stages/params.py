@@ -39,6 +39,7 @@ class Paths:
     evaluate_metrics: Path
     evaluate_plots: Path
     registered: Path
+    summary: Path
     onnx: Path
     onnx_int8: Path
     export_metrics: Path
@@ -152,7 +153,8 @@ class EvaluateParams:
 class RegisterParams:
     model_name: str
     experiment: str
-    min_accuracy: float = _f(0.8, ge=0, le=1)
+    candidate: typing.Literal["best", "finetuned"] = "best"  # what export and register ship: the run's winner, or fine-tuned
+    min_accuracy: float | None = _f(None, ge=0, le=1)  # opt-in absolute floor on the candidate's test accuracy
     min_gain: float = _f(0.0, ge=-1, le=1)
     max_regression: float = _f(0.0, ge=0, le=1)
 

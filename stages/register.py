@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from stages import zoo
 from stages.data import load_split
+from stages.evaluate import answer, candidate
 from stages.files import read_json, sha256_file, write_json
 from stages.params import RegisterParams, cli
 from stages.stats import bootstrap_ci
@@ -74,14 +75,19 @@ class Check:
     passed: bool
 
 
-def gate(report: dict, export: dict, champion_accuracy: float | None, p: RegisterParams) -> list[Check]:
-    """The checks a version must pass to become `challenger` (and, unless forced, `champion`)."""
-    acc = report["finetuned"]["accuracy"]
-    gain_low = report["transfer_gain_ci95"][0]
+def gate(report: dict, export: dict, champion_accuracy: float | None, p: RegisterParams, candidate: str = "finetuned"
+         ) -> list[Check]:
+    """The checks a version of `candidate` must pass to become `challenger` (and, unless forced, `champion`)."""
+    acc = report[candidate]["accuracy"]
+    # the candidate against the best of the other models the run trained, on the same test examples
+    others = report["vs"] if candidate == "finetuned" else report["best_vs"]
+    runner_up = max(others, key=lambda m: report[m]["accuracy"])
+    low = others[runner_up]["gain_ci95"][0]
     checks = [
-        Check("min_accuracy", f"{acc:.4f}", f"test accuracy >= {p.min_accuracy}", acc >= p.min_accuracy),
-        Check("gain_over_scratch", f"{gain_low:+.4f}", f"95% CI of the gain over scratch lies above {p.min_gain}",
-              gain_low > p.min_gain),
+        Check("min_accuracy", f"{acc:.4f}", "test accuracy >= " + ("(not set)" if p.min_accuracy is None
+              else f"{p.min_accuracy}"), p.min_accuracy is None or acc >= p.min_accuracy),
+        Check("beats_alternatives", f"{low:+.4f}", f"95% CI of {candidate} - {runner_up} (the best other model) "
+              f"lies above {p.min_gain}", low > p.min_gain),
         Check("onnx_parity", f"{export['worst_tolerance_use']:.2f}",
               "ONNX logits within the export tolerance (<= 1.00 of it) on the whole test set",
               bool(export.get("parity_passed")) and export["worst_tolerance_use"] <= 1),
@@ -110,9 +116,14 @@ def run(
     lineage: dict[str, str],
 ) -> dict[str, Any]:
     report, export = read_json(evaluation), read_json(exported)
+    name = candidate(report, p.candidate)
+    if export.get("model", "finetuned") != name:
+        raise ValueError(f"{exported} holds the ONNX export of {export.get('model', 'finetuned')}, but the candidate "
+                         f"is {name}: run the export stage first (dvc repro export)")
+    model_dir = zoo.model_dirs(finetuned, baselines)[name]
     experiment_id = connect(store, p.experiment)
     client = MlflowClient()
-    key = run_key(finetuned, evaluation, exported, lineage)
+    key = run_key(model_dir, evaluation, exported, lineage)
     earlier = _registered_for(client, experiment_id, p.model_name, key)
 
     if earlier is None:
@@ -124,23 +135,24 @@ def run(
             mlflow.set_tag("verdict", report["verdict"])
             mlflow.log_artifact(str(evaluation))
             runs = {}
-            for name, path in zoo.model_dirs(finetuned, baselines).items():
-                runs[name] = _log_model_run(experiment_id, name, path, histories.get(name), report[name], plots)
+            for model, path in zoo.model_dirs(finetuned, baselines).items():
+                runs[model] = _log_model_run(experiment_id, model, path, histories.get(model), report[model], plots)
             # Marks the run before the version exists: a rerun after a failure past this point finds the
             # version by it and completes that one instead of registering the same model twice.
-            client.set_tag(runs["finetuned"], RUN_KEY, key)
-            version = _register(client, runs["finetuned"], finetuned, p.model_name, report, lineage)
-            _attach_onnx(client, runs["finetuned"], p.model_name, version, onnx_files, export)
+            client.set_tag(runs[name], RUN_KEY, key)
+            version = _register(client, runs[name], model_dir, p.model_name, report, lineage, name)
+            _attach_onnx(client, runs[name], p.model_name, version, onnx_files, export)
         parent_id = parent.info.run_id
     else:
-        version, runs = int(earlier.version), {"finetuned": earlier.run_id}
+        version, runs = int(earlier.version), {name: earlier.run_id}
         parent_id = client.get_run(earlier.run_id).data.tags.get("mlflow.parentRunId", "")
         print(f"{p.model_name} version {version} was registered from this same model and evaluation by an earlier "
               "attempt; completing it instead of registering it again")
         _attach_onnx(client, earlier.run_id, p.model_name, version, onnx_files, export)
 
-    champion_acc = _champion_accuracy(client, p.model_name, report, prepared)
-    checks = [*gate(report, export, champion_acc, p), previous_data_check(client, p.model_name, version, finetuned)]
+    champion_acc = _champion_accuracy(client, p.model_name, report, prepared, model_dir)
+    checks = [*gate(report, export, champion_acc, p, name),
+              previous_data_check(client, p.model_name, version, model_dir)]
     ok = all(c.passed for c in checks)
     for c in checks:
         client.set_model_version_tag(p.model_name, version, f"gate.{c.name}.value", c.value)
@@ -149,16 +161,16 @@ def run(
     failed = [c.name for c in checks if not c.passed]
     reason = "all gate checks passed" if ok else f"gate failed: {', '.join(failed)}"
     client.set_model_version_tag(p.model_name, version, "challenger_decision", reason)
-    meta = read_json(Path(finetuned) / "model.json")
-    card = model_card(p.model_name, version, meta, report, export, checks, lineage)
+    meta = read_json(model_dir / "model.json")
+    card = model_card(p.model_name, version, meta, report, export, checks, lineage, name)
     client.update_model_version(p.model_name, version, description=card)
-    client.log_text(runs["finetuned"], card, "model_card.md")
+    client.log_text(runs[name], card, "model_card.md")
     if ok:
         client.set_registered_model_alias(p.model_name, CHALLENGER, version)
     aliases = sorted(client.get_model_version(p.model_name, version).aliases)
-    receipt = {"model_name": p.model_name, "version": version, "run_id": runs["finetuned"], "aliases": aliases,
-               "parent_run_id": parent_id, "tracking_uri": store.uri(), "challenger_reason": reason,
-               "gate": [asdict(c) for c in checks]}
+    receipt = {"model_name": p.model_name, "version": version, "run_id": runs[name], "aliases": aliases,
+               "candidate": name, "parent_run_id": parent_id, "tracking_uri": store.uri(),
+               "challenger_reason": reason, "gate": [asdict(c) for c in checks]}
     write_json(out, receipt)
     print(f"registered {p.model_name} version {version} (aliases: {', '.join(aliases) or 'none'}): {reason}")
     return receipt
@@ -312,8 +324,9 @@ def _log_model_run(experiment_id: str, name: str, path: Path, history: Path | No
         return r.info.run_id
 
 
-def _register(client: MlflowClient, run_id: str, finetuned: Path, name: str, report: dict, lineage: dict) -> int:
-    model, meta = zoo.load_checkpoint(finetuned)
+def _register(client: MlflowClient, run_id: str, model_dir: Path, name: str, report: dict, lineage: dict,
+              candidate: str) -> int:
+    model, meta = zoo.load_checkpoint(model_dir)
     pre = meta["preprocessing"]
     if zoo.modality(pre) == "text":
         # Tokens in, logits out (the tokenizer rides along in the checkpoint artifacts). Two texts of
@@ -341,7 +354,7 @@ def _register(client: MlflowClient, run_id: str, finetuned: Path, name: str, rep
     with mlflow.start_run(run_id=run_id, nested=True):
         # Our own checkpoint format rides along, so later runs can re-score this version with headstart's
         # preprocessing (the champion comparison below) without unpickling anything.
-        mlflow.log_artifacts(str(finetuned), artifact_path="checkpoint")
+        mlflow.log_artifacts(str(model_dir), artifact_path="checkpoint")
         info = mlflow.pytorch.log_model(
             model, name="model", signature=signature, input_example=example, serialization_format="pt2",
             registered_model_name=name,
@@ -352,8 +365,12 @@ def _register(client: MlflowClient, run_id: str, finetuned: Path, name: str, rep
         "verdict": report["verdict"],
         "transfer_gain": f"{report['transfer_gain']:.6f}",
         "transfer_gain_ci95": "[{:.6f}, {:.6f}]".format(*report["transfer_gain_ci95"]),
-        "test_accuracy": f"{report['finetuned']['accuracy']:.6f}",
+        "candidate": candidate,
+        "best": report["best"],
+        "test_accuracy": f"{report[candidate]['accuracy']:.6f}",
         "test_sha256": report["test_sha256"],
+        "modality": zoo.modality(pre),
+        "classes": json.dumps(meta["classes"]),
         "pretrained_sha256": meta["pretrained_sha256"] or "",
         "architecture": meta["architecture"],
     }
@@ -362,13 +379,27 @@ def _register(client: MlflowClient, run_id: str, finetuned: Path, name: str, rep
     return version
 
 
-def _champion_accuracy(client: MlflowClient, name: str, report: dict, prepared: Path) -> float | None:
+def _champion_accuracy(client: MlflowClient, name: str, report: dict, prepared: Path, model_dir: Path
+                       ) -> float | None:
     """The current champion's accuracy on *this* test set: from its tags when it was scored on the same
-    test set, otherwise by scoring its checkpoint here."""
+    test set, otherwise by scoring its checkpoint here. A champion of another modality or class list is no
+    baseline for this model: registering under its name is refused, naming both."""
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
+    ours = read_json(Path(model_dir) / "model.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(mlflow.artifacts.download_artifacts(run_id=champion.run_id, artifact_path="checkpoint/model.json",
+                                                        dst_path=tmp))
+        theirs = read_json(path)
+    mine = (zoo.modality(ours["preprocessing"]), ours["classes"])
+    held = (zoo.modality(theirs["preprocessing"]), theirs["classes"])
+    if mine != held:
+        raise ValueError(
+            f"register.model_name {name!r}: its champion (version {champion.version}) is a {held[0]} model of classes "
+            f"{held[1]}, this run's model is a {mine[0]} model of classes {mine[1]}; a model is only compared with "
+            "versions of the same task. Give this task its own register.model_name")
     if champion.tags.get("test_sha256") == report["test_sha256"] and "test_accuracy" in champion.tags:
         return float(champion.tags["test_accuracy"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -446,29 +477,38 @@ def _inputs(pre: dict) -> str:
 
 
 def model_card(
-    name: str, version: int, meta: dict, report: dict, export: dict, checks: list[Check], lineage: dict
+    name: str, version: int, meta: dict, report: dict, export: dict, checks: list[Check], lineage: dict,
+    candidate: str = "finetuned",
 ) -> str:
-    """A short markdown card: what the model is, how good, where it came from, and the gate's verdict."""
+    """A short markdown card: which model won and by how much, where it came from, and the gate's verdict."""
     def ci(v: list[float]) -> str:
         return f"[{v[0]:.4f}, {v[1]:.4f}]"
 
     rows = "\n".join(
-        f"| {m} | {report[m]['accuracy']:.4f} | {ci(report[m]['accuracy_ci95'])} | {report[m]['macro_f1']:.4f} |"
+        f"| {m}{' (this version)' if m == candidate else ''} | {report[m]['accuracy']:.4f} | "
+        f"{ci(report[m]['accuracy_ci95'])} | {report[m]['macro_f1']:.4f} |"
         for m in ("finetuned", *zoo.BASELINES)
     )
+    others = report["vs"] if candidate == "finetuned" else report["best_vs"]
+    vs_rows = "\n".join(f"| {candidate} - {m} | {c['gain']:+.4f} | {ci(c['gain_ci95'])} | {c['mcnemar_p']:.2g} |"
+                         for m, c in others.items())
     gate_rows = "\n".join(f"| {c.name} | {c.value} | {c.rule} | {'pass' if c.passed else 'FAIL'} |" for c in checks)
-    return f"""# {name} version {version}
+    paid = ("transfer paid" if report["transfer_verdict"] == "positive" else "transfer did not clearly pay")
+    return f"""# {name} version {version}: {candidate}
 
-{meta['architecture']} fine-tuned (all layers, {meta['train'].get('epochs')} epochs, best epoch
-{meta['train'].get('best_epoch')}) from pre-trained weights sha256 `{meta['pretrained_sha256']}`, on
-{meta['train'].get('n_train')} labelled {_inputs(meta['preprocessing'])}; classes: {', '.join(meta['classes'])}.
-Verdict on transfer: **{report['verdict']}**, gain over the same network trained from scratch
-{report['transfer_gain']:+.4f} (95% CI {ci(report['transfer_gain_ci95'])}, McNemar p = {report['mcnemar_p']:.2g}),
-on {report['n_test']} test examples (test set sha256 `{report['test_sha256'][:16]}`).
+**{answer(report)}** This version is the **{candidate}** model ({meta['architecture']}, {meta['init']} weights)
+for {_inputs(meta['preprocessing'])}; classes: {', '.join(meta['classes'])}.
+Fine-tuned vs the same network from random weights: {report['transfer_gain']:+.4f}
+(95% CI {ci(report['transfer_gain_ci95'])}, McNemar p = {report['mcnemar_p']:.2g}): {paid}.
+Scored on {report['n_test']} test examples (test set sha256 `{report['test_sha256'][:16]}`).
 
 | model | test accuracy | 95% CI | macro-F1 |
 |---|---|---|---|
 {rows}
+
+| comparison | accuracy gain | 95% CI (paired bootstrap) | McNemar p |
+|---|---|---|---|
+{vs_rows}
 
 ## Gate: {'passed' if all(c.passed for c in checks) else 'FAILED'}
 
@@ -518,7 +558,7 @@ def describe_alias(store: Store, name: str, alias: str) -> dict[str, Any] | None
     return {"version": int(mv.version), "run_id": mv.run_id, "tags": dict(mv.tags)}
 
 
-GATE_CHECKS = ("min_accuracy", "gain_over_scratch", "onnx_parity", "vs_champion")
+GATE_CHECKS = ("min_accuracy", "beats_alternatives", "onnx_parity", "vs_champion")
 
 
 class PromotionRefused(Exception):

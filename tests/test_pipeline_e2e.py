@@ -74,7 +74,21 @@ def test_evaluate_metrics_contract(project, first_run):
     assert lo <= ev["transfer_gain"] <= hi
     assert ev["transfer_gain"] == pytest.approx(ev["finetuned"]["accuracy"] - ev["scratch"]["accuracy"])
     assert 0 <= ev["mcnemar_p"] <= 1
+    assert ev["transfer_verdict"] == ("positive" if lo > 0 else "negative" if hi < 0 else "inconclusive")
+    # the verdict answers against the best alternative, each alternative with its own paired interval
+    assert set(ev["vs"]) == {"scratch", "linear_probe", "floor"}
+    alt = ev["best_alternative"]
+    assert ev[alt]["accuracy"] == max(ev[m]["accuracy"] for m in ev["vs"])
+    for m, c in ev["vs"].items():
+        assert c["gain"] == pytest.approx(ev["finetuned"]["accuracy"] - ev[m]["accuracy"])
+        assert c["gain_ci95"][0] <= c["gain"] <= c["gain_ci95"][1]
+    lo, hi = ev["vs"][alt]["gain_ci95"]
     assert ev["verdict"] == ("positive" if lo > 0 else "negative" if hi < 0 else "inconclusive")
+    assert ev[ev["best"]]["accuracy"] == max(ev[m]["accuracy"] for m in ("finetuned", *ev["vs"]))
+    summary = json.loads((project / "reports/summary.json").read_text())
+    assert summary["best"] == ev["best"] and summary["verdict"] == ev["verdict"]
+    assert summary["models"]["floor"]["val_accuracy"] == ev["floor"]["val_accuracy"]
+    assert summary["registered"]["candidate"] == ev["best"]
     assert ev["n_test"] == 200
     assert ev["finetuned"]["accuracy"] > 0.3  # even the smoke settings learn (chance is 0.1)
     assert sorted(p.name for p in (project / "plots/evaluate").iterdir()) == [
@@ -92,7 +106,7 @@ def test_onnx_export_matches_pytorch_on_the_test_set(project, first_run):
     assert ex["int8_size_bytes"] < ex["size_bytes"] / 2
     assert ex["int8_relative_drop"] == pytest.approx((ex["fp32_accuracy"] - ex["int8_accuracy"]) / ex["fp32_accuracy"])
     assert ex["int8_accepted"] == (ex["int8_relative_drop"] <= Params.load(project / "params.yaml").export.int8_max_relative_drop)
-    assert ex["fp32_accuracy"] == pytest.approx(json.loads((project / "metrics/evaluate.json").read_text())["finetuned"]["accuracy"], abs=0.01)
+    assert ex["fp32_accuracy"] == pytest.approx(json.loads((project / "metrics/evaluate.json").read_text())[ex["model"]]["accuracy"], abs=0.01)
 
 
 def test_registered_version_lineage_and_alias_rule(project, first_run):
@@ -110,12 +124,17 @@ def test_registered_version_lineage_and_alias_rule(project, first_run):
     assert version.tags["params_sha256"] == Params.load(project / "params.yaml").digest()
     assert version.tags["verdict"] == ev["verdict"]
     assert float(version.tags["transfer_gain"]) == pytest.approx(ev["transfer_gain"], abs=1e-6)
-    assert len(version.tags["pretrained_sha256"]) == 64
+    # the run's best model is what was registered (register.candidate: best)
+    assert version.tags["candidate"] == receipt["candidate"] == ev["best"]
+    pretrained = receipt["candidate"] in ("finetuned", "linear_probe")
+    assert len(version.tags["pretrained_sha256"]) == (64 if pretrained else 0)
     # the gate, check by check; challenger exactly when every check passed
-    checks = ("min_accuracy", "gain_over_scratch", "onnx_parity", "vs_champion")
+    checks = ("min_accuracy", "beats_alternatives", "onnx_parity", "vs_champion")
     passed = {c: version.tags[f"gate.{c}.passed"] for c in checks}
     assert set(passed.values()) <= {"true", "false"}
-    assert passed["gain_over_scratch"] == str(ev["transfer_gain_ci95"][0] > 0).lower()
+    others = ev["vs"] if ev["best"] == "finetuned" else ev["best_vs"]
+    runner_up = max(others, key=lambda m: ev[m]["accuracy"])
+    assert passed["beats_alternatives"] == str(others[runner_up]["gain_ci95"][0] > 0).lower()
     assert passed["onnx_parity"] == "true" and passed["vs_champion"] == "true"  # no champion in a fresh store
     assert version.tags["gate.passed"] == str(all(v == "true" for v in passed.values())).lower()
     assert ("challenger" in receipt["aliases"]) == (version.tags["gate.passed"] == "true")
@@ -192,7 +211,7 @@ def test_report_from_the_real_run(project, first_run):
     assert text == res.stdout.rstrip("\n") + "\n"
     ev = json.loads((project / "metrics/evaluate.json").read_text())
     receipt = json.loads((project / "reports/registered.json").read_text())
-    assert f"**Transfer verdict: {ev['verdict']}**" in text
+    assert f"**Verdict: {ev['verdict']}**" in text and f"**Transfer verdict: {ev['transfer_verdict']}**" in text
     assert f"| finetuned | {ev['finetuned']['accuracy']:.4f} |" in text
     assert f"version {receipt['version']}" in text
     assert len(receipt["gate"]) == 5 and all(f"| {c['name']} |" in text for c in receipt["gate"])

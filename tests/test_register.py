@@ -18,8 +18,16 @@ EXPORT = {"max_abs_diff": 1e-5, "worst_tolerance_use": 0.1, "top1_agreement": 1.
           "int8_size_bytes": 5, "parity_passed": True}
 
 
-def _report(acc: float, gain_ci: tuple[float, float]) -> dict:
-    return {"finetuned": {"accuracy": acc}, "transfer_gain_ci95": list(gain_ci)}
+def _report(acc: float, gain_ci: tuple[float, float], **extra) -> dict:
+    """evaluate.json's shape: fine-tuned `acc`, every alternative 5 points below, the gains' interval `gain_ci`."""
+    verdict = "positive" if gain_ci[0] > 0 else "negative" if gain_ci[1] < 0 else "inconclusive"
+    vs = {m: {"gain": 0.05, "gain_ci95": list(gain_ci), "mcnemar_p": 0.01, "verdict": verdict}
+          for m in zoo.BASELINES}
+    report = {m: {"accuracy": acc - 0.05, **extra} for m in zoo.BASELINES}
+    report.update({"finetuned": {"accuracy": acc, **extra}, "vs": vs, "best_vs": vs, "best": "finetuned",
+                   "best_alternative": "scratch", "verdict": verdict, "transfer_verdict": verdict,
+                   "transfer_gain": 0.05, "transfer_gain_ci95": list(gain_ci), "mcnemar_p": 0.01})
+    return report
 
 
 @pytest.mark.parametrize(
@@ -27,7 +35,7 @@ def _report(acc: float, gain_ci: tuple[float, float]) -> dict:
     [
         (0.85, (0.05, 0.15), None, 0.5, []),
         (0.75, (0.05, 0.15), None, 0.5, ["min_accuracy"]),
-        (0.85, (-0.01, 0.15), None, 0.5, ["gain_over_scratch"]),
+        (0.85, (-0.01, 0.15), None, 0.5, ["beats_alternatives"]),
         (0.85, (0.05, 0.15), 0.86, 0.5, ["vs_champion"]),
         (0.85, (0.05, 0.15), 0.85, 0.5, []),
         (0.85, (0.05, 0.15), None, 1.5, ["onnx_parity"]),
@@ -35,8 +43,8 @@ def _report(acc: float, gain_ci: tuple[float, float]) -> dict:
 )
 def test_gate_fails_exactly_the_checks_that_are_not_met(acc, gain_ci, champion, parity, failed):
     checks = gate(_report(acc, gain_ci), {**EXPORT, "worst_tolerance_use": parity}, champion,
-                  RegisterParams(model_name="m", experiment="e"))
-    assert [c.name for c in checks] == ["min_accuracy", "gain_over_scratch", "onnx_parity", "vs_champion"]
+                  RegisterParams(model_name="m", experiment="e", min_accuracy=0.8))
+    assert [c.name for c in checks] == ["min_accuracy", "beats_alternatives", "onnx_parity", "vs_champion"]
     assert [c.name for c in checks if not c.passed] == failed
     assert all(c.value and c.rule for c in checks)
 
@@ -55,11 +63,9 @@ def _workspace(tmp_path, verdict: str, accuracy: float):
         meta = {"kind": path, "architecture": zoo.PIXEL_LINEAR, "init": "random", "pretrained_sha256": None,
                 "classes": classes, "preprocessing": pre, "train": {"epochs": 1}}
         zoo.save_checkpoint(tmp_path / path, zoo.build(zoo.PIXEL_LINEAR, 10, pre), meta)
-    model_metrics = {"accuracy": accuracy, "accuracy_ci95": [accuracy - 0.01, accuracy + 0.01], "macro_f1": accuracy}
-    report = {name: model_metrics for name in ("finetuned", "scratch", "linear_probe", "floor")}
     gain_ci = [0.05, 0.15] if verdict == "positive" else [-0.02, 0.1]
-    report.update({"transfer_gain": 0.1, "transfer_gain_ci95": gain_ci, "mcnemar_p": 0.001,
-                   "verdict": verdict, "test_sha256": "t" * 64, "n_test": 100})
+    report = _report(accuracy, gain_ci, accuracy_ci95=[accuracy - 0.01, accuracy + 0.01], macro_f1=accuracy)
+    report.update({"test_sha256": "t" * 64, "n_test": 100})
     write_json(tmp_path / "evaluate.json", report)
     write_json(tmp_path / "export.json", EXPORT)
     for name in ("model.onnx", "model_int8.onnx"):
@@ -108,7 +114,7 @@ def test_register_sets_challenger_only_when_earned(tmp_path, mlflow_store, monke
 
     # An inconclusive verdict never earns it, however accurate.
     inconclusive = _register(tmp_path / "3", mlflow_store, "inconclusive", 0.95, name)
-    assert inconclusive["aliases"] == [] and "gain_over_scratch" in inconclusive["challenger_reason"]
+    assert inconclusive["aliases"] == [] and "beats_alternatives" in inconclusive["challenger_reason"]
 
     better = _register(tmp_path / "4", mlflow_store, "positive", 0.85, name)
     assert better["aliases"] == ["challenger"]
@@ -138,7 +144,7 @@ def test_promotion_needs_a_passed_gate_or_a_recorded_reason(tmp_path, mlflow_sto
     res = subprocess.run([sys.executable, "-m", "flows.promote", str(bad)], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     assert res.returncode == 1, res.stdout + res.stderr
-    assert "gate.gain_over_scratch.passed is false" in res.stderr
+    assert "gate.beats_alternatives.passed is false" in res.stderr
     with pytest.raises(MlflowException):
         client.get_model_version_by_alias(name, "champion")
 
@@ -156,7 +162,7 @@ def test_promotion_needs_a_passed_gate_or_a_recorded_reason(tmp_path, mlflow_sto
     assert forced["forced"] and forced["previous"] == good
     tags = client.get_model_version(name, bad).tags
     assert tags["champion.forced_reason"] == "hotfix for class 6" and tags["champion.promoted_by"] == "alice"
-    assert "gain_over_scratch" in tags["champion.forced_over"]
+    assert "beats_alternatives" in tags["champion.forced_over"]
 
     rollback = promote_version(mlflow_store, name, good, by="alice")  # moving the alias back
     assert rollback["previous"] == bad and not rollback["forced"]
