@@ -8,10 +8,12 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 export PYTHONUNBUFFERED := 1
-# TASK=<name> applies presets/<name>.yaml to params.yaml before running: TASK=text is the WordNet text demo,
-# TASK=image switches back to the image demo (restored from DVC's run cache when nothing else changed).
-TASK ?=
-PRESET = $(if $(TASK),--preset presets/$(TASK).yaml)
+# NAME=<task> (or TASK=<task>) runs tasks/<task>.yaml: NAME=text is the WordNet text demo, NAME=image switches
+# back to the image demo (restored from DVC's run cache when nothing else changed). DATA=<image folder or
+# table file> NAME=<task> makes your data a task of its own on first use.
+NAME ?= $(TASK)
+PRESET = $(if $(NAME),--task $(NAME)) $(if $(DATA),--data "$(DATA)")
+TASKFILE = $(if $(NAME),--preset tasks/$(NAME).yaml)  # for the tools that take a partial params file
 # requirements.lock records a hash of the dependency lists it was resolved from, so an edited
 # pyproject.toml cannot silently run on stale pins.
 DEPS_HASH = $(shell $(PYTHON) -c "import tomllib,hashlib,json; p=tomllib.load(open('pyproject.toml','rb'))['project']; print(hashlib.sha256(json.dumps([p['dependencies'], p.get('optional-dependencies')], sort_keys=True).encode()).hexdigest())")
@@ -33,8 +35,7 @@ $(STAMP): pyproject.toml requirements.lock
 	@touch $@
 
 data: $(STAMP)  ## install the demo dataset the run will read (Debian) when it is missing
-	@$(if $(TASK),test -f presets/$(TASK).yaml || { echo "TASK=$(TASK): no presets/$(TASK).yaml (try TASK=image, text, text-dapt or pretrain)" >&2; exit 1; };) \
-	src=$$($(BIN)/python -c 'import sys, yaml; from stages.params import Params; p = sys.argv[1:] and yaml.safe_load(open(sys.argv[1])) or {}; print(p.get("paths", {}).get("source") or Params.load().paths.source)' $(if $(TASK),presets/$(TASK).yaml)); \
+	@src=$$($(BIN)/python -c 'import sys, yaml; from stages.params import Params; p = sys.argv[1:] and yaml.safe_load(open(sys.argv[1])) or {}; print(p.get("paths", {}).get("source") or Params.load().paths.source)' $(if $(NAME),$(wildcard tasks/$(NAME).yaml))); \
 	case "$$src" in \
 	  /usr/share/datasets/fashion-mnist) file=$$src/train-images-idx3-ubyte.gz; pkg=dataset-fashion-mnist;; \
 	  /usr/share/wordnet/data.noun) file=$$src; pkg=wordnet-base;; \
@@ -47,14 +48,14 @@ data: $(STAMP)  ## install the demo dataset the run will read (Debian) when it i
 	  echo "$$src is missing. Run: sudo apt-get install $$pkg, or set paths.source in params.yaml." >&2; exit 1; \
 	fi
 
-run: setup  ## run the pipeline (only what changed) and print the summary; TASK=image|text|text-dapt|pretrain applies that preset
+run: setup  ## run the pipeline (only what changed) and print the summary; NAME=image|text|text-dapt|pretrain|<yours> [DATA=<path>]
 	$(BIN)/python -m flows.pipeline $(PRESET)
 
 compare: setup  ## fine-tuning strategies side by side -> metrics/strategies.json, plots/strategies.png; TASK=text|image
-	$(BIN)/python -m flows.compare $(PRESET)
+	$(BIN)/python -m flows.compare $(TASKFILE)
 
 curves: setup  ## label-efficiency curves, fine-tuned vs scratch -> metrics/label_efficiency.json, plots/label_efficiency.png
-	$(BIN)/python -m flows.curves $(PRESET)
+	$(BIN)/python -m flows.curves $(TASKFILE)
 
 smoke: setup  ## the pipeline on presets/smoke.yaml (CI on pull requests; WRITES those settings into params.yaml)
 	$(BIN)/python -m flows.pipeline --preset presets/smoke.yaml
@@ -63,7 +64,7 @@ report: setup  ## markdown report of the last run vs BASE (default HEAD) and the
 	$(BIN)/python -m flows.report --base $(or $(BASE),HEAD)
 
 test: setup postgres  ## run every test, the slow end-to-end ones included
-	@$(MAKE) --no-print-directory data TASK=text  # the text demo's WordNet, for the end-to-end tests
+	@$(MAKE) --no-print-directory data NAME=text  # the text demo's WordNet, for the end-to-end tests
 	$(BIN)/python -m pytest
 
 postgres:  # PostgreSQL binaries for tests/test_servers.py (Debian's postgresql package; started by the test)
@@ -98,13 +99,13 @@ bench: setup  ## measure serving latency: PyTorch vs ONNX Runtime fp32 vs int8 (
 	$(BIN)/python bench/serve.py
 
 bench-selection: setup  ## does select's ranking predict the trained accuracy? Kendall tau (TASK=text|image|pretrain; after make run)
-	$(BIN)/python bench/selection.py $(PRESET)
+	$(BIN)/python bench/selection.py $(TASKFILE)
 
 bench-augment: setup  ## what each image augmentation buys: fine-tuned and scratch per finetune.augment mode (after make run)
 	$(BIN)/python bench/augment.py
 
 bench-recipe: setup  ## tune settings on a development split, never the test set: ARGS='--variant finetune.lr=5.0e-5 ...' (TASK=...)
-	$(BIN)/python bench/recipe.py $(PRESET) $(ARGS)
+	$(BIN)/python bench/recipe.py $(TASKFILE) $(ARGS)
 
 bench-overhead: setup  ## measure what Prefect + DVC add to the stages' own time (smoke preset, scratch copy)
 	$(BIN)/python bench/overhead.py

@@ -7,7 +7,7 @@ dropped from it), trains the reference recipe (params.yaml + preset) and each va
 prepared training split, and scores them on it: accuracy with a 95% bootstrap interval, and each variant's
 paired difference from the reference (same examples, averaged over the seeds) with its interval.
 
-Run:  .venv/bin/python bench/recipe.py --preset presets/text.yaml --variant finetune.lr=5.0e-5 \\
+Run:  .venv/bin/python bench/recipe.py --preset tasks/text.yaml --variant finetune.lr=5.0e-5 \\
           --variant finetune.epochs=20 --seeds 0 1
       .venv/bin/python bench/recipe.py --kind scratch --variant baseline.scratch_lr=1.0e-3
 A variant is one or more space-separated key=value settings (YAML values, checked like params.yaml).
@@ -91,7 +91,7 @@ def train_and_score(params: Params, kind: str, seed: int, dev: Split, tmp: Path)
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", type=Path, help="a partial params file applied in memory (e.g. presets/text.yaml)")
+    parser.add_argument("--preset", type=Path, help="a partial params file applied in memory (e.g. tasks/text.yaml)")
     parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[ KEY=VALUE...]",
                         help="settings that differ from the reference; repeat for more variants")
     parser.add_argument("--kind", choices=["finetuned", "scratch"], default="finetuned")

@@ -6,7 +6,7 @@ floor. Reports Kendall's tau between each score and the test accuracies, and the
 one fine-tune of the default model, both measured in this run.
 
 Run:  .venv/bin/python bench/selection.py                        # the task params.yaml is set to
-      .venv/bin/python bench/selection.py --preset presets/text.yaml   # another, without touching params.yaml
+      .venv/bin/python bench/selection.py --preset tasks/text.yaml   # another, without touching params.yaml
 Needs the prepared data of that task (make run TASK=...). Everything it trains goes to a temporary folder.
 Prints a table and writes bench/results/selection-<dataset>.json."""
 
@@ -82,7 +82,7 @@ def trained_accuracy(name: str, params: Params, tmp: Path, text_files: Path | No
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", type=Path, help="a partial params file applied in memory (e.g. presets/text.yaml)")
+    parser.add_argument("--preset", type=Path, help="a partial params file applied in memory (e.g. tasks/text.yaml)")
     args = parser.parse_args(argv)
     params = params_with(args.preset)
     paths = params.paths

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these compare.strategies entries")
     parser.add_argument("--preset", type=Path, action="append", default=[], metavar="FILE",
-                        help="apply a partial params file first (e.g. presets/text.yaml), as flows.pipeline does")
+                        help="apply a partial params file first (e.g. tasks/text.yaml), as flows.pipeline does")
     args = parser.parse_args(argv)
     apply_presets(Path(args.params), args.preset)
     params = Params.load(Path(args.params))  # fail on a bad params file before anything starts

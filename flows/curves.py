@@ -6,7 +6,7 @@ curves/dvc.yaml that is out of date (DVC skips the rest), then writes paths.labe
 paths.label_efficiency_plot and logs them to MLflow as a run named "curves".
 
 Run:  python -m flows.curves                    (what `make curves` does)
-      python -m flows.curves --preset presets/text.yaml
+      python -m flows.curves --preset tasks/text.yaml
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     parser.add_argument("--preset", type=Path, action="append", default=[], metavar="FILE",
-                        help="apply a partial params file first (e.g. presets/text.yaml), as flows.pipeline does")
+                        help="apply a partial params file first (e.g. tasks/text.yaml), as flows.pipeline does")
     args = parser.parse_args(argv)
     apply_presets(Path(args.params), args.preset)
     Params.load(Path(args.params))  # fail on a bad params file before anything starts

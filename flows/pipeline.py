@@ -1,8 +1,10 @@
 """The headstart pipeline as a Prefect flow: one task per DVC stage, each run through `dvc repro`, so DVC
 decides what is out of date and dvc.lock stays the record; Prefect adds retries, logs and schedules.
 
-Run:  python -m flows.pipeline                           (what `make run` does)
-      python -m flows.pipeline --set finetune.epochs=3   (change a setting in params.yaml, then run)
+Run:  python -m flows.pipeline                           (what `make run` does: the task params.yaml holds)
+      python -m flows.pipeline --task text               (another task: tasks/text.yaml; make run NAME=text)
+      python -m flows.pipeline --data ~/photos --task photos   (your data: creates tasks/photos.yaml once)
+      python -m flows.pipeline --set finetune.epochs=3   (a setting for this run only; task keys go to the task file)
       python -m flows.pipeline --preset presets/smoke.yaml   (apply a preset: a partial params.yaml)
 With PREFECT_API_URL set, the run is recorded on that server; otherwise Prefect starts a temporary local
 one. When `dvc status` says nothing changed, the flow is not started at all: nothing would run, and
@@ -18,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger, task
 
+from flows import tasks
 from stages.params import Params
 
 STAGES = ("prepare", "select", "finetune", "baseline", "evaluate", "export", "register")
@@ -247,16 +251,17 @@ def summary(params: Params) -> str:
                    f"{e['fp32_accuracy']:.4f} ({'accepted' if e['int8_accepted'] else 'rejected'}), "
                    f"{e['int8_size_bytes'] / 1e6:.1f} MB vs {e['size_bytes'] / 1e6:.1f} MB")
     out.append("Browse runs and the registry: make ui  (then open http://127.0.0.1:5000)")
-    write_summary(paths.summary, ev, registered)
+    write_summary(paths.summaries / params.task / "summary.json", ev, registered, params.task)
     return "\n".join(out)
 
 
-def write_summary(path: Path, ev: dict, registered: dict | None) -> None:
+def write_summary(path: Path, ev: dict, registered: dict | None, task: str) -> None:
     """The run's result for machines (CI jobs, the PR report, scripts): every model, the best, the verdict."""
     from stages.files import write_json
 
     keys = ("accuracy", "accuracy_ci95", "val_accuracy")
     write_json(path, {
+        "task": task,
         "models": {m: {k: ev[m][k] for k in keys} for m in ("finetuned", "scratch", "linear_probe", "floor")},
         "best": ev["best"],
         "best_alternative": ev["best_alternative"],
@@ -328,25 +333,93 @@ def read_preset(path: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument("--task", "--name", dest="task", metavar="NAME",
+                        help="run this task (tasks/NAME.yaml): image, text, text-dapt, pretrain, or one of your own")
+    parser.add_argument("--data", type=Path, metavar="PATH",
+                        help="with --task: your data (an image folder, or a .csv/.jsonl/.parquet table); creates "
+                             "tasks/NAME.yaml on first use")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="change a setting in the params file before running, e.g. --set prepare.per_class=50")
+                        help="change a setting: a task key (e.g. prepare.per_class=50) is written into the task's "
+                             "file; any other (e.g. finetune.epochs=3) applies to this run only")
     parser.add_argument("--preset", type=Path, action="append", default=[], metavar="FILE",
-                        help="apply a partial params file (e.g. presets/smoke.yaml) before running; --set wins")
+                        help="apply a partial params file (e.g. presets/smoke.yaml) to params.yaml before running")
     args = parser.parse_args(argv)
-    overrides = {k: v for preset in args.preset for k, v in read_preset(preset).items()}
-    overrides.update(parse_overrides(args.overrides))
-    Params.load(Path(args.params))  # fail on a bad params file before anything starts
     try:
-        with workspace_lock():
-            if overrides:
-                apply_overrides(Path(args.params), overrides)
-            if stale_stages(Params.load(Path(args.params))):
-                pipeline(params_file=args.params)
+        run_only = prepare_run(Path(args.params), args.task, args.data, args.preset, parse_overrides(args.overrides))
+    except (tasks.TaskError, KeyError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    params_file = Path(args.params)
+    try:
+        with workspace_lock(), one_run(params_file, run_only):
+            if stale_stages(Params.load(params_file)):
+                pipeline(params_file=str(params_file))
             else:
                 print("dvc status: data, code and params unchanged since the last run; nothing to retrain.")
+            print(summary(Params.load(params_file)))
     except WorkspaceBusy as e:
         raise SystemExit(f"error: {e}") from None
-    print(summary(Params.load(Path(args.params))))
+
+
+def prepare_run(params_file: Path, task: str | None, data: Path | None, presets: list[Path],
+                overrides: dict[str, Any]) -> dict[str, Any]:
+    """Switch params.yaml to `task` (creating it from `data` first), apply presets, and write the overrides
+    that are task keys into the task's file. Returns the overrides that apply to this run only. Everything
+    is checked before anything is written."""
+    Params.load(params_file)  # fail on a bad params file before anything starts
+    current = Params.load(params_file).task
+    name = task or current
+    if data is not None and task is None:
+        raise tasks.TaskError("DATA= needs NAME=<task name>, e.g. make run DATA=~/photos NAME=photos")
+    keys = tasks.task_keys()
+    for_task = {k: v for k, v in overrides.items() if k in keys}
+    run_only = {k: v for k, v in overrides.items() if k not in keys}
+    path = tasks.task_file(name)
+    if data is not None:
+        if not path.exists():  # refuse bad data before writing anything
+            tasks.infer(data, for_task.get("prepare.label_column", "label"), for_task.get("prepare.text_column", "text"))
+        elif tasks.load(name)["paths.source"] != str(data):
+            raise tasks.TaskError(f"task {name!r} already reads {tasks.load(name)['paths.source']} ({path}); give "
+                                  f"this data another NAME, or edit paths.source in {path}")
+    elif not path.exists():
+        tasks.load(name)  # the "no such task" message
+    if run_only:  # checked now, applied for the run: a typo fails before anything is written
+        with tempfile.TemporaryDirectory() as tmp:
+            probe = Path(tmp) / "params.yaml"
+            probe.write_text(params_file.read_text())
+            apply_overrides(probe, run_only)
+    with workspace_lock():
+        if data is not None and not path.exists():
+            tasks.create(name, data, for_task)
+            print(f"created {path} ({tasks.load(name)['prepare.dataset']}): this task's settings; edit it freely")
+        elif for_task:
+            tasks.update(name, for_task)
+            print(f"{path}: " + ", ".join(f"{k}={v}" for k, v in for_task.items()) + " (this task's settings from now on)")
+        if task is not None or for_task:
+            apply_overrides(params_file, {**tasks.load(name), "task": name})
+            if name != current:
+                print(f"switched params.yaml from task {current} to {name} (tasks/{name}.yaml)")
+        for preset in presets:
+            apply_overrides(params_file, read_preset(preset))
+    if run_only:
+        print("for this run only: " + ", ".join(f"{k}={v}" for k, v in run_only.items()))
+    return run_only
+
+
+@contextlib.contextmanager
+def one_run(params_file: Path, overrides: dict[str, Any]):
+    """`overrides` written into params.yaml for the run, and the file as it was afterwards: a one-off setting
+    never carries over into the next run or task (dvc.lock still records what this run used)."""
+    if not overrides:
+        yield
+        return
+    before = params_file.read_text()
+    apply_overrides(params_file, overrides)
+    try:
+        yield
+    finally:
+        from stages.files import write_text
+
+        write_text(params_file, before)
 
 
 if __name__ == "__main__":

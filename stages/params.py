@@ -39,7 +39,7 @@ class Paths:
     evaluate_metrics: Path
     evaluate_plots: Path
     registered: Path
-    summary: Path
+    summaries: Path
     onnx: Path
     onnx_int8: Path
     export_metrics: Path
@@ -248,6 +248,7 @@ class Params:
     pretrain: PretrainParams = field(default_factory=PretrainParams)
     dapt: DaptParams = field(default_factory=DaptParams)
     schedule: ScheduleParams = field(default_factory=ScheduleParams)
+    task: str = "image"  # the task these settings are for: tasks/<task>.yaml holds its own keys
 
     @classmethod
     def load(cls, path: Path = Path("params.yaml")) -> Params:

@@ -129,13 +129,16 @@ def test_csv_texts_through_the_flow_record_the_data_version(tmp_path):
     sh([sys.executable, "-m", "dvc", "add", "-q", "data/raw/glosses.csv"], project)
     sh(GIT + ["add", "-A"], project)
     sh(GIT + ["commit", "-qm", "my data"], project)
-    sets = {"paths.source": "data/raw/glosses.csv", "prepare.dataset": "text-table", "prepare.per_class": 6,
-            "prepare.val_per_class": 2, "prepare.test_per_class": 4, "model.name": "hf:sentence-transformers/all-MiniLM-L6-v2",
+    sets = {"prepare.per_class": 6, "prepare.val_per_class": 2, "prepare.test_per_class": 4,
             "finetune.epochs": 2, "finetune.batch_size": 8, "finetune.lr": 1.0e-4, "finetune.augment": False,
             "finetune.probe_c": [1.0], "evaluate.n_bootstrap": 200, "register.model_name": "my-topics"}
-    args = [sys.executable, "-m", "flows.pipeline"] + [f"--set={k}={v}" for k, v in sets.items()]
-    res = sh(args, project, flow_env(project))
-    assert "verdict" in res.stdout
+    args = [sys.executable, "-m", "flows.pipeline", "--data", "data/raw/glosses.csv", "--task", "topics"]
+    res = sh(args + [f"--set={k}={v}" for k, v in sets.items()], project, flow_env(project))
+    assert "verdict" in res.stdout and "created tasks/topics.yaml (text-table)" in res.stdout
+    assert "for this run only: finetune.epochs=2" in res.stdout
+    task = yaml.safe_load((project / "tasks/topics.yaml").read_text())
+    assert task["prepare"]["per_class"] == 6 and task["model"]["name"] == "hf:sentence-transformers/all-MiniLM-L6-v2"
+    assert "epochs: auto" in (project / "params.yaml").read_text()  # the one-off setting is gone again
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     dvc_file = yaml.safe_load((data / "glosses.csv.dvc").read_text())
     dep = next(d for d in lock["stages"]["prepare"]["deps"] if d["path"] == "data/raw/glosses.csv")

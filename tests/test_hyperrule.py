@@ -91,7 +91,7 @@ def test_each_demo_gets_the_settings_it_was_tuned_with(tmp_path, preset, n, expe
     """The rule reproduces the hand-tuned values the demos' measured results were obtained with."""
     params = tmp_path / "params.yaml"
     params.write_text((ROOT / "params.yaml").read_text())
-    apply_overrides(params, read_preset(ROOT / f"presets/{preset}.yaml"))
+    apply_overrides(params, read_preset(ROOT / f"tasks/{preset}.yaml"))
     p = Params.load(params)
     classes = len(p.prepare.classes or range(10))
     assert p.prepare.per_class * classes == n

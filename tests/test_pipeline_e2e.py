@@ -85,7 +85,7 @@ def test_evaluate_metrics_contract(project, first_run):
     lo, hi = ev["vs"][alt]["gain_ci95"]
     assert ev["verdict"] == ("positive" if lo > 0 else "negative" if hi < 0 else "inconclusive")
     assert ev[ev["best"]]["accuracy"] == max(ev[m]["accuracy"] for m in ("finetuned", *ev["vs"]))
-    summary = json.loads((project / "reports/summary.json").read_text())
+    summary = json.loads((project / "reports/image/summary.json").read_text())
     assert summary["best"] == ev["best"] and summary["verdict"] == ev["verdict"]
     assert summary["models"]["floor"]["val_accuracy"] == ev["floor"]["val_accuracy"]
     assert summary["registered"]["candidate"] == ev["best"]
@@ -230,8 +230,7 @@ def test_switching_to_the_text_demo_and_back_retrains_nothing(project, first_run
         "models/onnx/model.onnx", "metrics/evaluate.json", "reports/registered.json")}
     tiny = ["--set", "prepare.per_class=4", "--set", "prepare.val_per_class=2", "--set", "prepare.test_per_class=5",
             "--set", "finetune.epochs=1"]
-    text = sh([sys.executable, "-m", "flows.pipeline", "--preset", "presets/text.yaml", *tiny], project,
-              flow_env(project))
+    text = sh([sys.executable, "-m", "flows.pipeline", "--task", "text", *tiny], project, flow_env(project))
     for stage in ("prepare", "finetune", "baseline", "evaluate", "export", "register"):
         assert f"Running stage '{stage}'" in text.stdout, stage
     ev = json.loads((project / "metrics/evaluate.json").read_text())
@@ -239,8 +238,10 @@ def test_switching_to_the_text_demo_and_back_retrains_nothing(project, first_run
     assert json.loads((project / "metrics/export.json").read_text())["parity_passed"]
     assert json.loads((project / "reports/registered.json").read_text())["model_name"] == "headstart-wordnet-topics"
 
-    back = sh([sys.executable, "-m", "flows.pipeline", "--preset", "presets/image.yaml", "--preset",
-               "presets/smoke.yaml"], project, flow_env(project))
+    assert json.loads((project / "reports/text/summary.json").read_text())["registered"]["model_name"] == \
+        "headstart-wordnet-topics"
+    back = sh([sys.executable, "-m", "flows.pipeline", "--task", "image", "--preset", "presets/smoke.yaml"], project,
+              flow_env(project))
     # prepare may run again (a second of reading; DVC keeps no run cache for it here), but writes the same
     # bytes, so every later stage is found in the run cache: nothing trains, evaluates or exports again.
     for stage in ("finetune", "baseline", "evaluate", "export", "register"):

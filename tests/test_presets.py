@@ -31,7 +31,7 @@ OTHERS = ("text", "text-dapt", "pretrain")
 def test_the_image_preset_resets_everything_the_other_presets_set(tmp_path, other):
     """`make run TASK=text` (or pretrain) then `make run TASK=image` must land on exactly the committed image
     settings, or DVC's run cache would not recognise them and the image models would retrain."""
-    text, image = read_preset(ROOT / f"presets/{other}.yaml"), read_preset(ROOT / "presets/image.yaml")
+    text, image = read_preset(ROOT / f"tasks/{other}.yaml"), read_preset(ROOT / "tasks/image.yaml")
     assert set(text) == set(image)  # every task preset sets the same keys: switching leaves nothing behind
     params = tmp_path / "params.yaml"
     params.write_text((ROOT / "params.yaml").read_text())

@@ -96,7 +96,7 @@ def test_the_flow_runs_the_pre_training_stages_a_task_uses_and_only_those(tmp_pa
     path = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", path)
     if preset:
-        apply_overrides(path, read_preset(ROOT / "presets" / f"{preset}.yaml"))
+        apply_overrides(path, read_preset(ROOT / "tasks" / f"{preset}.yaml"))
     assert pretrain_stages(Params.load(path)) == stages
 
 
