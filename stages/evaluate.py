@@ -59,8 +59,8 @@ def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path
             "val_accuracy": val_acc[name],
         }
 
-    correct = {name: pred == y for name, pred in preds.items()}
-    vs = {alt: compare(correct["finetuned"], correct[alt], p) for alt in correct if alt != "finetuned"}
+    right = {name: pred == y for name, pred in preds.items()}
+    vs = {alt: compare(right["finetuned"], right[alt], p) for alt in right if alt != "finetuned"}
     best_alternative = max(vs, key=lambda alt: report[alt]["accuracy"])
     best = winner(report)
     report.update({
@@ -71,7 +71,7 @@ def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path
         "best": best,
         # the model that wins, against each other one (what a candidate other than finetuned must show)
         "best_vs": vs if best == "finetuned" else
-        {other: compare(correct[best], correct[other], p) for other in correct if other != best},
+        {other: compare(right[best], right[other], p) for other in right if other != best},
         # did transfer pay: fine-tuned vs the same network from random weights
         "transfer_gain": vs["scratch"]["gain"],
         "transfer_gain_ci95": vs["scratch"]["gain_ci95"],

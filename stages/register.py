@@ -125,6 +125,9 @@ def run(
     client = MlflowClient()
     key = run_key(model_dir, evaluation, exported, lineage)
     earlier = _registered_for(client, experiment_id, p.model_name, key)
+    latest = _latest_version(client, p.model_name)
+    if earlier is None and latest is not None:  # before anything is logged: a refusal leaves the store as it was
+        check_same_task(latest, p.model_name, model_dir)
 
     if earlier is None:
         with mlflow.start_run(experiment_id=experiment_id, run_name="pipeline") as parent:
@@ -379,6 +382,27 @@ def _register(client: MlflowClient, run_id: str, model_dir: Path, name: str, rep
     return version
 
 
+def check_same_task(version, name: str, model_dir: Path) -> None:
+    """Refuse, naming both, when a registered `version` of `name` is of another modality or class list than
+    the model in `model_dir`: versions of one registered model are one task's, compared on its test set."""
+    ours = read_json(Path(model_dir) / "model.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs = read_json(Path(mlflow.artifacts.download_artifacts(
+            run_id=version.run_id, artifact_path="checkpoint/model.json", dst_path=tmp)))
+    mine = (zoo.modality(ours["preprocessing"]), ours["classes"])
+    held = (zoo.modality(theirs["preprocessing"]), theirs["classes"])
+    if mine != held:
+        raise ValueError(
+            f"register.model_name {name!r}: its version {version.version} is a model of {held[0]}s, classes {held[1]}; "
+            f"this run's model is of {mine[0]}s, classes {mine[1]}; a registered model holds one task's "
+            "versions. Give this task its own register.model_name (make run DATA=... NAME=... does)")
+
+
+def _latest_version(client: MlflowClient, name: str):
+    found = client.search_model_versions(f"name='{name}'")
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
 def _champion_accuracy(client: MlflowClient, name: str, report: dict, prepared: Path, model_dir: Path
                        ) -> float | None:
     """The current champion's accuracy on *this* test set: from its tags when it was scored on the same
@@ -388,18 +412,7 @@ def _champion_accuracy(client: MlflowClient, name: str, report: dict, prepared: 
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
-    ours = read_json(Path(model_dir) / "model.json")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(mlflow.artifacts.download_artifacts(run_id=champion.run_id, artifact_path="checkpoint/model.json",
-                                                        dst_path=tmp))
-        theirs = read_json(path)
-    mine = (zoo.modality(ours["preprocessing"]), ours["classes"])
-    held = (zoo.modality(theirs["preprocessing"]), theirs["classes"])
-    if mine != held:
-        raise ValueError(
-            f"register.model_name {name!r}: its champion (version {champion.version}) is a {held[0]} model of classes "
-            f"{held[1]}, this run's model is a {mine[0]} model of classes {mine[1]}; a model is only compared with "
-            "versions of the same task. Give this task its own register.model_name")
+    check_same_task(champion, name, model_dir)
     if champion.tags.get("test_sha256") == report["test_sha256"] and "test_accuracy" in champion.tags:
         return float(champion.tags["test_accuracy"])
     with tempfile.TemporaryDirectory() as tmp:

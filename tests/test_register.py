@@ -54,15 +54,15 @@ def test_max_regression_allows_trailing_the_champion_a_little():
     assert all(c.passed for c in gate(_report(0.85, (0.05, 0.1)), EXPORT, 0.86, p))
 
 
-def _workspace(tmp_path, verdict: str, accuracy: float):
+def _workspace(tmp_path, verdict: str, accuracy: float, n_classes: int = 10):
     """Checkpoints and an evaluate.json as the earlier stages would leave them, with tiny linear models."""
     pre = zoo.preprocessing(zoo.PIXEL_LINEAR, 28)
-    classes = [str(i) for i in range(10)]
+    classes = [str(i) for i in range(n_classes)]
     torch.manual_seed(0)
     for path in ("finetuned", "baselines/scratch", "baselines/linear_probe", "baselines/floor"):
         meta = {"kind": path, "architecture": zoo.PIXEL_LINEAR, "init": "random", "pretrained_sha256": None,
                 "classes": classes, "preprocessing": pre, "train": {"epochs": 1}}
-        zoo.save_checkpoint(tmp_path / path, zoo.build(zoo.PIXEL_LINEAR, 10, pre), meta)
+        zoo.save_checkpoint(tmp_path / path, zoo.build(zoo.PIXEL_LINEAR, n_classes, pre), meta)
     gain_ci = [0.05, 0.15] if verdict == "positive" else [-0.02, 0.1]
     report = _report(accuracy, gain_ci, accuracy_ci95=[accuracy - 0.01, accuracy + 0.01], macro_f1=accuracy)
     report.update({"test_sha256": "t" * 64, "n_test": 100})
@@ -75,8 +75,8 @@ def _workspace(tmp_path, verdict: str, accuracy: float):
     return history
 
 
-def _register(tmp_path, store, verdict, accuracy, name):
-    history = _workspace(tmp_path, verdict, accuracy)
+def _register(tmp_path, store, verdict, accuracy, name, n_classes=10):
+    history = _workspace(tmp_path, verdict, accuracy, n_classes)
     return run(tmp_path / "prepared", tmp_path / "finetuned", tmp_path / "baselines", {"finetuned": history},
                tmp_path / "evaluate.json", tmp_path / "plots", tmp_path / "export.json",
                {"fp32": tmp_path / "model.onnx", "int8": tmp_path / "model_int8.onnx"}, tmp_path / "registered.json",
@@ -254,3 +254,15 @@ def test_a_retrained_model_that_forgets_the_previous_data_version_is_refused_cha
     shutil.rmtree(tmp_path / ".dvc" / "cache")
     gone = register("b-gone", "B", predicts=1)
     assert next(c for c in gone["gate"] if c["name"] == "previous_data")["value"].endswith("not in the DVC cache")
+
+
+@pytest.mark.slow
+def test_a_model_of_another_task_is_never_registered_under_the_same_name(tmp_path, mlflow_store, monkeypatch):
+    """A 3-class model after a 10-class one under one registered name: refused, naming both, nothing added."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    name = "one-task-per-name"
+    first = _register(tmp_path / "1", mlflow_store, "positive", 0.80, name)
+    with pytest.raises(ValueError, match=r"version \d+ is a model of images, classes \['0', '1'.*this run's model is of "
+                                         r"images, classes \['0', '1', '2'\]"):
+        _register(tmp_path / "2", mlflow_store, "positive", 0.80, name, n_classes=3)
+    assert [int(v.version) for v in MlflowClient().search_model_versions(f"name='{name}'")] == [first["version"]]
