@@ -162,9 +162,9 @@ class RegisterParams:
 @dataclass(frozen=True)
 class ExportParams:
     opset: int = _f(17, ge=13)
-    spread_factor: float = _f(20.0, gt=0)
+    spread_factor: float = _f(30.0, gt=0)
     min_tolerance: float = _f(1e-5, gt=0)
-    spread_examples: int = _f(128, ge=1)
+    spread_examples: int = _f(512, ge=1)
     min_top1_agreement: float = _f(0.999, gt=0, le=1)
     int8_max_relative_drop: float = _f(0.01, ge=0, le=1)
     batch_size: int = _f(256, ge=1)
