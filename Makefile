@@ -12,7 +12,8 @@ export PYTHONUNBUFFERED := 1
 # back to the image demo (restored from DVC's run cache when nothing else changed). DATA=<image folder or
 # table file> NAME=<task> makes your data a task of its own on first use.
 NAME ?= $(TASK)
-PRESET = $(if $(NAME),--task $(NAME)) $(if $(DATA),--data "$(DATA)")
+# SET="key=value ..." passes --set for each: a task key is written into the task's file, any other is one run's.
+PRESET = $(if $(NAME),--task "$(NAME)") $(if $(DATA),--data "$(DATA)") $(foreach s,$(SET),--set "$(s)")
 TASKFILE = $(if $(NAME),--preset tasks/$(NAME).yaml)  # for the tools that take a partial params file
 # requirements.lock records a hash of the dependency lists it was resolved from, so an edited
 # pyproject.toml cannot silently run on stale pins.

@@ -80,7 +80,8 @@ def infer(data: Path, label_column: str = "label", text_column: str = "text") ->
         p = SimpleNamespace(text_column=text_column, label_column=label_column, encoding="utf-8")
         _, labels = datasets._read_table(train, p, [])
     except (ValueError, FileNotFoundError) as e:
-        hint = ("; name your columns with --set prepare.text_column=<column> --set prepare.label_column=<column>"
+        hint = ("; name your columns: make run ... SET='prepare.text_column=<column> prepare.label_column=<column>' "
+                "(or --set each)"
                 if "has no column" in str(e) else "")
         raise TaskError(f"DATA={data}: {e}{hint}") from None
     counts: dict[str, int] = {}
@@ -167,4 +168,4 @@ def _write(path: Path, values: dict[str, Any], header: str) -> None:
             node = node.setdefault(key, {})
         node[leaf] = value
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, header + yaml.safe_dump(nested, sort_keys=False, default_flow_style=None, width=110))
+    write_text(path, header + yaml.safe_dump(nested, sort_keys=False, default_flow_style=False, width=110))
