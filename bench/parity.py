@@ -9,7 +9,7 @@ against the same network in float64 (`fp32_spread`, what the export stage measur
 Run after `make run` (or point --model/--onnx/--prepared at any checkpoint, ONNX file and prepared data; a
 missing ONNX file is exported first):
     .venv/bin/python bench/parity.py [--examples 512]
-Prints a table and writes bench/results/parity-<model>.json."""
+Prints a table and writes bench/results/parity-<model>@<input size>.json."""
 
 from __future__ import annotations
 
@@ -103,7 +103,8 @@ def main() -> None:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     meta = json.loads((Path(model) / "model.json").read_text())
-    key = meta["architecture"].split(":", 1)[-1].rstrip("/").split("/")[-1]
+    arch, pre = meta["architecture"].split(":", 1)[-1].rstrip("/").split("/")[-1], meta["preprocessing"]
+    key = f"{arch}@{pre['max_length']}tok" if pre.get("modality") == "text" else f"{arch}@{pre['image_size']}px"
     result = {
         "model": str(model), "architecture": meta["architecture"], "examples": args.examples, "cpu": cpu,
         "comparisons": {k: {"max": float(v.max()), "p99": float(np.quantile(v, 0.99)),

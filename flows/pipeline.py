@@ -216,7 +216,7 @@ def apply_presets(params_file: Path, presets: list[Path]) -> None:
 
 def summary(params: Params) -> str:
     """The few lines a person wants after a run: the answer in one sentence, accuracies with CIs, the
-    fine-tuned model against each alternative, what was registered, parity. Also writes paths.summary."""
+    fine-tuned model against each alternative, what was registered, parity. Also writes paths.summaries/<task>/summary.json."""
     from stages.evaluate import answer
 
     paths = params.paths

@@ -167,5 +167,10 @@ def _write(path: Path, values: dict[str, Any], header: str) -> None:
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
+    class Dumper(yaml.SafeDumper):
+        """Sections and keys one per line; lists on one line, as params.yaml writes them, so switching tasks
+        rewrites a list in params.yaml in the form it had."""
+
+    Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, header + yaml.safe_dump(nested, sort_keys=False, default_flow_style=False, width=110))
+    write_text(path, header + yaml.dump(nested, Dumper=Dumper, sort_keys=False, default_flow_style=False, width=110))

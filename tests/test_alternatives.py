@@ -9,14 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from stages import register, zoo
 from stages.evaluate import answer
 
-from .conftest import tiny_hf_model
-from .test_byo_e2e import gloss_table, run_stages, write_params
+from .test_byo_e2e import run_stages, tiny_text_params, write_params
 
 pytestmark = pytest.mark.slow
 MODELS = ("finetuned", *zoo.BASELINES)
@@ -62,15 +60,7 @@ def test_every_baseline_scores_on_test_what_it_scored_on_validation_on_rgb_image
 
 
 def test_every_baseline_scores_on_test_what_it_scored_on_validation_on_a_text_table(tmp_path):
-    folder = tiny_hf_model(tmp_path / "tiny-bert", "bert")
-    lock = tmp_path / "weights.lock"
-    zoo.lock(zoo.find_weights(f"hf:{folder}"), lock)
-    params = write_params(tmp_path, gloss_table(tmp_path / "glosses.csv", 40),
-                          prepare={"dataset": "text-table", "per_class": 20, "val_per_class": 10, "test_per_class": None},
-                          model={"name": f"hf:{folder}", "max_length": 32}, finetune={"augment": False, "lr": 1.0e-3})
-    raw = yaml.safe_load(params.read_text())
-    raw["paths"]["weights_lock"] = str(lock)
-    params.write_text(yaml.safe_dump(raw))
+    params = tiny_text_params(tmp_path, "bert", rows_per_class=40, per_class=20, val_per_class=10)
     ev, _ = run_stages(params)
     check_every_model_consistent(ev, 30)
 

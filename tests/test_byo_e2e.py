@@ -39,6 +39,21 @@ def write_params(tmp_path: Path, source: Path, **sections) -> Path:
     return path
 
 
+def tiny_text_params(tmp_path: Path, model_type: str, rows_per_class: int, per_class: int, val_per_class: int) -> Path:
+    """Params for WordNet glosses of three topics with a tiny random `model_type` encoder, locked like any weights."""
+    folder = tiny_hf_model(tmp_path / f"tiny-{model_type}", model_type)
+    lock = tmp_path / "weights.lock"
+    zoo.lock(zoo.find_weights(f"hf:{folder}"), lock)
+    params = write_params(tmp_path, gloss_table(tmp_path / "glosses.csv", rows_per_class),
+                          prepare={"dataset": "text-table", "per_class": per_class, "val_per_class": val_per_class,
+                                   "test_per_class": None},
+                          model={"name": f"hf:{folder}", "max_length": 32}, finetune={"augment": False, "lr": 1.0e-3})
+    raw = yaml.safe_load(params.read_text())
+    raw["paths"]["weights_lock"] = str(lock)
+    params.write_text(yaml.safe_dump(raw))
+    return params
+
+
 def run_stages(params: Path) -> tuple[dict, dict]:
     """The stages' real entry points, in process (the flow test below runs them through DVC)."""
     for stage in (prepare, finetune, baseline, evaluate, export):
@@ -102,15 +117,8 @@ def test_image_folder_end_to_end(tmp_path):
 
 
 def test_csv_texts_with_a_tiny_roberta_end_to_end(tmp_path):
-    folder = tiny_hf_model(tmp_path / "tiny-roberta", "roberta")
-    lock = tmp_path / "weights.lock"
-    zoo.lock(zoo.find_weights(f"hf:{folder}"), lock)
-    params = write_params(tmp_path, gloss_table(tmp_path / "glosses.csv", 14),
-                          prepare={"dataset": "text-table", "per_class": 6, "val_per_class": 2, "test_per_class": None},
-                          model={"name": f"hf:{folder}", "max_length": 32}, finetune={"augment": False, "lr": 1.0e-3})
-    raw = yaml.safe_load(params.read_text())
-    raw["paths"]["weights_lock"] = str(lock)
-    params.write_text(yaml.safe_dump(raw))
+    params = tiny_text_params(tmp_path, "roberta", rows_per_class=14, per_class=6, val_per_class=2)
+    folder = tmp_path / "tiny-roberta"
     ev, ex = run_stages(params)
     check_contract(ev, ex, 3)
     meta = json.loads((tmp_path / "models/finetuned/model.json").read_text())
