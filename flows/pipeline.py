@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         run_only = prepare_run(Path(args.params), args.task, args.data, args.preset, parse_overrides(args.overrides))
-    except (tasks.TaskError, KeyError, ValueError) as e:
+    except (tasks.TaskError, KeyError, ValueError, WorkspaceBusy) as e:
         raise SystemExit(f"error: {e}") from None
     params_file = Path(args.params)
     try:
@@ -400,6 +400,8 @@ def prepare_run(params_file: Path, task: str | None, data: Path | None, presets:
                 print(f"switched params.yaml from task {current} to {name} (tasks/{name}.yaml)")
         for preset in presets:
             apply_overrides(params_file, read_preset(preset))
+        if presets and for_task:  # --set wins over a preset, as over the task file
+            apply_overrides(params_file, for_task)
     if run_only:
         print("for this run only: " + ", ".join(f"{k}={v}" for k, v in run_only.items()))
     return run_only

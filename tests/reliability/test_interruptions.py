@@ -177,4 +177,5 @@ def test_the_pipeline_command_refuses_to_start_while_another_run_holds_the_works
         f.close()
     assert res.returncode == 1
     assert "another headstart pipeline run holds this workspace (pid 1, started by the nightly schedule)" in res.stderr
+    assert "Traceback" not in res.stderr
     assert not (proj / "data" / "prepared").exists() and Params.load(proj / "params.yaml")
