@@ -509,8 +509,9 @@ def model_card(
     paid = ("transfer paid" if report["transfer_verdict"] == "positive" else "transfer did not clearly pay")
     return f"""# {name} version {version}: {candidate}
 
-**{answer(report)}** This version is the **{candidate}** model ({meta['architecture']}, {meta['init']} weights)
-for {_inputs(meta['preprocessing'])}; classes: {', '.join(meta['classes'])}.
+**{answer(report)}** This version is the **{candidate}** model ({meta['architecture']}, {meta['init']} weights{
+    f" sha256 `{meta['pretrained_sha256']}`" if meta.get('pretrained_sha256') else ""}, trained on
+{meta['train'].get('n_train', 'the')} labelled examples) for {_inputs(meta['preprocessing'])}; classes: {', '.join(meta['classes'])}.
 Fine-tuned vs the same network from random weights: {report['transfer_gain']:+.4f}
 (95% CI {ci(report['transfer_gain_ci95'])}, McNemar p = {report['mcnemar_p']:.2g}): {paid}.
 Scored on {report['n_test']} test examples (test set sha256 `{report['test_sha256'][:16]}`).
