@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -181,8 +180,9 @@ def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None 
         return {**done, **{name: TASKS[name](name) for name in STAGES[1:]}}
 
 
-def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
-    """Set dotted keys in params.yaml, keeping its comments; the result is validated before it is written."""
+def apply_overrides(params_file: Path, overrides: dict[str, Any], *, write: bool = True, validate: bool = True) -> None:
+    """Set dotted keys in params.yaml, keeping its comments; the result is validated before it is written.
+    `write=False` only checks; `validate=False` is for a partial params file (a task's)."""
     from ruamel.yaml import YAML
 
     from stages.files import atomic_path
@@ -196,15 +196,18 @@ def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
         *parents, leaf = dotted.split(".")
         for key in parents:
             if key not in node:
-                raise KeyError(f"--set {dotted}: params.yaml has no section {key!r}")
+                raise KeyError(f"--set {dotted}: {params_file.name} has no section {key!r}")
             node = node[key]
         if leaf not in node:
-            raise KeyError(f"--set {dotted}: params.yaml has no key {leaf!r} under {'.'.join(parents) or 'the top'}")
+            raise KeyError(f"--set {dotted}: {params_file.name} has no key {leaf!r} under "
+                           f"{'.'.join(parents) or 'the top'}")
         if node[leaf] != value or isinstance(node[leaf], bool) != isinstance(value, bool):
             node[leaf] = value  # an equal value keeps its written form (1.0e-3 stays 1.0e-3)
-    Params.from_dict(json.loads(json.dumps(doc)), source=f"{params_file} with {overrides}")
-    with atomic_path(params_file) as tmp, open(tmp, "w") as f:
-        rt.dump(doc, f)
+    if validate:
+        Params.from_dict(json.loads(json.dumps(doc)), source=f"{params_file} with {overrides}")
+    if write:
+        with atomic_path(params_file) as tmp, open(tmp, "w") as f:
+            rt.dump(doc, f)
 
 
 def apply_presets(params_file: Path, presets: list[Path]) -> None:
@@ -347,7 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_only = prepare_run(Path(args.params), args.task, args.data, args.preset, parse_overrides(args.overrides))
     except (tasks.TaskError, KeyError, ValueError, WorkspaceBusy) as e:
-        raise SystemExit(f"error: {e}") from None
+        message = str(e.args[0]) if isinstance(e, KeyError) else str(e)  # KeyError's str() adds quotes
+        raise SystemExit("error: " + " ".join(line.strip() for line in message.splitlines())) from None
     params_file = Path(args.params)
     try:
         with workspace_lock(), one_run(params_file, run_only):
@@ -365,8 +369,7 @@ def prepare_run(params_file: Path, task: str | None, data: Path | None, presets:
     """Switch params.yaml to `task` (creating it from `data` first), apply presets, and write the overrides
     that are task keys into the task's file. Returns the overrides that apply to this run only. Everything
     is checked before anything is written."""
-    Params.load(params_file)  # fail on a bad params file before anything starts
-    current = Params.load(params_file).task
+    current = Params.load(params_file).task  # a bad params file fails here, before anything starts
     name = task or current
     if data is not None and task is None:
         raise tasks.TaskError("DATA= needs NAME=<task name>, e.g. make run DATA=~/photos NAME=photos")
@@ -377,16 +380,13 @@ def prepare_run(params_file: Path, task: str | None, data: Path | None, presets:
     if data is not None:
         if not path.exists():  # refuse bad data before writing anything
             tasks.infer(data, for_task.get("prepare.label_column", "label"), for_task.get("prepare.text_column", "text"))
-        elif tasks.load(name)["paths.source"] != str(data):
-            raise tasks.TaskError(f"task {name!r} already reads {tasks.load(name)['paths.source']} ({path}); give "
-                                  f"this data another NAME, or edit paths.source in {path}")
+        elif (source := tasks.load(name)["paths.source"]) != str(data):
+            raise tasks.TaskError(f"task {name!r} already reads {source} ({path}); give this data another NAME, "
+                                  f"or edit paths.source in {path}")
     elif not path.exists():
         tasks.load(name)  # the "no such task" message
-    if run_only:  # checked now, applied for the run: a typo fails before anything is written
-        with tempfile.TemporaryDirectory() as tmp:
-            probe = Path(tmp) / "params.yaml"
-            probe.write_text(params_file.read_text())
-            apply_overrides(probe, run_only)
+    # every override checked now, task keys too: a typo or a bad value fails before anything is written
+    apply_overrides(params_file, overrides, write=False)
     with workspace_lock():
         if data is not None and not path.exists():
             tasks.create(name, data, for_task)

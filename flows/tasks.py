@@ -127,23 +127,11 @@ def create(name: str, data: Path, settings: dict[str, Any] | None = None, tasks_
 
 
 def update(name: str, changes: dict[str, Any], tasks_dir: Path = TASKS_DIR) -> Path:
-    """Set task keys in tasks/<name>.yaml, keeping its comments."""
-    from ruamel.yaml import YAML
-
-    from stages.files import atomic_path
+    """Set task keys in tasks/<name>.yaml, keeping its comments (the values were checked against params.yaml)."""
+    from flows.pipeline import apply_overrides
 
     path = task_file(name, tasks_dir)
-    rt = YAML()
-    rt.preserve_quotes = True
-    doc = rt.load(path.read_text())
-    for dotted, value in changes.items():
-        node = doc
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        rt.dump(doc, f)
+    apply_overrides(path, changes, validate=False)
     return path
 
 

@@ -105,10 +105,12 @@ def test_the_same_name_for_other_data_is_refused(project, tmp_path):
     (["--data", "{tmp}/empty", "--task", "../x"], "no spaces or path separators"),
     (["--task", "nosuch"], "no task 'nosuch'"),
     (["--set", "finetune.epoch=3"], "no key 'epoch' under finetune"),
+    (["--data", "{tmp}/photos", "--task", "x", "--set", "prepare.per_class=-1"], "prepare.per_class"),
 ])
 def test_bad_input_is_one_line_that_says_what_to_do_and_writes_nothing(project, tmp_path, args, says):
     (tmp_path / "empty").mkdir()
     table(tmp_path / "nolabel.csv", label="category")
+    image_folder(tmp_path / "photos")
     before = {p: p.read_bytes() for p in project.rglob("*") if p.is_file()}
     res = sh([sys.executable, "-m", "flows.pipeline", *(a.format(tmp=tmp_path) for a in args)], project,
              {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, check=False)
