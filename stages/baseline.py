@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from stages import hyperrule, zoo
-from stages.data import image_input, load_split
+from stages.data import load_split
+from stages.inputs import image_array
 from stages.files import atomic_path, read_json
 from stages.params import BaselineParams, FinetuneParams, ModelParams, cli
 from stages.strategy import Plan, best_logreg, linear_probe, load_linear
@@ -81,7 +82,7 @@ def _floor(train, val, classes, out, model_pre: dict, p) -> float:
         pre = zoo.preprocessing(zoo.PIXEL_LINEAR, size, channels)
         # The features are exactly what the saved module's Flatten sees at evaluation and serving: the same
         # preprocessing (channels first), so RGB pixels are not scrambled between fitting and predicting.
-        flat = lambda s: image_input(s.x, pre).flatten(1).numpy()  # noqa: E731
+        flat = lambda s: image_array(s.x, pre).reshape(len(s.x), -1)  # noqa: E731
         clf, c, acc = best_logreg(flat(train), train, flat(val), val, [p.floor_c])
         model = zoo.build(zoo.PIXEL_LINEAR, len(classes), pre)
         load_linear(model[1], clf)

@@ -118,32 +118,17 @@ def split_file(prepared: Path, name: str) -> Path:
 def to_model_input(x: np.ndarray, pre: dict):
     """Examples -> what the model's forward takes, exactly as the model's JSON says: for images a float
     tensor (N, C, S, S); for texts the tuple (input_ids, attention_mask). The same function feeds
-    training, evaluation and ONNX parity, so they cannot drift apart."""
+    training, evaluation and ONNX parity, and the model server calls the same numpy code beneath it
+    (stages.inputs), so they cannot drift apart."""
     if pre.get("modality") == "text":
         from stages.text import tokenize
 
         return tokenize(x, pre)
-    return image_input(x, pre)
-
-
-def image_input(x_uint8: np.ndarray, pre: dict):
-    """uint8 images (N, H, W) or (N, H, W, 3) -> float tensor (N, C, S, S); `pre` holds image_size,
-    channels, mean, std."""
     import torch
-    import torch.nn.functional as F
 
-    x = torch.from_numpy(np.asarray(x_uint8)).float().div_(255.0)
-    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
-    size = pre["image_size"]
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    if pre["channels"] == 3 and x.shape[1] == 1:  # grayscale repeated: the pre-trained stem expects RGB
-        x = x.expand(-1, 3, -1, -1)
-    elif pre["channels"] == 1 and x.shape[1] == 3:
-        x = x.mean(1, keepdim=True)
-    mean = torch.tensor(pre["mean"], dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(pre["std"], dtype=x.dtype).view(1, -1, 1, 1)
-    return ((x - mean) / std).contiguous()
+    from stages.inputs import image_array
+
+    return torch.from_numpy(image_array(x, pre))
 
 
 def batches(n: int, batch_size: int) -> Iterator[slice]:

@@ -21,7 +21,6 @@ import io
 import json
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 
 from stages.data import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, Split, read_idx
 from stages.files import sha256_file
+from stages.inputs import decode_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
@@ -215,40 +215,12 @@ def _read_images(root: Path, classes: list[str], p, quarantined: list[dict[str, 
                 quarantined.append({"file": str(f), "reason": f"not an image file type ({f.suffix or 'no suffix'})"})
                 continue
             try:
-                xs.append(load_image(f, p.image_size, p.max_pixels))
+                xs.append(decode_image(f, p.image_size, p.max_pixels))
                 ys.append(label)
             except Exception as e:  # every way an image can be bad ends in the quarantine, with its reason
                 quarantined.append({"file": str(f), "reason": f"{type(e).__name__}: {e}"})
     x = np.stack(xs) if xs else np.zeros((0, p.image_size, p.image_size, 3), np.uint8)
     return Split(x, np.array(ys, dtype=np.int64))
-
-
-def load_image(path: Path, size: int, max_pixels: int) -> np.ndarray:
-    """An image file -> uint8 RGB (size, size, 3): EXIF orientation applied, grayscale / palette / 16-bit /
-    CMYK converted, transparency composited on white, the shorter side scaled to `size` and centre-cropped.
-    Truncated files raise (Pillow's LOAD_TRUNCATED_IMAGES is never set), and so do images over `max_pixels`
-    (decompression bombs) before their pixels are decoded."""
-    from PIL import Image, ImageOps
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as im:
-            if im.width * im.height > max_pixels:
-                raise ValueError(f"{im.width}x{im.height} pixels exceeds prepare.max_pixels ({max_pixels})")
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grayscale: scale, don't clip
-                a = np.asarray(im, dtype=np.float64)
-                top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
-                im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
-            if im.mode == "P":
-                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-            if im.mode in ("RGBA", "LA", "PA"):
-                rgba = im.convert("RGBA")
-                im = Image.new("RGB", rgba.size, (255, 255, 255))
-                im.paste(rgba, mask=rgba.getchannel("A"))
-            im = ImageOps.fit(im.convert("RGB"), (size, size), method=Image.Resampling.BICUBIC)
-            return np.asarray(im, dtype=np.uint8)
 
 
 # ------------------------------------------------------------------------------------------- your texts

@@ -23,14 +23,14 @@ import torch
 
 from stages import zoo
 from stages.data import load_split
-from stages.files import atomic_path, read_json, write_json
+from stages.files import atomic_path, read_json, write_json, write_text
 from stages.params import EvaluateParams, ModelParams, cli
 from stages.stats import bootstrap_ci, macro_f1, mcnemar_p, verdict
 from stages.train import predict
 
 
 def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path, p: EvaluateParams,
-        model_p: ModelParams | None = None, weights_lock: Path | None = None) -> dict:
+        model_p: ModelParams | None = None, weights_lock: Path | None = None, predictions: Path | None = None) -> dict:
     manifest = read_json(Path(prepared) / "manifest.json")
     classes = manifest["classes"]
     test = load_split(prepared, "test")
@@ -92,9 +92,25 @@ def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path
 
         report["truncated_test_texts"] = truncated_count(test.x, pres["finetuned"])  # cut at model.max_length tokens
     write_json(out, report)
+    if predictions is not None:
+        write_predictions(predictions, y, preds, classes)
     _confusion_plots(plots, y, preds, classes)
     _print_table(report)
     return report
+
+
+def write_predictions(path: Path, y: np.ndarray, preds: dict[str, np.ndarray], classes: list[str]) -> None:
+    """Every test example's true class and each model's prediction, in the prepared test split's order:
+    for error analysis, and what a served model's answers on the same files are checked against."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["index", "label", *preds])
+    for i, row in enumerate(zip(y, *preds.values(), strict=True)):
+        w.writerow([i, *(classes[int(c)] for c in row)])
+    write_text(path, buf.getvalue())
 
 
 def compare(a: np.ndarray, b: np.ndarray, p: EvaluateParams) -> dict:
@@ -266,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     params = cli(__doc__, argv)
     paths = params.paths
     run(paths.prepared, paths.finetuned, paths.baselines, paths.evaluate_metrics, paths.evaluate_plots,
-        params.evaluate, zoo.resolve(params.model, paths.chosen_model), paths.weights_lock)
+        params.evaluate, zoo.resolve(params.model, paths.chosen_model), paths.weights_lock, paths.predictions)
 
 
 if __name__ == "__main__":

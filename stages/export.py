@@ -5,26 +5,29 @@ error (see `parity`) and top-1 agreement of at least export.min_top1_agreement, 
 previous export stays. The register stage logs the files to MLflow.
 Also writes a static int8 model (calibrated on the validation split) and its test accuracy; it is
 marked accepted when its relative accuracy drop is within export.int8_max_relative_drop.
-Reads paths.evaluate_metrics (which model won), paths.finetuned or paths.baselines, paths.prepared; writes paths.onnx, paths.onnx_int8 and paths.export_metrics.
+Writes the serving contract beside them (paths.serving): what the model server reads instead of the checkpoint.
+Reads paths.evaluate_metrics (which model won), paths.finetuned or paths.baselines, paths.prepared; writes paths.onnx,
+paths.onnx_int8, paths.serving and paths.export_metrics.
 Run: dvc repro export   (or: python -m stages.export)"""
 
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
 from stages import zoo
 from stages.data import batches, load_split, to_model_input
 from stages.evaluate import candidate
-from stages.files import atomic_path, read_json, write_json
+from stages.files import atomic_path, read_json, sha256_file, write_json
 from stages.params import ExportParams, cli
+from stages.servable import safe_session
 from stages.train import predict
 
 
@@ -53,23 +56,6 @@ def export_onnx(model: torch.nn.Module, pre: dict, path: Path, opset: int) -> No
             dynamic_axes={**axes, "logits": {0: "batch"}}, opset_version=opset, dynamo=False,
         )  # fmt: skip
     onnx.checker.check_model(str(path), full_check=True)
-
-
-def safe_session(onnx_path: Path) -> ort.InferenceSession:
-    """An ONNX Runtime session for a model file whose external data (if any) stays inside its own folder.
-    An ONNX file may name other files to read its weights from; a path that escapes the folder
-    ("../../etc/...", an absolute path) is how a crafted model reads files it should not, so it is refused."""
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    folder = Path(onnx_path).resolve().parent
-    for tensor in model.graph.initializer:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (folder / location).resolve()
-        if Path(location).is_absolute() or not target.is_relative_to(folder):
-            raise ValueError(f"{onnx_path}: tensor {tensor.name!r} reads external data from {location!r}, outside "
-                             f"the model's folder {folder}; refusing to load this model")
-    return ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
 
 
 def onnx_feed(x: np.ndarray, pre: dict) -> dict[str, np.ndarray]:
@@ -179,13 +165,41 @@ def parity(
     }, ort_logits
 
 
+def serving_contract(meta: dict, name: str, stored: np.ndarray, max_pixels: int, onnx_files: dict[str, Path]) -> dict:
+    """What the model server needs to turn a request into this model's input and its output into answers,
+    with nothing else at hand (no checkpoint, no torch): the classes, the input contract (for images the
+    decoding of a file to the size prepare stores, then the model's resize and normalisation; for texts
+    the configured tokenizer itself), and the sha256 of each ONNX file, checked before one is served."""
+    pre = meta["preprocessing"]
+    if zoo.modality(pre) == "text":
+        from stages.text import fast_tokenizer
+
+        tokenizer = fast_tokenizer(str(pre["files"]), pre["max_length"])
+        contract = {"max_length": pre["max_length"], "tokenizer": json.loads(tokenizer.to_str())}
+    else:
+        from stages.inputs import DECODE_RULE, RESIZE_RULE
+
+        contract = {
+            "decode": {"size": int(stored.shape[1]), "max_pixels": max_pixels, "rule": DECODE_RULE},
+            "resize": RESIZE_RULE, **{k: pre[k] for k in ("image_size", "channels", "mean", "std")},
+        }  # fmt: skip
+    return {"format": SERVING_FORMAT, "model": name, "architecture": meta["architecture"],
+            "modality": zoo.modality(pre), "classes": meta["classes"], "input": contract,
+            "files": {Path(k).name: sha256_file(v) for k, v in onnx_files.items()}}
+
+
+SERVING_FORMAT = "headstart-serving/1"
+
+
 def run(model_dir: Path, prepared: Path, out: Path, out_int8: Path, metrics: Path, p: ExportParams,
-        name: str = "finetuned") -> dict:
-    """Export the model in `model_dir` (the candidate `name`: finetuned, or the baseline that won)."""
+        name: str = "finetuned", serving: Path | None = None, max_pixels: int = 50_000_000) -> dict:
+    """Export the model in `model_dir` (the candidate `name`: finetuned, or the baseline that won), and write
+    its serving contract (`serving`, default serving.json beside `out`)."""
     model, meta = zoo.load_checkpoint(model_dir)
     pre = meta["preprocessing"]
     test, val = load_split(prepared, "test"), load_split(prepared, "val")
-    with atomic_path(out) as tmp, atomic_path(out_int8) as tmp_int8:
+    serving = Path(serving) if serving is not None else Path(out).with_name("serving.json")
+    with atomic_path(out) as tmp, atomic_path(out_int8) as tmp_int8, atomic_path(serving) as tmp_serving:
         export_onnx(model, pre, tmp, p.opset)
         result, fp32_logits = parity(model, tmp, test.x, pre, p)
         print(f"ONNX parity on {result['n_examples']} test examples: max |diff| {result['max_abs_diff']:.2e}, "
@@ -217,8 +231,11 @@ def run(model_dir: Path, prepared: Path, out: Path, out_int8: Path, metrics: Pat
               f"fp32 {fp32_acc:.4f} (relative drop {drop:.2%}, allowed {p.int8_max_relative_drop:.2%}: "
               f"{'accepted' if result['int8_accepted'] else 'rejected'}); "
               f"{result['size_bytes'] / 1e6:.1f} MB -> {result['int8_size_bytes'] / 1e6:.1f} MB")
+        contract = serving_contract(meta, name, test.x, max_pixels, {out: tmp, out_int8: tmp_int8})
+        contract["int8_accepted"] = bool(result["int8_accepted"])
+        tmp_serving.write_text(json.dumps(contract, indent=1) + "\n")
     result.update({"model": name, "parity_passed": True, "onnx_path": str(out), "onnx_int8_path": str(out_int8),
-                   "opset": p.opset})
+                   "serving_path": str(serving), "opset": p.opset})
     write_json(metrics, result)
     print(f"exported {name} to {out} and {out_int8}")
     return result
@@ -229,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     paths = params.paths
     name = candidate(read_json(paths.evaluate_metrics), params.register.candidate)
     model_dir = zoo.model_dirs(paths.finetuned, paths.baselines)[name]
-    run(model_dir, paths.prepared, paths.onnx, paths.onnx_int8, paths.export_metrics, params.export, name)
+    run(model_dir, paths.prepared, paths.onnx, paths.onnx_int8, paths.export_metrics, params.export, name,
+        paths.serving, params.prepare.max_pixels)
 
 
 if __name__ == "__main__":

@@ -38,10 +38,12 @@ class Paths:
     scratch_history: Path
     evaluate_metrics: Path
     evaluate_plots: Path
+    predictions: Path
     registered: Path
     summaries: Path
     onnx: Path
     onnx_int8: Path
+    serving: Path
     export_metrics: Path
     mlflow_db: Path
     mlflow_artifacts: Path

@@ -33,21 +33,9 @@ from stages.data import load_split
 from stages.evaluate import answer, candidate
 from stages.files import read_json, sha256_file, write_json
 from stages.params import RegisterParams, cli
+from stages.registry import CHALLENGER, CHAMPION, FILE_TAGS, Store, describe_alias
 from stages.stats import bootstrap_ci
 from stages.train import predict
-
-CHALLENGER, CHAMPION = "challenger", "champion"
-
-
-@dataclass(frozen=True)
-class Store:
-    """Where MLflow keeps runs and artifacts when no tracking server is configured."""
-
-    db: Path
-    artifacts: Path
-
-    def uri(self) -> str:
-        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(self.db).resolve()}"
 
 
 def connect(store: Store, experiment: str) -> str:
@@ -459,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
         paths.prepared, paths.finetuned, paths.baselines,
         {"finetuned": paths.finetune_history, "scratch": paths.scratch_history},
         paths.evaluate_metrics, paths.evaluate_plots, paths.export_metrics,
-        {"fp32": paths.onnx, "int8": paths.onnx_int8}, paths.registered,
+        {"fp32": paths.onnx, "int8": paths.onnx_int8, "serving": paths.serving}, paths.registered,
         Store(paths.mlflow_db, paths.mlflow_artifacts), params.register,
         lineage(paths.prepared, params.digest()),
     )  # fmt: skip
@@ -467,9 +455,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _attach_onnx(client: MlflowClient, run_id: str, name: str, version: int, files: dict[str, Path], export: dict) -> None:
-    """Log the exported ONNX files to the version's run; tag the version with their parity, accuracy, size."""
+    """Log the exported ONNX files and their serving contract to the version's run; tag the version with
+    each file's sha256 (what a server checks before serving it), their parity, accuracy and size."""
     for path in files.values():
         client.log_artifact(run_id, str(path), artifact_path="onnx")
+        if Path(path).name in FILE_TAGS:
+            client.set_model_version_tag(name, version, FILE_TAGS[Path(path).name], sha256_file(path))
     keys = ("max_abs_diff", "worst_tolerance_use", "top1_agreement", "fp32_accuracy", "int8_accuracy",
             "int8_relative_drop", "int8_accepted", "size_bytes", "int8_size_bytes")
     for k in keys:
@@ -540,36 +531,6 @@ top-1 agreement {export['top1_agreement']:.4%}. ONNX int8: {export['int8_size_by
 
 {chr(10).join(f"- {k}: `{v}`" for k, v in lineage.items())}
 """
-
-
-def fetch_alias(store: Store, name: str, alias: str, dst: Path, int8: bool = False) -> tuple[str, Path, Path]:
-    """Resolve `models:/<name>@<alias>` to a concrete version now, and download what serving it needs:
-    the version, its checkpoint JSON (classes, preprocessing), for a text model the tokenizer files
-    saved beside it (not the PyTorch weights), and its ONNX file."""
-    version = describe_alias(store, name, alias)
-    if version is None:
-        raise LookupError(f"no version of {name} has the alias {alias!r}: set it in the MLflow UI (make ui)")
-    if int8 and version["tags"].get("onnx_int8_accepted") != "True":
-        raise ValueError(f"{name} version {version['version']}: its int8 model was not accepted by export; serve fp32")
-    fetch = lambda path: Path(mlflow.artifacts.download_artifacts(  # noqa: E731
-        run_id=version["run_id"], artifact_path=path, dst_path=str(dst)))
-    checkpoint_json = fetch("checkpoint/model.json")
-    if json.loads(checkpoint_json.read_text())["preprocessing"].get("modality") == "text":
-        for f in MlflowClient().list_artifacts(version["run_id"], "checkpoint"):
-            if not f.is_dir and f.path.rsplit("/", 1)[-1] not in ("model.safetensors", "model.json"):
-                fetch(f.path)
-    onnx_file = "model_int8.onnx" if int8 else "model.onnx"
-    return str(version["version"]), checkpoint_json, fetch(f"onnx/{onnx_file}")
-
-
-def describe_alias(store: Store, name: str, alias: str) -> dict[str, Any] | None:
-    """The version holding `alias` now, as {"version", "run_id", "tags"}; None when no version holds it."""
-    mlflow.set_tracking_uri(store.uri())
-    try:
-        mv = MlflowClient().get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
-    return {"version": int(mv.version), "run_id": mv.run_id, "tags": dict(mv.tags)}
 
 
 GATE_CHECKS = ("min_accuracy", "beats_alternatives", "onnx_parity", "vs_champion")

@@ -111,12 +111,29 @@ def tokenizer(files: str):
     return tok
 
 
+@functools.lru_cache(maxsize=8)
+def fast_tokenizer(files: str, max_length: int):
+    """The tokenizer every text model is fed by, in training, evaluation, export and serving alike: the
+    checkpoint's fast (Rust) tokenizer set to truncate at max_length and pad each batch to its longest
+    text. Export saves it beside the ONNX file; the server loads it with the `tokenizers` library alone."""
+    from tokenizers import Tokenizer
+
+    from stages.inputs import configure_tokenizer
+
+    tok = tokenizer(files)
+    if not tok.is_fast:
+        raise ValueError(f"{files}: the tokenizer has no fast (tokenizer.json) version; headstart serves a text "
+                         "model with the `tokenizers` library, so use a model whose tokenizer has one")
+    backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())  # a copy: transformers reconfigures its own
+    return configure_tokenizer(backend, max_length, tok.pad_token_id, tok.pad_token, tok.padding_side)
+
+
 def tokenize(texts: np.ndarray, pre: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Texts -> (input_ids, attention_mask), truncated to pre["max_length"], padded to the longest."""
-    tok = tokenizer(str(pre["files"]))
-    enc = tok([str(t) for t in texts], padding=True, truncation=True, max_length=pre["max_length"],
-              return_tensors="pt")
-    return enc["input_ids"].long(), enc["attention_mask"].long()
+    from stages.inputs import encode_texts
+
+    ids, mask = encode_texts(fast_tokenizer(str(pre["files"]), pre["max_length"]), texts)
+    return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 def word_piece_ids(texts: np.ndarray, pre: dict) -> list[list[int]]:

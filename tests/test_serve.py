@@ -1,184 +1,348 @@
-"""The model server, as a user meets it: a real process on localhost, real HTTP requests."""
+"""The model server, as a user meets it: a real process on localhost, real HTTP requests with real files,
+a real MLflow registry whose alias moves while requests flow."""
 
+import base64
+import contextlib
+import http.client
+import io
 import json
-import subprocess
+import os
+import socket
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
+import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from flows.serve import ModelService, validate_images, validate_texts
-from stages import text, zoo
-from stages.params import ModelParams
-from stages.export import export_onnx, onnx_logits
+from stages import servable, text, zoo
+from stages.export import export_onnx, onnx_logits, serving_contract
+from stages.inputs import decode_image
+from stages.registry import FILE_TAGS
 
-from .conftest import ROOT, http_server, tiny_hf_model
+from .conftest import ROOT, background, tiny_hf_model
 
-
-def test_validation_names_the_problem():
-    ok = validate_images([[[0] * 28] * 28], (28, 28), 4)
-    assert ok.shape == (1, 28, 28) and ok.dtype == np.uint8
-    with pytest.raises(ValueError, match=r"shape \[28, 28\].*got \[27, 28\]"):
-        validate_images([[[0] * 28] * 27], (28, 28), 4)
-    with pytest.raises(ValueError, match="at most 4"):
-        validate_images([[[0] * 28] * 28] * 5, (28, 28), 4)
-    with pytest.raises(ValueError, match="from 0 to 255"):
-        validate_images([[[300] * 28] * 28], (28, 28), 4)
-    with pytest.raises(ValueError, match="from 0 to 255"):
-        validate_images([[[0.5] * 28] * 28], (28, 28), 4)
-    with pytest.raises(ValueError, match="non-empty list"):
-        validate_images([], (28, 28), 4)
+STORED, SIZE, CLASSES = 12, 8, ["cat", "dog", "owl"]
 
 
-def test_text_validation_names_the_problem():
-    ok = validate_texts(["a dog", "bread"], 4)
-    assert ok.dtype == object and ok.tolist() == ["a dog", "bread"]
-    with pytest.raises(ValueError, match="non-empty list"):
-        validate_texts([], 4)
-    with pytest.raises(ValueError, match="non-empty list"):
-        validate_texts("a dog", 4)
-    with pytest.raises(ValueError, match="at most 4"):
-        validate_texts(["a"] * 5, 4)
-    with pytest.raises(ValueError, match=r"texts\[1\] is int, not a string"):
-        validate_texts(["a", 3], 4)
-    with pytest.raises(ValueError, match=r"texts\[0\] is empty"):
-        validate_texts(["  "], 4)
+def image_folder(folder: Path, seed: int = 0, stored: int = STORED) -> Path:
+    """A servable folder as export writes one: a tiny pixel-linear RGB model (8 px, images stored at 12)."""
+    folder.mkdir(parents=True)
+    pre = zoo.preprocessing(zoo.PIXEL_LINEAR, SIZE, 3)
+    torch.manual_seed(seed)
+    model = zoo.build(zoo.PIXEL_LINEAR, len(CLASSES), pre).eval()
+    export_onnx(model, pre, folder / "model.onnx", opset=17)
+    meta = {"architecture": zoo.PIXEL_LINEAR, "classes": CLASSES, "preprocessing": pre}
+    contract = serving_contract(meta, "floor", np.zeros((1, stored, stored, 3), np.uint8), 50_000_000,
+                                {folder / "model.onnx": folder / "model.onnx"})
+    (folder / "serving.json").write_text(json.dumps(contract))
+    return folder
 
 
-def _text_checkpoint(tmp_path):
-    """A tiny random BERT classifier saved as the finetune stage saves one, and its ONNX export."""
-    folder = tiny_hf_model(tmp_path / "bert", "bert")
+def text_folder(tmp_path: Path) -> tuple[Path, dict]:
+    """A servable folder of a tiny random BERT classifier with the packaged MiniLM tokenizer, and its preprocessing."""
+    hf = tiny_hf_model(tmp_path / "bert", "bert")
     torch.manual_seed(0)
-    model = text.TextClassifier(text.encoder(folder, pretrained=True), "mean", 3).eval()
-    pre = zoo.text_preprocessing(folder, 16, "mean")
-    classes = ["animal", "food", "feeling"]
-    zoo.save_checkpoint(tmp_path / "ckpt", model, {"architecture": f"hf:{folder}", "classes": classes,
-                                                   "preprocessing": pre})
-    export_onnx(model, pre, tmp_path / "model.onnx", opset=17)
-    return tmp_path / "ckpt", tmp_path / "model.onnx", pre, classes
+    model = text.TextClassifier(text.encoder(hf, pretrained=True), "mean", 3).eval()
+    pre = zoo.text_preprocessing(hf, 16, "mean")
+    folder = tmp_path / "served"
+    folder.mkdir()
+    export_onnx(model, pre, folder / "model.onnx", opset=17)
+    meta = {"architecture": f"hf:{hf}", "classes": ["animal", "food", "feeling"], "preprocessing": pre}
+    contract = serving_contract(meta, "finetuned", None, 0, {folder / "model.onnx": folder / "model.onnx"})
+    (folder / "serving.json").write_text(json.dumps(contract))
+    return folder, pre
 
 
-def _post(url: str, body: bytes) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
+def png(array: np.ndarray, fmt: str = "PNG") -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def multipart(files: list[tuple[str, bytes]], field: str = "files") -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{name}\"\r\n"
+                    f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n" for name, data in files)
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def post(url: str, body: bytes, content_type: str = "application/json", headers: dict | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, headers={"content-type": content_type, **(headers or {})})
     try:
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
 
 
+def get(url: str) -> tuple[int, bytes]:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.status, r.read()
+
+
+@contextlib.contextmanager
+def server(args: list[str], env: dict | None = None, timeout: float = 90):
+    """`python -m flows.serve ARGS` on a free port; yields (base URL, the process) once /health answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "flows.serve", *args, "--port", str(port)]
+    with background(cmd, ROOT, {**os.environ, **(env or {})}) as proc:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                get(f"http://127.0.0.1:{port}/health")
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise AssertionError(f"the server exited: {proc.output()[-3000:]}") from None
+                assert time.monotonic() < deadline, f"the server did not answer in {timeout}s: {proc.output()[-2000:]}"
+                time.sleep(0.3)
+        yield f"http://127.0.0.1:{port}", proc
+
+
+def raw_request(port: int, head: bytes, chunks: list[bytes] = (), pause: float = 0.0) -> tuple[int, dict]:
+    """Send `head` then `chunks` on one socket (pausing between them), and read the reply."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(head)
+        for c in chunks:
+            time.sleep(pause)
+            try:
+                s.sendall(c)
+            except OSError:  # the server answered and closed before the client finished: that is the point
+                break
+        reply = http.client.HTTPResponse(s)
+        reply.begin()
+        return reply.status, json.loads(reply.read())
+
+
+def test_served_predictions_are_evaluates_on_the_same_files(tmp_path):
+    """In process: a file decoded as prepare decodes it, then the model's own preprocessing, equals the ONNX
+    model on the prepared array (what evaluate and export score)."""
+    folder = image_folder(tmp_path / "m")
+    model = servable.load(folder)
+    rng = np.random.default_rng(0)
+    files = [png(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((12, 12), (30, 50), (64, 20))]
+    prepared = np.stack([decode_image(f, STORED, 10**6) for f in files])  # what prepare stores
+    offline = onnx_logits(folder / "model.onnx", prepared, servable.load(folder).contract["input"], 8)
+    served = model.logits(np.stack([model.decode(f) for f in files]))
+    np.testing.assert_array_equal(served, offline)
+    answers = model.predict(prepared)
+    assert [a["label"] for a in answers] == [CLASSES[i] for i in offline.argmax(1)]
+    assert all(abs(sum(a["probabilities"].values()) - 1) < 1e-6 and a["score"] == max(a["probabilities"].values())
+               for a in answers)
+
+
+def test_a_folder_whose_onnx_file_changed_after_export_is_not_served(tmp_path):
+    folder = image_folder(tmp_path / "m")
+    with open(folder / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(servable.NotServable, match="sha256 .* but serving.json records"):
+        servable.load(folder)
+    with pytest.raises(servable.NotServable, match="not found"):
+        servable.load(tmp_path / "nothing")
+
+
 @pytest.mark.slow
-def test_server_answers_real_requests_and_refuses_bad_ones(tmp_path):
-    pre = zoo.preprocessing("efficientnet_lite0", 32)
-    torch.manual_seed(0)
-    model = zoo.load(ModelParams(name="timm:efficientnet_lite0", image_size=32), 10, ROOT / "weights.lock").model
-    classes = [f"class{i}" for i in range(10)]
-    zoo.save_checkpoint(tmp_path / "ckpt", model, {"architecture": "efficientnet_lite0", "classes": classes,
-                                                   "preprocessing": pre})
-    export_onnx(model.eval(), pre, tmp_path / "model.onnx", opset=17)
-    cmd = [sys.executable, "-m", "flows.serve", "--checkpoint", str(tmp_path / "ckpt"), "--onnx",
-           str(tmp_path / "model.onnx"), "--port", "{port}", "--max-batch", "8", "--max-body-bytes", "200000"]
-    with http_server(cmd, "/health", ROOT) as (base, health):
-        assert health["status"] == "ok" and health["classes"] == classes
+def test_bad_input_gets_a_reason_and_the_server_stays_healthy(tmp_path):
+    from PIL import Image
 
-        images = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
-        status, body = _post(f"{base}/predict", json.dumps({"images": images.tolist()}).encode())
-        assert status == 200, body
-        expected = onnx_logits(tmp_path / "model.onnx", images, pre, batch_size=3).argmax(1)
-        assert [p["label"] for p in body["predictions"]] == expected.tolist()
-        assert all(0 < p["probability"] <= 1 and p["class"] == classes[p["label"]] for p in body["predictions"])
+    folder = image_folder(tmp_path / "m")
+    good = png(np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8))
+    huge = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(huge, format="PNG")  # 100 megapixels in a few kB
+    args = ["--folder", str(folder), "--max-batch", "4", "--max-body-bytes", "300000", "--read-timeout", "2",
+            "--max-inflight", "1"]
+    with server(args) as (base, proc):
+        port = int(base.rsplit(":", 1)[1])
+        # the server process never loaded torch: its memory maps no libtorch
+        assert "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text()
+        bad = {
+            "wrong content type": post(f"{base}/predict", b"hello", "text/plain"),
+            "empty multipart": post(f"{base}/predict", *multipart([], "files")),
+            "a non-image file": post(f"{base}/predict", *multipart([("good.png", good), ("notes.txt", b"hello")])),
+            "a truncated PNG": post(f"{base}/predict", *multipart([("cut.png", good[: len(good) // 2])])),
+            "a 100-megapixel PNG": post(f"{base}/predict", *multipart([("huge.png", huge.getvalue())])),
+            "too many files": post(f"{base}/predict", *multipart([("a.png", good)] * 5)),
+            "invalid base64": post(f"{base}/predict", json.dumps({"images_b64": ["not base64!"]}).encode()),
+            "texts to an image model": post(f"{base}/predict", json.dumps({"texts": ["a dog"]}).encode()),
+            "an unknown key": post(f"{base}/predict", json.dumps({"pictures": []}).encode()),
+            "an array of another size": post(f"{base}/predict", json.dumps({"images": [[[0] * 5] * 5]}).encode()),
+            "broken JSON": post(f"{base}/predict", b"{\"images_b64\": ["),
+            "a body over the limit": post(f"{base}/predict", b" " * 300_001),
+            "a chunked body over the limit": raw_request(
+                port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n", [b"10000\r\n" + b" " * 65536 + b"\r\n"] * 6),
+        }
+        expected = {"wrong content type": (415, "content type 'text/plain'"), "empty multipart": (422, "no parts"),
+                    "a non-image file": (422, "files[1] (notes.txt) is not a usable image"),
+                    "a truncated PNG": (422, "files[0] (cut.png) is not a usable image"),
+                    "a 100-megapixel PNG": (422, "100000000 pixels"),
+                    "too many files": (422, "at most 4"), "invalid base64": (422, "images_b64[0] is not valid base64"),
+                    "texts to an image model": (422, "images_b64 or images"), "an unknown key": (422, "pictures"),
+                    "an array of another size": (422, "[12, 12]"), "broken JSON": (422, "invalid JSON"),
+                    "a body over the limit": (413, "over 300000 bytes"),
+                    "a chunked body over the limit": (413, "over 300000 bytes")}
+        for case, (code, reason) in expected.items():
+            assert bad[case][0] == code and reason in bad[case][1]["detail"], (case, bad[case])
 
-        status, body = _post(f"{base}/predict", json.dumps({"images": [[[0] * 28] * 20]}).encode())
-        assert status == 422 and "shape [28, 28]" in body["detail"]
-        status, body = _post(f"{base}/predict", json.dumps({"images": [[[0] * 28] * 28] * 9}).encode())
-        assert status == 422 and "at most 8" in body["detail"]
-        status, body = _post(f"{base}/predict", b"not json")
-        assert status == 422
-        status, body = _post(f"{base}/predict", b" " * 300_000)
-        assert status == 413
+        # a client that sends its headers and then nothing holds the one predict slot: a second request is
+        # refused with 503 at once, and the slow one is cut off with 408 after --read-timeout
+        slow = {}
+        t = threading.Thread(target=lambda: slow.update(r=raw_request(port, (
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"))))
+        t.start()
+        time.sleep(0.5)
+        status, body = post(f"{base}/predict", json.dumps({"images_b64": [base64.b64encode(good).decode()]}).encode())
+        assert status == 503 and "--max-inflight" in body["detail"]
+        t.join(10)
+        assert slow["r"][0] == 408 and "--read-timeout" in slow["r"][1]["detail"]
+
+        # still healthy, and right
+        status, body = post(f"{base}/predict", *multipart([("good.png", good), ("again.png", good)]))
+        assert status == 200 and len(body["predictions"]) == 2, body
+        expected_label = servable.load(folder).predict(decode_image(good, STORED, 10**6)[None])[0]["label"]
+        assert body["predictions"][0]["label"] == expected_label and body["version"] is None
+        assert proc.poll() is None
+        metrics = get(f"{base}/metrics")[1].decode()
+        assert 'headstart_requests_total{code="422",endpoint="/predict"}' in metrics
+        assert 'headstart_requests_total{code="503",endpoint="/predict"} 1.0' in metrics
+        assert "headstart_request_seconds_bucket" in metrics
+        schema = json.loads(get(f"{base}/openapi.json")[1])
+        assert set(schema["paths"]["/predict"]["post"]["requestBody"]["content"]) == {
+            "multipart/form-data", "application/json"}
+        meta = json.loads(get(f"{base}/metadata")[1])
+        assert meta["classes"] == CLASSES and meta["input"]["decode"]["size"] == STORED and meta["input"]["image_size"] == SIZE
 
 
 @pytest.mark.slow
-def test_server_answers_text_requests_with_the_checkpoints_tokenizer(tmp_path):
-    ckpt, onnx_path, pre, classes = _text_checkpoint(tmp_path)
-    cmd = [sys.executable, "-m", "flows.serve", "--checkpoint", str(ckpt), "--onnx", str(onnx_path),
-           "--port", "{port}", "--max-batch", "4"]
-    with http_server(cmd, "/health", ROOT) as (base, health):
-        assert health["input"] == "texts" and health["max_length"] == 16 and health["classes"] == classes
-
-        texts = ["a domestic animal that barks at the postman", "rye bread", "a feeling of deep sadness " * 10]
-        status, body = _post(f"{base}/predict", json.dumps({"texts": texts}).encode())
+def test_a_text_model_is_served_with_its_recorded_tokenizer(tmp_path):
+    folder, pre = text_folder(tmp_path)
+    texts = ["a domestic animal that barks at the postman", "rye bread", "a feeling of deep sadness " * 10]
+    with server(["--folder", str(folder), "--max-batch", "64"]) as (base, proc):
+        assert "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text()
+        status, body = post(f"{base}/predict", json.dumps({"texts": texts}).encode())
         assert status == 200, body
-        # the same logits offline, each text padded to the longest of the batch and the long one truncated
-        expected = onnx_logits(onnx_path, np.array(texts, dtype=object), pre, batch_size=3).argmax(1)
-        assert [p["label"] for p in body["predictions"]] == expected.tolist()
-        assert all(p["class"] == classes[p["label"]] for p in body["predictions"])
+        # offline: the same texts through the training code path (transformers' tokenizer) and ONNX Runtime
+        expected = onnx_logits(folder / "model.onnx", np.array(texts, dtype=object), pre, batch_size=3).argmax(1)
+        assert [p["label"] for p in body["predictions"]] == [["animal", "food", "feeling"][i] for i in expected]
+        for payload, reason in (({"texts": ["ok"] * 10_000}, "at most 64"), ({"texts": ["ok", ""]}, "texts[1] is empty"),
+                                ({"texts": ["ok", None]}, "texts.1"), ({"images_b64": ["aGk="]}, "exactly one of texts")):
+            status, body = post(f"{base}/predict", json.dumps(payload).encode())
+            assert status == 422 and reason in body["detail"], (payload.keys(), body)
+        status, body = post(f"{base}/predict", *multipart([("a.png", b"x")]))
+        assert status == 422 and "text model" in body["detail"]
+        assert get(f"{base}/health")[0] == 200
 
-        status, body = _post(f"{base}/predict", json.dumps({"images": [[[0] * 28] * 28]}).encode())
-        assert status == 422 and "key 'texts'" in body["detail"] and "text model" in body["detail"]
-        status, body = _post(f"{base}/predict", json.dumps({"texts": ["ok", None]}).encode())
-        assert status == 422 and "texts[1] is NoneType" in body["detail"]
-        status, body = _post(f"{base}/predict", json.dumps({"texts": ["a"] * 5}).encode())
-        assert status == 422 and "at most 4" in body["detail"]
+
+def register_folder(client, name: str, folder: Path) -> str:
+    """Log a servable folder as a run's onnx/ artifacts and register it, tagged as register tags it."""
+    import mlflow
+
+    from stages.files import sha256_file
+
+    with mlflow.start_run() as run:
+        for f in ("serving.json", "model.onnx"):
+            mlflow.log_artifact(str(folder / f), artifact_path="onnx")
+    mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/onnx", run_id=run.info.run_id)
+    for f in ("serving.json", "model.onnx"):
+        client.set_model_version_tag(name, mv.version, FILE_TAGS[f], sha256_file(folder / f))
+    return str(mv.version)
 
 
-def test_a_registered_text_model_is_fetched_with_its_tokenizer_and_without_its_weights(tmp_path, mlflow_store):
+@pytest.mark.slow
+def test_a_promotion_while_requests_flow_fails_none_and_swaps_in_order(tmp_path, mlflow_store):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from stages.register import fetch_alias
+    from stages.register import connect
 
-    ckpt, onnx_path, pre, classes = _text_checkpoint(tmp_path)
-    mlflow.set_tracking_uri(mlflow_store.uri())
-    with mlflow.start_run() as run:
-        mlflow.log_artifacts(str(ckpt), artifact_path="checkpoint")
-        mlflow.log_artifact(str(onnx_path), artifact_path="onnx")
-    client = MlflowClient()
-    client.create_registered_model("tiny-text")
-    mv = client.create_model_version("tiny-text", source=f"{run.info.artifact_uri}/checkpoint", run_id=run.info.run_id)
-    client.set_registered_model_alias("tiny-text", "champion", mv.version)
+    mlflow.set_experiment(experiment_id=connect(mlflow_store, "serve-promotion"))  # artifacts in the test's store
+    client, name = MlflowClient(), "serve-promotion"
+    client.create_registered_model(name)
+    v1 = register_folder(client, name, image_folder(tmp_path / "a", seed=0))
+    v2 = register_folder(client, name, image_folder(tmp_path / "b", seed=1))
+    v3 = register_folder(client, name, image_folder(tmp_path / "c", seed=2))
+    # v3's file is altered in the artifact store after registration: it must never be served
+    artifact_root = client.get_run(client.get_model_version(name, v3).run_id).info.artifact_uri.removeprefix("file://")
+    with open(Path(artifact_root) / "onnx" / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    client.set_registered_model_alias(name, "champion", v1)
 
-    version, checkpoint_json, onnx_file = fetch_alias(mlflow_store, "tiny-text", "champion", tmp_path / "served")
-    assert version == str(mv.version) and onnx_file.name == "model.onnx"
-    fetched = {p.name for p in checkpoint_json.parent.iterdir()}
-    assert "tokenizer.json" in fetched and "config.json" in fetched and "model.safetensors" not in fetched
+    env = {"MLFLOW_TRACKING_URI": mlflow_store.uri(), "HEADSTART_ADMIN_TOKEN": "s3cret"}
+    image = png(np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8))
+    with server(["--model", name, "--alias", "champion", "--poll-seconds", "0.5"], env) as (base, proc):
+        seen, stop = [], threading.Event()
 
-    service = ModelService(checkpoint_json, onnx_file, version)
-    texts = np.array(["rye bread", "a dog"], dtype=object)
-    got = [p["label"] for p in service.predict(texts)]
-    assert got == onnx_logits(onnx_path, texts, pre, batch_size=2).argmax(1).tolist()
+        def client_loop():
+            while not stop.is_set():
+                seen.append(post(f"{base}/predict", *multipart([("x.png", image)])))
 
+        threads = [threading.Thread(target=client_loop) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        client.set_registered_model_alias(name, "champion", v2)
+        deadline = time.monotonic() + 30
+        while not any(r[1].get("version") == v2 for r in list(seen)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        failed = [r for r in seen if r[0] != 200]
+        assert not failed and len(seen) > 10, (failed[:3], len(seen))
+        versions = [r[1]["version"] for r in seen]
+        assert versions[0] == v1 and versions[-1] == v2 and set(versions) == {v1, v2}
+        # in order: once a response named v2 no later one names v1 (responses are appended as they arrive)
+        assert v1 not in versions[versions.index(v2):]
 
-def test_a_text_checkpoint_without_its_tokenizer_does_not_start(tmp_path):
-    ckpt, onnx_path, _, _ = _text_checkpoint(tmp_path)
-    for f in ckpt.iterdir():
-        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
-            f.unlink()
-    with pytest.raises(SystemExit, match="tokenizer files are not in"):
-        ModelService(ckpt / "model.json", onnx_path)
+        # the altered version is refused and v2 keeps serving; the admin endpoint needs the token
+        client.set_registered_model_alias(name, "champion", v3)
+        assert post(f"{base}/admin/reload", b"")[0] == 401
+        status, body = post(f"{base}/admin/reload", b"", headers={"authorization": "Bearer s3cret"})
+        assert status == 200 and body["version"] == v2 and "sha256" in body["error"], body
+        status, body = post(f"{base}/predict", *multipart([("x.png", image)]))
+        assert status == 200 and body["version"] == v2 and body["model"] == name
+        metrics = get(f"{base}/metrics")[1].decode()
+        assert f'headstart_model_version{{model="{name}"}} {float(v2)}' in metrics
+        assert "headstart_model_swaps_total 1.0" in metrics
 
 
 @pytest.mark.slow
 def test_serve_bench_times_a_text_model_and_keeps_other_models_results(tmp_path):
     """bench/serve.py on a tiny text model (few rounds: this checks that it runs, it measures nothing)."""
+    import subprocess
+
     import yaml
 
     from stages.data import Split, save_split
     from stages.export import quantize_int8
 
-    ckpt, onnx_path, pre, _ = _text_checkpoint(tmp_path)
+    hf = tiny_hf_model(tmp_path / "bert", "bert")
+    torch.manual_seed(0)
+    model = text.TextClassifier(text.encoder(hf, pretrained=True), "mean", 3).eval()
+    pre = zoo.text_preprocessing(hf, 16, "mean")
+    zoo.save_checkpoint(tmp_path / "ckpt", model, {"architecture": f"hf:{hf}", "classes": ["a", "b", "c"],
+                                                   "preprocessing": pre})
+    export_onnx(model, pre, tmp_path / "model.onnx", opset=17)
     words = np.array(["dog", "bread", "sad", "a", "the", "barks", "warm", "loaf", "joy", "cat"])
     rng = np.random.default_rng(0)
     texts = np.array([" ".join(rng.choice(words, rng.integers(1, 12))) for _ in range(70)], dtype=object)
     (tmp_path / "prepared").mkdir()
     save_split(tmp_path / "prepared", "test", Split(texts, rng.integers(0, 3, 70)))
-    quantize_int8(onnx_path, tmp_path / "model_int8.onnx", texts[:8], pre)
+    quantize_int8(tmp_path / "model.onnx", tmp_path / "model_int8.onnx", texts[:8], pre)
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["paths"].update(finetuned=str(ckpt), prepared=str(tmp_path / "prepared"), onnx=str(onnx_path),
-                        onnx_int8=str(tmp_path / "model_int8.onnx"))
+    raw["paths"].update(finetuned=str(tmp_path / "ckpt"), prepared=str(tmp_path / "prepared"),
+                        onnx=str(tmp_path / "model.onnx"), onnx_int8=str(tmp_path / "model_int8.onnx"))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     out = tmp_path / "serve.json"
     out.write_text(json.dumps({"efficientnet_lite0@80px": {"speedup_fp32_b1": 11.0}}))

@@ -81,7 +81,7 @@ def _onnx_with_external(folder: Path, location: str) -> Path:
 
 
 def test_onnx_external_data_outside_the_model_folder_is_refused(tmp_path):
-    from stages.export import safe_session
+    from stages.servable import safe_session
 
     (tmp_path / "secret.bin").write_bytes(np.full(4, 7, dtype=np.float32).tobytes())
     model_dir = tmp_path / "model"
