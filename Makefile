@@ -19,7 +19,7 @@ TASKFILE = $(if $(NAME),--preset tasks/$(NAME).yaml)  # for the tools that take 
 # pyproject.toml cannot silently run on stale pins.
 DEPS_HASH = $(shell $(PYTHON) -c "import tomllib,hashlib,json; p=tomllib.load(open('pyproject.toml','rb'))['project']; print(hashlib.sha256(json.dumps([p['dependencies'], p.get('optional-dependencies')], sort_keys=True).encode()).hexdigest())")
 
-.PHONY: help setup data postgres run compare curves smoke report test test-isa test-fast ui serve bench bench-selection bench-augment bench-recipe bench-overhead bench-gpu prefect-server deploy worker lock clean
+.PHONY: help setup data postgres run compare curves smoke report test test-isa test-fast ui serve bench bench-http bench-selection bench-augment bench-recipe bench-overhead bench-gpu prefect-server deploy worker lock clean
 help:  ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
 
@@ -93,11 +93,14 @@ test-fast: setup  ## unit tests only
 ui:  ## open the MLflow UI on the project's tracking store
 	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$$($(BIN)/python -c 'from stages.params import Params; print(Params.load().paths.mlflow_db)')" --port 5000
 
-serve: setup  ## serve the champion model over HTTP on port 8000 (python -m flows.serve --help)
-	$(BIN)/python -m flows.serve --alias champion
+serve: setup  ## serve a task's registered model over HTTP: NAME=<task> (default image) ALIAS=champion PORT=8000
+	$(BIN)/python -m flows.serve --task "$(or $(NAME),image)" --alias "$(or $(ALIAS),champion)" --port "$(or $(PORT),8000)"
 
 bench: setup  ## measure serving latency: PyTorch vs ONNX Runtime fp32 vs int8 (after make run)
 	$(BIN)/python bench/serve.py
+
+bench-http: setup  ## the HTTP server under concurrent clients vs raw ONNX Runtime, for the last run's model (after make run)
+	$(BIN)/python bench/serve_http.py
 
 bench-selection: setup  ## does select's ranking predict the trained accuracy? Kendall tau (TASK=text|image|pretrain; after make run)
 	$(BIN)/python bench/selection.py $(TASKFILE)

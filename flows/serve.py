@@ -31,6 +31,7 @@ import base64
 import binascii
 import hmac
 import os
+import queue
 import shutil
 import sys
 import tempfile
@@ -199,6 +200,57 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class Batcher:
+    """Predictions in one worker thread, several requests at a time: the requests that arrive while the
+    model is busy are predicted together in its next call (up to `max_examples` examples), so under
+    concurrent load each call does more work for the same per-call cost, and with one request at a time
+    nothing waits for company. Requests are only grouped with others for the same model object, so a
+    swap never mixes versions."""
+
+    def __init__(self, max_examples: int) -> None:
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.max_examples = max_examples
+        threading.Thread(target=self._work, name="predict", daemon=True).start()
+
+    async def predict(self, model: Servable, examples: Any) -> list[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.jobs.put((model, examples, future, loop))
+        return await future
+
+    def _work(self) -> None:
+        held = None
+        while True:
+            group = [held or self.jobs.get()]
+            held, n = None, len(group[0][1])
+            while n < self.max_examples:
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job[0] is not group[0][0] or n + len(job[1]) > self.max_examples:
+                    held = job
+                    break
+                group.append(job)
+                n += len(job[1])
+            model = group[0][0]
+            try:
+                batch = ([t for job in group for t in job[1]] if model.modality == "text"
+                         else np.concatenate([job[1] for job in group]))
+                answers, start = model.predict(batch), 0
+                for _, examples, future, loop in group:
+                    loop.call_soon_threadsafe(_settle, future, answers[start : start + len(examples)], None)
+                    start += len(examples)
+            except Exception as e:  # noqa: BLE001 - handed to each waiting request, which answers 500
+                for _, _, future, loop in group:
+                    loop.call_soon_threadsafe(_settle, future, None, e)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if not future.done():  # the client may have gone away meanwhile
+        future.set_exception(error) if error is not None else future.set_result(result)
+
+
 # ------------------------------------------------------------------------------------------ the limits
 
 
@@ -263,22 +315,22 @@ class Guard:
             await _problem(send, 413, f"request body over {self.max_body} bytes (--max-body-bytes)")
             return None
         chunks, size = [], 0
-        deadline = time.monotonic() + self.read_timeout
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                await _problem(send, 408, f"the body did not arrive within {self.read_timeout:g} s (--read-timeout)")
-                return None
-            if message["type"] == "http.disconnect":
-                return None
-            size += len(message.get("body", b""))
-            if size > self.max_body:
-                await _problem(send, 413, f"request body over {self.max_body} bytes (--max-body-bytes)")
-                return None
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        try:
+            async with asyncio.timeout(self.read_timeout):  # the whole body, however it is split
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    size += len(message.get("body", b""))
+                    if size > self.max_body:
+                        await _problem(send, 413, f"request body over {self.max_body} bytes (--max-body-bytes)")
+                        return None
+                    chunks.append(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        return b"".join(chunks)
+        except TimeoutError:
+            await _problem(send, 408, f"the body did not arrive within {self.read_timeout:g} s (--read-timeout)")
+            return None
 
 
 async def _problem(send: Any, code: int, detail: str, headers: list | None = None) -> None:
@@ -294,14 +346,15 @@ async def _problem(send: Any, code: int, detail: str, headers: list | None = Non
 
 def create_app(current: Current, follower: Follower | None = None, *, max_batch: int = 64,
                max_body_bytes: int = 20_000_000, read_timeout: float = 30.0, max_inflight: int = 64,
-               workers: int = 1, admin_token: str | None = None, metrics: Metrics | None = None) -> Any:
+               workers: int = 2, admin_token: str | None = None, metrics: Metrics | None = None) -> Any:
     """The ASGI app serving `current.model`; with `follower`, /admin/reload checks the alias at once."""
     metrics = metrics or Metrics()
     metrics.show(current.model)
-    # Inference and image decoding run here, never on the event loop: a request being decoded or predicted
-    # does not stop others from being read, refused or answered. One worker by default: each ONNX Runtime
-    # call already uses every core, and two at once only contend.
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict")
+    # Image decoding runs in this pool and inference in the batcher's thread, never on the event loop: a
+    # request being decoded or predicted does not stop others from being read, refused or answered. One
+    # inference thread: each ONNX Runtime call already uses every core, and two at once only contend.
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+    batcher = Batcher(max_examples=max_batch)
     app = FastAPI(title="headstart model server", version="1",
                   description="Predictions from a registered headstart model (python -m flows.serve --help).")
 
@@ -336,7 +389,7 @@ def create_app(current: Current, follower: Follower | None = None, *, max_batch:
     @app.post("/predict", response_model=PredictResponse, responses=PROBLEMS, openapi_extra={"requestBody": {
         "required": True, "content": {"multipart/form-data": {"schema": MULTIPART_SCHEMA},
                                       "application/json": {"schema": PredictJSON.model_json_schema()}}}})
-    async def predict(request: Request) -> dict:
+    async def predict(request: Request) -> JSONResponse:
         model = current.model  # this request's model, whatever is swapped in meanwhile
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "multipart/form-data":
@@ -347,9 +400,10 @@ def create_app(current: Current, follower: Follower | None = None, *, max_batch:
         else:
             raise HTTPException(415, f"content type {kind or 'none'!r}: send image files as multipart/form-data "
                                 "(parts named files) or JSON (application/json) with images_b64, images or texts")
-        predictions = await _run(pool, model.predict, examples)
+        predictions = await batcher.predict(model, examples)
         metrics.examples.inc(len(predictions))
-        return {"model": model.name, "version": model.version, "predictions": predictions}
+        # returned as a response, not a dict: FastAPI would validate it against PredictResponse again
+        return JSONResponse({"model": model.name, "version": model.version, "predictions": predictions})
 
     app.state.pool = pool
     return Guard(app, metrics, max_body_bytes, read_timeout, max_inflight)
@@ -482,7 +536,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-body-bytes", type=int, default=20_000_000, help="default: %(default)s")
     ap.add_argument("--read-timeout", type=float, default=30.0, help="seconds to send a body (default: %(default)s)")
     ap.add_argument("--max-inflight", type=int, default=64, help="predict requests in progress before 503s")
-    ap.add_argument("--workers", type=int, default=1, help="inference threads (default: %(default)s)")
+    ap.add_argument("--workers", type=int, default=2, help="image decoding threads (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per call (default: all cores)")
     args = ap.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a server's log is not a terminal

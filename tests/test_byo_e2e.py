@@ -1,6 +1,7 @@
-"""Bring your own data and model, end to end on tiny real data: an ImageFolder of Fashion-MNIST pictures,
-a CSV of WordNet glosses with a tiny random RoBERTa, and the same CSV with the packaged MiniLM through
-the real flow (DVC, Prefect, MLflow) after `dvc add`, so the run records the data's version."""
+"""Bring your own data and model, end to end on tiny real data: an RGB image folder of Fashion-MNIST
+pictures and a CSV of WordNet glosses with the packaged MiniLM, each through the one-command own-data run
+(DVC, Prefect, MLflow) and then served by alias, checked against evaluate's labels; the same CSV with a
+tiny random RoBERTa through the stages in process."""
 
 from __future__ import annotations
 
@@ -90,30 +91,79 @@ def check_contract(ev: dict, ex: dict, n_classes: int) -> None:
     assert ex["parity_passed"] and ex["top1_agreement"] >= 0.999 and ex["worst_tolerance_use"] <= 1
 
 
-def test_image_folder_end_to_end(tmp_path):
-    """Real Fashion-MNIST pictures saved as files: grayscale PNGs and RGB JPEGs, one folder per class."""
+def colour_pictures(root: Path, per_class: dict[str, int], size: int = 40) -> dict[str, list[Path]]:
+    """Real Fashion-MNIST pictures as RGB files of another size: each tinted its own colour, 40x40, saved
+    as PNG, JPEG and WebP in turn, one folder per class under `root`/train and `root`/test."""
     x, y = read_idx(FASHION / "t10k-images-idx3-ubyte.gz"), read_idx(FASHION / "t10k-labels-idx1-ubyte.gz")
-    root = tmp_path / "pictures"
+    rng = np.random.default_rng(0)
+    written: dict[str, list[Path]] = {}
     for c in (0, 1, 7):  # T-shirt/top, Trouser, Sneaker
-        folder = root / FASHION_MNIST_CLASSES[c].replace("/", "-")
-        folder.mkdir(parents=True)
-        for i, j in enumerate(np.flatnonzero(y == c)[:12]):
-            im = Image.fromarray(x[j])
-            if i % 2:
-                im.convert("RGB").save(folder / f"{i}.jpg", quality=95)
-            else:
-                im.save(folder / f"{i}.png")
-    params = write_params(tmp_path, root, prepare={"dataset": "image-folder", "per_class": 6, "val_per_class": 2,
-                                                   "test_per_class": None, "image_size": 32},
-                          model={"image_size": 32})
-    ev, ex = run_stages(params)
-    check_contract(ev, ex, 3)
-    manifest = json.loads((tmp_path / "data/prepared/manifest.json").read_text())
+        name = FASHION_MNIST_CLASSES[c].replace("/", "-")
+        picks = iter(np.flatnonzero(y == c))
+        for split, n in per_class.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                tint = rng.uniform(0.6, 1.0, 3)
+                rgb = (x[next(picks)][..., None] * tint).astype(np.uint8)
+                im = Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR)
+                path = folder / f"{i:03d}.{('png', 'jpg', 'webp')[i % 3]}"
+                im.save(path, **({"quality": 95} if path.suffix == ".jpg" else {}))
+                written.setdefault(split, []).append(path)
+    return written
+
+
+def served_labels(project: Path, model_name: str, version: int, requests: list) -> list[str]:
+    """Serve `model_name` as champion (set to `version`) from the project's registry and post `requests`
+    (each: the multipart body and content type, or a JSON body); the labels, in order."""
+    from mlflow.tracking import MlflowClient
+
+    from .conftest import http_server
+    from .test_serve import post
+
+    MlflowClient(f"sqlite:///{project / 'mlflow.db'}").set_registered_model_alias(model_name, "champion", version)
+    cmd = [sys.executable, "-m", "flows.serve", "--model", model_name, "--alias", "champion", "--port", "{port}"]
+    labels = []
+    with http_server(cmd, "/health", project, flow_env(project)) as (base, health):
+        assert health["version"] == str(version)
+        for req in requests:
+            status, body = post(f"{base}/predict", *req)
+            assert status == 200 and body["version"] == str(version), body
+            labels += [p["label"] for p in body["predictions"]]
+    return labels
+
+
+def evaluated_labels(project: Path, model: str) -> list[str]:
+    with open(project / "metrics/predictions.csv") as f:
+        return [row[model] for row in csv.DictReader(f)]
+
+
+def test_your_rgb_image_folder_in_one_command_is_served_as_evaluate_scored_it(tmp_path):
+    """make run DATA=<folder> NAME=<task> on RGB pictures of another size, with a test folder of their own;
+    then the registered model served by alias: 102 test image files posted as files get exactly the labels
+    the evaluate stage gave them."""
+    from .test_serve import multipart
+
+    project = copy_project(tmp_path / "project")
+    files = colour_pictures(project / "data" / "garments", {"train": 10, "test": 34})
+    sets = {"prepare.image_size": 48, "model.image_size": 32, "finetune.epochs": 2, "finetune.batch_size": 8,
+            "finetune.probe_c": [1.0], "evaluate.n_bootstrap": 200}
+    args = [sys.executable, "-m", "flows.pipeline", "--data", "data/garments", "--task", "garments"]
+    res = sh(args + [f"--set={k}={v}" for k, v in sets.items()], project, flow_env(project))
+    assert "created tasks/garments.yaml (image-folder)" in res.stdout
+    manifest = json.loads((project / "data/prepared/manifest.json").read_text())
     assert manifest["classes"] == ["Sneaker", "T-shirt-top", "Trouser"] and manifest["modality"] == "image"
-    assert ev["n_test"] == 12  # every remaining picture: 4 per class
-    # Pictures decoded right: frozen ImageNet features separate three very different garments (6 labels
-    # each); 2 epochs of 3 steps are too few to judge fine-tuning, which other tests do.
+    ev = json.loads((project / "metrics/evaluate.json").read_text())
+    assert ev["n_test"] == 102  # the test folder, whole
+    # decoded right: frozen ImageNet features separate three very different garments from 6 labels each
     assert ev["linear_probe"]["accuracy"] > 0.5
+    receipt = json.loads((project / "reports/registered.json").read_text())
+    assert receipt["model_name"] == "headstart-garments"
+    # the prepared test split holds the test folder's files class by class, each class's files sorted
+    test_files = sorted(files["test"], key=lambda p: (p.parent.name, p.name))
+    requests = [multipart([(p.name, p.read_bytes()) for p in test_files[i:i + 64]]) for i in range(0, 102, 64)]
+    served = served_labels(project, receipt["model_name"], receipt["version"], requests)
+    assert served == evaluated_labels(project, receipt["candidate"])
 
 
 def test_csv_texts_with_a_tiny_roberta_end_to_end(tmp_path):
@@ -133,11 +183,11 @@ def test_csv_texts_through_the_flow_record_the_data_version(tmp_path):
     project = copy_project(tmp_path / "project")
     data = project / "data" / "raw"
     data.mkdir(parents=True)
-    gloss_table(data / "glosses.csv", 12)
+    gloss_table(data / "glosses.csv", 42)
     sh([sys.executable, "-m", "dvc", "add", "-q", "data/raw/glosses.csv"], project)
     sh(GIT + ["add", "-A"], project)
     sh(GIT + ["commit", "-qm", "my data"], project)
-    sets = {"prepare.per_class": 6, "prepare.val_per_class": 2, "prepare.test_per_class": 4,
+    sets = {"prepare.per_class": 6, "prepare.val_per_class": 2, "prepare.test_per_class": 34,
             "finetune.epochs": 2, "finetune.batch_size": 8, "finetune.lr": 1.0e-4, "finetune.augment": False,
             "finetune.probe_c": [1.0], "evaluate.n_bootstrap": 200, "register.model_name": "my-topics"}
     args = [sys.executable, "-m", "flows.pipeline", "--data", "data/raw/glosses.csv", "--task", "topics"]
@@ -154,4 +204,11 @@ def test_csv_texts_through_the_flow_record_the_data_version(tmp_path):
     receipt = json.loads((project / "reports/registered.json").read_text())
     assert receipt["model_name"] == "my-topics" and receipt["version"] == 1
     ex = json.loads((project / "metrics/export.json").read_text())
-    assert ex["parity_passed"] and ex["n_examples"] == 12
+    assert ex["parity_passed"] and ex["n_examples"] == 102
+    # served by alias: the 102 test texts posted as texts get exactly the labels evaluate gave them
+    from stages.data import load_split
+
+    texts = load_split(project / "data/prepared", "test").x.tolist()
+    requests = [(json.dumps({"texts": texts[i:i + 64]}).encode(),) for i in range(0, len(texts), 64)]
+    served = served_labels(project, "my-topics", 1, requests)
+    assert served == evaluated_labels(project, receipt["candidate"])

@@ -13,7 +13,7 @@ import yaml
 from .conftest import ROOT
 
 INFRA = ROOT / "infra"
-SECRET_WORDS = ("PASSWORD", "SECRET", "ACCESS_KEY", "_USER")
+SECRET_WORDS = ("PASSWORD", "SECRET", "ACCESS_KEY", "_USER", "TOKEN")
 PINNED = re.compile(r"^[\w./-]+:(?!latest$)[\w.-]*\d[\w.-]*$")  # name:tag, the tag has a version number
 
 
@@ -36,7 +36,7 @@ def containers(doc: dict) -> list[dict]:
 
 def test_compose_has_the_services_with_pinned_images():
     services = compose()["services"]
-    assert {"postgres", "minio", "mlflow", "prefect-server", "prefect-worker"} <= set(services)
+    assert {"postgres", "minio", "mlflow", "prefect-server", "prefect-worker", "serve"} <= set(services)
     for name, svc in services.items():
         assert "image" in svc, name
         assert PINNED.match(svc["image"]), f"{name}: image {svc['image']!r} is not pinned to a version tag"
@@ -65,8 +65,9 @@ def test_compose_takes_every_secret_from_the_env_file_without_defaults():
 
 def test_compose_servers_have_ports_and_healthchecks():
     services = compose()["services"]
-    for name in ("postgres", "minio", "mlflow", "prefect-server", "prefect-worker"):
+    for name in ("postgres", "minio", "mlflow", "prefect-server", "prefect-worker", "serve"):
         assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+    assert services["serve"]["ports"] == ["127.0.0.1:8000:8000"]  # the model server on the host's loopback only
     for name, port in (("minio", "9000:9000"), ("mlflow", "5000:5000"), ("prefect-server", "4200:4200")):
         assert port in services[name]["ports"], name
     command = " ".join(services["mlflow"]["command"])
@@ -83,7 +84,8 @@ def test_k8s_manifests_parse_and_pin_images_and_read_secrets_from_a_secret():
     docs = k8s_docs()
     kinds = {(d["kind"], d["metadata"].get("name") or d["metadata"].get("generateName")) for d in docs}
     for needed in [("Deployment", "mlflow"), ("Deployment", "prefect-server"), ("Deployment", "prefect-worker"),
-                   ("StatefulSet", "postgres"), ("Deployment", "minio"), ("Job", "headstart-finetune-")]:
+                   ("StatefulSet", "postgres"), ("Deployment", "minio"), ("Job", "headstart-finetune-"),
+                   ("Deployment", "serve")]:
         assert needed in kinds, needed
     for doc in docs:
         for c in containers(doc):
@@ -94,7 +96,8 @@ def test_k8s_manifests_parse_and_pin_images_and_read_secrets_from_a_secret():
                     assert "value" not in env, env
 
 
-@pytest.mark.parametrize("name, port", [("mlflow", 5000), ("prefect-server", 4200), ("postgres", 5432), ("minio", 9000)])
+@pytest.mark.parametrize("name, port", [("mlflow", 5000), ("prefect-server", 4200), ("postgres", 5432), ("minio", 9000),
+                                        ("serve", 8000)])
 def test_k8s_servers_have_services_ports_and_probes(name, port):
     docs = k8s_docs()
     workload = next(d for d in docs if d["kind"] in ("Deployment", "StatefulSet") and d["metadata"]["name"] == name)
@@ -128,3 +131,26 @@ def test_worker_image_build_context_leaves_out_local_state_and_secrets():
     ignored = (ROOT / ".dockerignore").read_text().split()
     for path in (".venv/", ".dvc/cache/", "mlflow.db", "mlartifacts/", "data/", "models/", "infra/.env"):
         assert path in ignored, path
+
+
+def test_the_serving_image_holds_what_the_server_imports_and_no_torch():
+    """infra/serve: its requirements are requirements.lock's versions without torch, and its Dockerfile copies
+    every headstart module the server loads (found by importing the server, not by reading a list)."""
+    import subprocess
+    import sys
+
+    lock = {line.split("==")[0].lower(): line.strip() for line in (ROOT / "requirements.lock").read_text().splitlines()
+            if "==" in line}
+    wanted = [line.strip() for line in (INFRA / "serve/requirements.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    for pin in wanted:
+        assert lock.get(pin.split("==")[0].lower()) == pin, f"{pin}: requirements.lock has {lock.get(pin.split('==')[0].lower())}"
+    assert not {"torch", "transformers", "torchvision", "timm"} & {p.split("==")[0].lower() for p in wanted}
+    code = ("import sys, flows.serve, stages.registry; from stages.params import Params; Params.load(); "
+            "print(' '.join(sorted(sys.modules)))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()
+    assert not {"torch", "transformers", "sklearn", "prefect"} & set(loaded)
+    ours = {m.replace(".", "/") + ".py" for m in loaded if m.split(".")[0] in ("stages", "flows") and "." in m}
+    copied = " ".join(line for line in (INFRA / "serve/Dockerfile").read_text().splitlines() if line.startswith("COPY"))
+    missing = sorted(f for f in ours if f not in copied.split())
+    assert not missing, f"the server loads {missing}, which infra/serve/Dockerfile does not copy"

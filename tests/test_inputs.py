@@ -38,6 +38,17 @@ def test_image_preprocessing_is_torchs_antialiased_bilinear_resize(h, w, size, r
     np.testing.assert_allclose(got, _torch_reference(x, pre), atol=1e-4, rtol=0)
 
 
+def test_a_gray_picture_saved_as_rgb_feeds_a_grayscale_model_exactly_as_its_gray_array():
+    gray = np.random.default_rng(0).integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    pre = {"image_size": 28, "channels": 1, "mean": [0.5], "std": [0.25]}
+    as_rgb = np.repeat(gray[..., None], 3, axis=-1)
+    np.testing.assert_array_equal(image_array(as_rgb, pre), image_array(gray, pre))
+    mixed = as_rgb.copy()
+    mixed[0, ..., 0] //= 2  # a colour image among them is still averaged
+    assert not np.array_equal(image_array(mixed, pre)[0], image_array(gray, pre)[0])
+    np.testing.assert_array_equal(image_array(mixed, pre)[1:], image_array(gray, pre)[1:])
+
+
 def test_a_stored_image_decodes_to_the_array_prepare_keeps(tmp_path):
     from PIL import Image
 

@@ -178,28 +178,32 @@ def test_mlflow_ui_serves_the_registered_version_and_alias(project, first_run):
             assert r.status == 200  # the UI page itself
 
 
-def test_server_resolves_an_alias_to_a_concrete_version(project, first_run):
-    """A person sets `champion` (here through the client, as the UI does); the server serves that version."""
-    import urllib.request
+def test_server_resolves_an_alias_and_answers_image_files_as_evaluate_did(project, first_run):
+    """A person sets `champion` (here through the client, as the UI does); the server serves that version,
+    and test images posted as PNG files get the labels the evaluate stage gave them."""
+    import csv
 
     from mlflow.tracking import MlflowClient
 
     from stages.data import load_split
 
+    from .test_serve import multipart, png, post
+
     receipt = json.loads((project / "reports/registered.json").read_text())
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     client.set_registered_model_alias(receipt["model_name"], "champion", receipt["version"])
-    cmd = [sys.executable, "-m", "flows.serve", "--alias", "champion", "--port", "{port}"]
+    cmd = [sys.executable, "-m", "flows.serve", "--model", receipt["model_name"], "--alias", "champion",
+           "--port", "{port}"]
     try:
         with http_server(cmd, "/health", project, flow_env(project)) as (base, health):
-            assert health["model_version"] == str(receipt["version"])
-            assert health["onnx"].endswith("model.onnx")
+            assert health["version"] == str(receipt["version"]) and health["model"] == receipt["model_name"]
             test = load_split(project / "data/prepared", "test")
-            req = urllib.request.Request(f"{base}/predict", data=json.dumps({"images": test.x[:5].tolist()}).encode(),
-                                         headers={"content-type": "application/json"})
-            with urllib.request.urlopen(req, timeout=30) as r:
-                body = json.loads(r.read())
-            assert body["model_version"] == str(receipt["version"]) and len(body["predictions"]) == 5
+            status, body = post(f"{base}/predict", *multipart([(f"{i}.png", png(x)) for i, x in enumerate(test.x[:20])]))
+            assert status == 200, body
+            assert body["version"] == str(receipt["version"]) and len(body["predictions"]) == 20
+            with open(project / "metrics/predictions.csv") as f:
+                evaluated = [row[receipt["candidate"]] for row in csv.DictReader(f)][:20]
+            assert [p["label"] for p in body["predictions"]] == evaluated
     finally:
         client.delete_registered_model_alias(receipt["model_name"], "champion")
 

@@ -185,7 +185,7 @@ def test_bad_input_gets_a_reason_and_the_server_stays_healthy(tmp_path):
         expected = {"wrong content type": (415, "content type 'text/plain'"), "empty multipart": (422, "no parts"),
                     "a non-image file": (422, "files[1] (notes.txt) is not a usable image"),
                     "a truncated PNG": (422, "files[0] (cut.png) is not a usable image"),
-                    "a 100-megapixel PNG": (422, "100000000 pixels"),
+                    "a 100-megapixel PNG": (422, "files[0] (huge.png) is not a usable image: ValueError: 10000x10000 pixels exceeds"),
                     "too many files": (422, "at most 4"), "invalid base64": (422, "images_b64[0] is not valid base64"),
                     "texts to an image model": (422, "images_b64 or images"), "an unknown key": (422, "pictures"),
                     "an array of another size": (422, "[12, 12]"), "broken JSON": (422, "invalid JSON"),

@@ -12,6 +12,7 @@ from PIL import Image
 
 from stages import datasets, prepare
 from stages.data import load_split
+from stages.inputs import decode_image
 from stages.params import PrepareParams
 
 
@@ -56,7 +57,7 @@ def test_grayscale_palette_rgba_16bit_cmyk_and_exif_rotation_become_upright_rgb(
     exif[0x0112] = 6
     Image.fromarray(wide).save(tmp_path / "rotated.jpg", exif=exif, quality=100)
 
-    out = {n: datasets.load_image(tmp_path / n, 8, 10**6) for n in [*files, "rotated.jpg"]}
+    out = {n: decode_image(tmp_path / n, 8, 10**6) for n in [*files, "rotated.jpg"]}
     assert all(a.shape == (8, 8, 3) and a.dtype == np.uint8 for a in out.values())
     assert abs(int(out["gray.png"].mean()) - 200) <= 1 and np.ptp(out["gray.png"], axis=2).max() == 0
     assert out["palette.gif"][..., 0].min() > 240 and out["palette.gif"][..., 1:].max() < 15
@@ -169,7 +170,7 @@ def test_a_palette_image_with_a_transparent_colour_is_composited_on_white(tmp_pa
     im.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
     im.paste(1, (0, 0, 8, 4))  # top half colour 1 (blue), bottom half colour 0 (red)
     im.save(tmp_path / "p.png", transparency=1)  # colour 1 is transparent
-    out = datasets.load_image(tmp_path / "p.png", 8, 10**6)
+    out = decode_image(tmp_path / "p.png", 8, 10**6)
     assert out[:4].min() == 255  # transparent -> white
     assert (out[4:, :, 0] > 240).all() and (out[4:, :, 1:] < 15).all()  # red stays red
 
@@ -177,7 +178,7 @@ def test_a_palette_image_with_a_transparent_colour_is_composited_on_white(tmp_pa
 def test_a_decompression_bomb_is_quarantined_before_decoding(tmp_path):
     Image.new("L", (300, 300)).save(tmp_path / "big.png")
     with pytest.raises(ValueError, match="exceeds prepare.max_pixels"):
-        datasets.load_image(tmp_path / "big.png", 8, max_pixels=10_000)
+        decode_image(tmp_path / "big.png", 8, max_pixels=10_000)
 
 
 def test_a_missing_label_column_lists_the_columns_there_are(tmp_path):
