@@ -142,7 +142,7 @@ def dvc_diff(kind: str, base: str, unchanged: bool) -> dict | None:
 
 def champion_of(params: Params) -> dict | None:
     """The version holding `champion` now, with its tags; None when there is none or no store is reachable."""
-    from stages.register import CHAMPION, Store, describe_alias
+    from stages.registry import CHAMPION, Store, describe_alias
 
     store = Store(params.paths.mlflow_db, params.paths.mlflow_artifacts)
     try:

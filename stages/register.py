@@ -33,7 +33,7 @@ from stages.data import load_split
 from stages.evaluate import answer, candidate
 from stages.files import read_json, sha256_file, write_json
 from stages.params import RegisterParams, cli
-from stages.registry import CHALLENGER, CHAMPION, FILE_TAGS, Store, describe_alias
+from stages.registry import CHALLENGER, CHAMPION, FILE_TAGS, Store
 from stages.stats import bootstrap_ci
 from stages.train import predict
 

@@ -37,8 +37,12 @@ def describe_alias(store: Store, name: str, alias: str) -> dict[str, Any] | None
     mlflow.set_tracking_uri(store.uri())
     try:
         mv = MlflowClient().get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") and "not found" in str(e):
+            return None  # no such model, or no version holds the alias
+        # anything else is the registry itself failing (unreachable, locked, or a URI this MLflow client
+        # cannot read: mlflow-skinny, as in the serving image, reads a registry only through a server)
+        raise ConnectionError(f"cannot read the model registry at {store.uri()}: {str(e).splitlines()[0][:300]}") from None
     return {"version": int(mv.version), "run_id": mv.run_id, "tags": dict(mv.tags)}
 
 

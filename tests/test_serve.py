@@ -355,3 +355,12 @@ def test_serve_bench_times_a_text_model_and_keeps_other_models_results(tmp_path)
     engines = result["bert@16tok"]["engines"]
     assert set(engines) == {"pytorch_eager", "onnx_fp32", "onnx_int8"}
     assert all(e["p50_ms_b1"] > 0 and e["throughput_b64"] > 0 for e in engines.values())
+
+
+def test_a_registry_that_cannot_be_read_is_an_error_not_a_missing_alias(tmp_path, monkeypatch, mlflow_store):
+    from stages.registry import Store, describe_alias
+
+    assert describe_alias(mlflow_store, "no-such-model", "champion") is None  # truly absent: None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unsupported-scheme://nowhere")
+    with pytest.raises(ConnectionError, match="cannot read the model registry at unsupported-scheme://nowhere"):
+        describe_alias(Store(tmp_path / "x.db", tmp_path / "a"), "any", "champion")
