@@ -159,6 +159,7 @@ class RegisterParams:
     min_accuracy: float | None = _f(None, ge=0, le=1)  # opt-in absolute floor on the candidate's test accuracy
     min_gain: float = _f(0.0, ge=-1, le=1)
     max_regression: float = _f(0.0, ge=0, le=1)
+    allow_unchecked_previous_data: bool = False  # the guard fails closed when the old test set is missing
 
 
 @dataclass(frozen=True)

@@ -143,14 +143,16 @@ def run(
 
     champion_acc = _champion_accuracy(client, p.model_name, report, prepared, model_dir)
     checks = [*gate(report, export, champion_acc, p, name),
-              previous_data_check(client, p.model_name, version, model_dir)]
+              previous_data_check(client, p.model_name, version, model_dir, allow_unchecked=p.allow_unchecked_previous_data)]
     ok = all(c.passed for c in checks)
     for c in checks:
         client.set_model_version_tag(p.model_name, version, f"gate.{c.name}.value", c.value)
         client.set_model_version_tag(p.model_name, version, f"gate.{c.name}.passed", str(c.passed).lower())
     client.set_model_version_tag(p.model_name, version, "gate.passed", str(ok).lower())
     failed = [c.name for c in checks if not c.passed]
-    reason = "all gate checks passed" if ok else f"gate failed: {', '.join(failed)}"
+    not_run = [f"{c.name} ({c.value})" for c in checks if c.value.startswith("not run")]
+    reason = ("all gate checks passed" if ok else f"gate failed: {', '.join(failed)}") + (
+        f"; not run: {', '.join(not_run)}" if not_run else "")
     client.set_model_version_tag(p.model_name, version, "challenger_decision", reason)
     meta = read_json(model_dir / "model.json")
     card = model_card(p.model_name, version, meta, report, export, checks, lineage, name)
@@ -172,11 +174,13 @@ PREVIOUS_DATA_RULE = "accuracy on the previous data version's test set >= the lo
 
 
 def previous_data_check(client: MlflowClient, name: str, version: int, finetuned: Path,
-                        n_bootstrap: int = 2000, seed: int = 0) -> Check:
+                        n_bootstrap: int = 2000, seed: int = 0, allow_unchecked: bool = False) -> Check:
     """The continual-retraining guard: when this version was trained on a newer data version than the
     versions before it, score it on the test set of the latest earlier data version (read from the DVC
     cache by the prepared data's hash, tag data_dvc_md5) next to the version registered from that data.
-    It fails when the new model's accuracy there falls below that version's 95% CI: it forgot old data."""
+    It fails when the new model's accuracy there falls below that version's 95% CI: it forgot old data.
+    It fails closed: when that test set is not in the DVC cache the check did not run, and it passes only
+    when `allow_unchecked` (register.allow_unchecked_previous_data) says so."""
     this = client.get_model_version(name, str(version))
     md5 = this.tags.get("data_dvc_md5", "unknown")
     earlier = [v for v in client.search_model_versions(f"name='{name}'")
@@ -187,8 +191,11 @@ def previous_data_check(client: MlflowClient, name: str, version: int, finetuned
     test = dvc_cached_split(old.tags["data_dvc_md5"], "test")
     if test is None:
         print(f"WARNING: the test set of version {old.version}'s data ({old.tags['data_dvc_md5']}) is not in the DVC "
-              "cache (dvc pull brings it back); the continual-retraining guard could not run")
-        return Check("previous_data", f"v{old.version}'s test set not in the DVC cache", PREVIOUS_DATA_RULE, True)
+              "cache, so the continual-retraining guard did not run: `dvc pull` brings it back"
+              + (" (register.allow_unchecked_previous_data: true lets the gate pass without it)" if allow_unchecked
+                 else "; the gate fails until then, or set register.allow_unchecked_previous_data: true"))
+        return Check("previous_data", f"not run: v{old.version}'s test set is not in the DVC cache", PREVIOUS_DATA_RULE,
+                     allow_unchecked)
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(run_id=old.run_id, artifact_path="checkpoint", dst_path=tmp)
         old_model, old_meta = zoo.load_checkpoint(Path(path))

@@ -224,7 +224,7 @@ def test_a_retrained_model_that_forgets_the_previous_data_version_is_refused_cha
         md5[version] = yaml.safe_load((tmp_path / f"{folder.name}.dvc").read_text())["outs"][0]["md5"]
     name = "continual"
 
-    def register(where: str, data: str, predicts: int) -> dict:
+    def register(where: str, data: str, predicts: int, allow_unchecked: bool = False) -> dict:
         history = _workspace(tmp_path / where, "positive", 0.9)
         _constant_model(tmp_path / where / "finetuned", predicts)
         return run(tmp_path / where / "prepared", tmp_path / where / "finetuned", tmp_path / where / "baselines",
@@ -232,7 +232,8 @@ def test_a_retrained_model_that_forgets_the_previous_data_version_is_refused_cha
                    tmp_path / where / "export.json",
                    {"fp32": tmp_path / where / "model.onnx", "int8": tmp_path / where / "model_int8.onnx"},
                    tmp_path / where / "registered.json", mlflow_store,
-                   RegisterParams(model_name=name, experiment="test", min_accuracy=0.7),
+                   RegisterParams(model_name=name, experiment="test", min_accuracy=0.7,
+                                  allow_unchecked_previous_data=allow_unchecked),
                    {"git_commit": "abc", "params_sha256": where, "data_dvc_md5": md5[data]})
 
     first = register("a", "A", predicts=0)
@@ -253,7 +254,14 @@ def test_a_retrained_model_that_forgets_the_previous_data_version_is_refused_cha
 
     shutil.rmtree(tmp_path / ".dvc" / "cache")
     gone = register("b-gone", "B", predicts=1)
-    assert next(c for c in gone["gate"] if c["name"] == "previous_data")["value"].endswith("not in the DVC cache")
+    check = next(c for c in gone["gate"] if c["name"] == "previous_data")
+    assert check["value"] == f"not run: v{kept['version']}'s test set is not in the DVC cache" and not check["passed"]
+    assert gone["aliases"] == [] and gone["challenger_reason"] == (
+        f"gate failed: previous_data; not run: previous_data ({check['value']})")  # fails closed
+    allowed = register("b-gone-allowed", "B", predicts=0, allow_unchecked=True)  # opted in: passes, still says so
+    check = next(c for c in allowed["gate"] if c["name"] == "previous_data")
+    assert check["passed"] and check["value"].startswith("not run") and allowed["aliases"] == ["challenger"]
+    assert allowed["challenger_reason"].startswith("all gate checks passed; not run: previous_data")
 
 
 @pytest.mark.slow
