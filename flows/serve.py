@@ -500,22 +500,6 @@ def _arrays(raw: list, size: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- command
 
 
-def registered_name(task: str) -> str:
-    """The registered model name of `task` (tasks/<task>.yaml register.model_name)."""
-    import yaml
-
-    from flows.tasks import TaskError, task_file
-
-    path = task_file(task)
-    if not path.exists():
-        known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
-        raise TaskError(f"no task {task!r} ({path} does not exist); known tasks: {known}")
-    name = (yaml.safe_load(path.read_text()).get("register") or {}).get("model_name")
-    if not name:
-        raise TaskError(f"{path} sets no register.model_name")
-    return name
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group()
@@ -551,6 +535,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             from stages.params import Params
             from stages.registry import Store, fetch_servable
+
+            from flows.tasks import registered_name
 
             name = args.model or registered_name(args.task or "image")
             paths = Params.load(args.params).paths

@@ -40,6 +40,20 @@ def task_keys(tasks_dir: Path = TASKS_DIR) -> set[str]:
     return set(read_preset(tasks_dir / "image.yaml"))
 
 
+def registered_name(task: str, tasks_dir: Path = TASKS_DIR) -> str:
+    """The registered model name of `task` (its register.model_name), read without the pipeline's imports."""
+    import yaml
+
+    path = task_file(task, tasks_dir)
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in tasks_dir.glob("*.yaml")))
+        raise TaskError(f"no task {task!r} ({path} does not exist); known tasks: {known}")
+    name = (yaml.safe_load(path.read_text()).get("register") or {}).get("model_name")
+    if not name:
+        raise TaskError(f"{path} sets no register.model_name")
+    return name
+
+
 def load(name: str, tasks_dir: Path = TASKS_DIR) -> dict[str, Any]:
     """A task's settings as dotted keys, checked to set exactly the task keys."""
     from flows.pipeline import read_preset

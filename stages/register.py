@@ -505,7 +505,14 @@ def model_card(
                          for m, c in others.items())
     gate_rows = "\n".join(f"| {c.name} | {c.value} | {c.rule} | {'pass' if c.passed else 'FAIL'} |" for c in checks)
     paid = ("transfer paid" if report["transfer_verdict"] == "positive" else "transfer did not clearly pay")
-    return f"""# {name} version {version}: {candidate}
+    passed = all(c.passed for c in checks)
+    decision = ("gate passed" if passed else
+                f"GATE FAILED ({', '.join(c.name for c in checks if not c.passed)}): do not promote")
+    pre = meta["preprocessing"]
+    return f"""# {name} version {version}: {candidate}, {decision}
+
+**{'Gate passed' if passed else 'GATE FAILED: do not promote this version'}** ({zoo.modality(pre)} model,
+{len(meta['classes'])} classes: {', '.join(meta['classes'][:6])}{', ...' if len(meta['classes']) > 6 else ''}).
 
 **{answer(report)}** This version is the **{candidate}** model ({meta['architecture']}, {meta['init']} weights{
     f" sha256 `{meta['pretrained_sha256']}`" if meta.get('pretrained_sha256') else ""}, trained on

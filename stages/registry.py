@@ -50,8 +50,10 @@ def fetch_servable(store: Store, name: str, alias: str, dst: Path, int8: bool = 
                    version: dict[str, Any] | None = None, threads: int = 0) -> servable.Servable:
     """Resolve `models:/<name>@<alias>` (or take `version`, as describe_alias returns it), download the
     version's serving contract and ONNX file into `dst`/v<version>, and load them after checking both
-    against the sha256 the version recorded at registration. Raises LookupError when no version holds the
-    alias, servable.NotServable when the files are missing or altered."""
+    against the sha256 the version recorded at registration. A version whose promotion gate failed is
+    refused unless its promotion to `alias` was forced with a reason (tag <alias>.forced). Raises
+    LookupError when no version holds the alias, servable.NotServable when the version may not be served
+    or its files are missing or altered."""
     version = version or describe_alias(store, name, alias)
     if version is None:
         raise LookupError(f"no version of {name} has the alias {alias!r}: set it in the MLflow UI (make ui) or "
@@ -63,6 +65,14 @@ def fetch_servable(store: Store, name: str, alias: str, dst: Path, int8: bool = 
         raise servable.NotServable(
             f"{name} version {version['version']} has no {' or '.join(missing)} tag: it was registered before "
             "headstart recorded a serving contract; run the pipeline again to register a servable version")
+    if tags.get("gate.passed") != "true" and tags.get(f"{alias}.forced") != "true":
+        failed = sorted(k.split(".")[1] for k, v in tags.items() if k.startswith("gate.") and k.endswith(".passed")
+                        and v != "true" and k != "gate.passed")
+        raise servable.NotServable(
+            f"{name} version {version['version']} holds {alias!r} but did not pass its promotion gate"
+            f" ({', '.join(failed) or 'no gate recorded'}); a version that failed is served only when promoted with "
+            f"a reason: python -m flows.promote {version['version']} --model {name} --alias {alias} --force "
+            "--reason '...'")
     folder = Path(dst) / f"v{version['version']}"
     try:
         for f in (servable.CONTRACT, onnx_name):

@@ -168,6 +168,17 @@ def test_promotion_needs_a_passed_gate_or_a_recorded_reason(tmp_path, mlflow_sto
     assert rollback["previous"] == bad and not rollback["forced"]
     assert client.get_model_version_by_alias(name, "champion").version == good
 
+    # the card's first line says what the gate decided, in words a promoter cannot miss
+    assert client.get_model_version(name, bad).description.splitlines()[0] == (
+        f"# {name} version {bad}: finetuned, GATE FAILED (beats_alternatives): do not promote")
+    assert client.get_model_version(name, good).description.splitlines()[0].endswith(": finetuned, gate passed")
+
+    # another task's model, by its registered name
+    other = _register(tmp_path / "other", mlflow_store, "positive", 0.85, "promote-by-name")["version"]
+    res = subprocess.run([sys.executable, "-m", "flows.promote", str(other), "--model", "promote-by-name"], cwd=ROOT,
+                         env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and "promote-by-name@champion -> version" in res.stdout, res.stdout + res.stderr
+
     # The README's UI steps and tables name exactly the aliases and tags the code writes.
     readme = (ROOT / "README.md").read_text()
     written = set(client.get_model_version(name, bad).tags) | set(client.get_model_version(name, good).tags)

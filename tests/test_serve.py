@@ -255,6 +255,7 @@ def register_folder(client, name: str, folder: Path) -> str:
     mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/onnx", run_id=run.info.run_id)
     for f in ("serving.json", "model.onnx"):
         client.set_model_version_tag(name, mv.version, FILE_TAGS[f], sha256_file(folder / f))
+    client.set_model_version_tag(name, mv.version, "gate.passed", "true")
     return str(mv.version)
 
 
@@ -305,6 +306,13 @@ def test_a_promotion_while_requests_flow_fails_none_and_swaps_in_order(tmp_path,
         # in order: once a response named v2 no later one names v1 (responses are appended as they arrive)
         assert v1 not in versions[versions.index(v2):]
 
+        # a version that failed its gate is refused unless forced, and v2 keeps serving
+        v4 = register_folder(client, name, image_folder(tmp_path / "d", seed=3))
+        client.set_model_version_tag(name, v4, "gate.passed", "false")
+        client.set_model_version_tag(name, v4, "gate.beats_alternatives.passed", "false")
+        client.set_registered_model_alias(name, "champion", v4)
+        status, body = post(f"{base}/admin/reload", b"", headers={"authorization": "Bearer s3cret"})
+        assert status == 200 and body["version"] == v2 and "did not pass its promotion gate (beats_alternatives)" in body["error"]
         # the altered version is refused and v2 keeps serving; the admin endpoint needs the token
         client.set_registered_model_alias(name, "champion", v3)
         assert post(f"{base}/admin/reload", b"")[0] == 401
