@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stages.files import sha256_file
 from stages.params import Params
 
 from .conftest import ROOT, copy_project, flow_env, http_server, sh
@@ -140,8 +141,12 @@ def test_registered_version_lineage_and_alias_rule(project, first_run):
     assert ("challenger" in receipt["aliases"]) == (version.tags["gate.passed"] == "true")
     assert version.description.startswith(f"# {receipt['model_name']} version {receipt['version']}")
     assert sorted(version.aliases) == receipt["aliases"]
-    # the ONNX file went to the run of the registered version, with its parity on the version
-    assert [a.path for a in client.list_artifacts(receipt["run_id"], "onnx")] == ["onnx/model.onnx", "onnx/model_int8.onnx"]
+    # the ONNX files and their serving contract went to the run of the registered version, each file's
+    # sha256 on the version (what a server checks before serving it)
+    assert [a.path for a in client.list_artifacts(receipt["run_id"], "onnx")] == [
+        "onnx/model.onnx", "onnx/model_int8.onnx", "onnx/serving.json"]
+    assert version.tags["onnx_sha256"] == sha256_file(project / "models/onnx/model.onnx")
+    assert version.tags["serving_sha256"] == sha256_file(project / "models/onnx/serving.json")
     assert float(version.tags["onnx_top1_agreement"]) >= 0.999
     # one parent run with a nested run per model
     runs = client.search_runs([client.get_experiment_by_name("headstart").experiment_id])
