@@ -243,13 +243,13 @@ def test_a_text_model_is_served_with_its_recorded_tokenizer(tmp_path):
         assert get(f"{base}/health")[0] == 200
 
 
-def register_folder(client, name: str, folder: Path) -> str:
+def register_folder(client, name: str, folder: Path, experiment_id: str) -> str:
     """Log a servable folder as a run's onnx/ artifacts and register it, tagged as register tags it."""
     import mlflow
 
     from stages.files import sha256_file
 
-    with mlflow.start_run() as run:
+    with mlflow.start_run(experiment_id=experiment_id) as run:
         for f in ("serving.json", "model.onnx"):
             mlflow.log_artifact(str(folder / f), artifact_path="onnx")
     mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/onnx", run_id=run.info.run_id)
@@ -266,12 +266,11 @@ def test_a_promotion_while_requests_flow_fails_none_and_swaps_in_order(tmp_path,
 
     from stages.register import connect
 
-    mlflow.set_experiment(experiment_id=connect(mlflow_store, "serve-promotion"))  # artifacts in the test's store
+    experiment = connect(mlflow_store, "serve-promotion")  # artifacts in the test's store
     client, name = MlflowClient(), "serve-promotion"
     client.create_registered_model(name)
-    v1 = register_folder(client, name, image_folder(tmp_path / "a", seed=0))
-    v2 = register_folder(client, name, image_folder(tmp_path / "b", seed=1))
-    v3 = register_folder(client, name, image_folder(tmp_path / "c", seed=2))
+    v1, v2, v3 = (register_folder(client, name, image_folder(tmp_path / x, seed=i), experiment)
+                  for i, x in enumerate("abc"))
     # v3's file is altered in the artifact store after registration: it must never be served
     artifact_root = client.get_run(client.get_model_version(name, v3).run_id).info.artifact_uri.removeprefix("file://")
     with open(Path(artifact_root) / "onnx" / "model.onnx", "ab") as f:
@@ -307,7 +306,7 @@ def test_a_promotion_while_requests_flow_fails_none_and_swaps_in_order(tmp_path,
         assert v1 not in versions[versions.index(v2):]
 
         # a version that failed its gate is refused unless forced, and v2 keeps serving
-        v4 = register_folder(client, name, image_folder(tmp_path / "d", seed=3))
+        v4 = register_folder(client, name, image_folder(tmp_path / "d", seed=3), experiment)
         client.set_model_version_tag(name, v4, "gate.passed", "false")
         client.set_model_version_tag(name, v4, "gate.beats_alternatives.passed", "false")
         client.set_registered_model_alias(name, "champion", v4)
