@@ -261,7 +261,7 @@ def test_a_retrained_model_that_forgets_the_previous_data_version_is_refused_cha
     shutil.rmtree(tmp_path / ".dvc" / "cache")
     gone = register("b-gone", "B", predicts=1)
     check = next(c for c in gone["gate"] if c["name"] == "previous_data")
-    assert check["value"] == f"not run: v{kept['version']}'s test set is not in the DVC cache" and not check["passed"]
+    assert check["value"] == f"not run: v{first['version']}'s test set is not in the DVC cache" and not check["passed"]
     assert gone["aliases"] == [] and gone["challenger_reason"] == (
         f"gate failed: previous_data; not run: previous_data ({check['value']})")  # fails closed
     allowed = register("b-gone-allowed", "B", predicts=0, allow_unchecked=True)  # opted in: passes, still says so
