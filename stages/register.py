@@ -33,14 +33,14 @@ from stages.data import load_split
 from stages.evaluate import answer, candidate
 from stages.files import read_json, sha256_file, write_json
 from stages.params import RegisterParams, cli
-from stages.registry import CHALLENGER, CHAMPION, FILE_TAGS, Store
+from stages.registry import CHALLENGER, CHAMPION, FILE_TAGS, Store, use
 from stages.stats import bootstrap_ci
 from stages.train import predict
 
 
 def connect(store: Store, experiment: str) -> str:
     """Point mlflow at the store and return the experiment id, creating it on first use."""
-    mlflow.set_tracking_uri(store.uri())
+    use(store)
     try:
         found = mlflow.get_experiment_by_name(experiment)
     except Exception as e:  # an HTTP error, a refused connection, a locked or unreadable database
@@ -565,7 +565,7 @@ def promote_version(
 
     if force and not reason.strip():
         raise ValueError("--force needs --reason: say why this version is promoted despite its gate")
-    mlflow.set_tracking_uri(store.uri())
+    use(store)
     client = MlflowClient()
     try:
         mv = client.get_model_version(name, str(version))

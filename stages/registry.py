@@ -32,9 +32,24 @@ class Store:
         return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(self.db).resolve()}"
 
 
+def use(store: Store) -> None:
+    """Point MLflow's tracking and registry at `store`. MLflow also exports what it is given as
+    MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI for subprocesses; left there, the next Store.uri() in this
+    process would read the first store's URI back as if the user had set it (a second store was read
+    through the first: "no version 1" of a model that has it). So the user's own settings are restored."""
+    uri, saved = store.uri(), {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def describe_alias(store: Store, name: str, alias: str) -> dict[str, Any] | None:
     """The version holding `alias` now, as {"version", "run_id", "tags"}; None when no version holds it."""
-    mlflow.set_tracking_uri(store.uri())
+    use(store)
     try:
         mv = MlflowClient().get_model_version_by_alias(name, alias)
     except MlflowException as e:

@@ -2,6 +2,7 @@
 
 import json
 
+import mlflow
 import pytest
 import torch
 from mlflow.exceptions import MlflowException
@@ -10,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from stages import zoo
 from stages.files import write_json
 from stages.params import RegisterParams
-from stages.register import gate, run
+from stages.register import Store, gate, run
 
 
 EXPORT = {"max_abs_diff": 1e-5, "worst_tolerance_use": 0.1, "top1_agreement": 1.0, "fp32_accuracy": 0.8,
@@ -280,3 +281,20 @@ def test_a_model_of_another_task_is_never_registered_under_the_same_name(tmp_pat
                                          r"images, classes \['0', '1', '2'\]"):
         _register(tmp_path / "2", mlflow_store, "positive", 0.80, name, n_classes=3)
     assert [int(v.version) for v in MlflowClient().search_model_versions(f"name='{name}'")] == [first["version"]]
+
+
+def test_two_stores_in_one_process_are_each_read_as_themselves(tmp_path, monkeypatch):
+    """MLflow exports the URI it is given to MLFLOW_TRACKING_URI; Store.uri() reads that variable as the
+    user's choice, so without care the first store used would answer for every later one."""
+    import os
+
+    from stages.registry import use
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    a, b = Store(tmp_path / "a.db", tmp_path / "a"), Store(tmp_path / "b.db", tmp_path / "b")
+    use(a)
+    assert "MLFLOW_TRACKING_URI" not in os.environ and b.uri().endswith("/b.db")
+    use(b)
+    assert mlflow.get_tracking_uri().endswith("/b.db") and mlflow.get_registry_uri().endswith("/b.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # the user's own server still wins
+    assert a.uri() == "http://127.0.0.1:5000"

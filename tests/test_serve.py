@@ -304,6 +304,8 @@ def test_a_promotion_while_requests_flow_fails_none_and_swaps_in_order(tmp_path,
         assert versions[0] == v1 and versions[-1] == v2 and set(versions) == {v1, v2}
         # in order: once a response named v2 no later one names v1 (responses are appended as they arrive)
         assert v1 not in versions[versions.index(v2):]
+        print(f"{len(seen)} requests during the promotion, none failed: {versions.index(v2)} answered by version "
+              f"{v1}, then {len(versions) - versions.index(v2)} by version {v2}")
 
         # a version that failed its gate is refused unless forced, and v2 keeps serving
         v4 = register_folder(client, name, image_folder(tmp_path / "d", seed=3), experiment)
