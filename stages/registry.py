@@ -33,18 +33,17 @@ class Store:
 
 
 def use(store: Store) -> None:
-    """Point MLflow's tracking and registry at `store`. MLflow also exports what it is given as
-    MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI for subprocesses; left there, the next Store.uri() in this
-    process would read the first store's URI back as if the user had set it (a second store was read
-    through the first: "no version 1" of a model that has it). So the user's own settings are restored."""
-    uri, saved = store.uri(), {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    """Point MLflow at `store` (its registry follows the tracking URI). MLflow also exports the URI as
+    MLFLOW_TRACKING_URI for subprocesses; left there, the next Store.uri() in this process would read the
+    first store's URI back as if the user had set it (a second store was read through the first: "no
+    version 1" of a model that has it). So the user's own setting is restored. No global registry URI is
+    set: a client made with an explicit tracking URI would then read another store's registry."""
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(store.uri())
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 def describe_alias(store: Store, name: str, alias: str) -> dict[str, Any] | None:

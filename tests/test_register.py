@@ -296,5 +296,7 @@ def test_two_stores_in_one_process_are_each_read_as_themselves(tmp_path, monkeyp
     assert "MLFLOW_TRACKING_URI" not in os.environ and b.uri().endswith("/b.db")
     use(b)
     assert mlflow.get_tracking_uri().endswith("/b.db") and mlflow.get_registry_uri().endswith("/b.db")
+    # a client given its own store reads that store's registry, whatever was used before
+    assert MlflowClient(f"sqlite:///{tmp_path / 'a.db'}")._registry_uri.endswith("/a.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # the user's own server still wins
     assert a.uri() == "http://127.0.0.1:5000"
