@@ -239,7 +239,7 @@ def main() -> None:
     result = {key: {"raw": baseline, "http": {str(c): r for c, r in rows.items()},
                     "settings": {"seconds": args.seconds, "warmup": args.warmup, "examples": len(requests),
                                  "cores": os.cpu_count(), "client": args.client, "cpu": platform.processor() or platform.machine(),
-                                 "server": "python -m flows.serve defaults (1 inference worker, all cores per call)"}}}
+                                 "server": "python -m flows.serve defaults (one batching inference thread, all cores per call; 2 decoding threads)"}}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     kept = json.loads(args.out.read_text()) if args.out.exists() else {}
     args.out.write_text(json.dumps({**kept, **result}, indent=2) + "\n")

@@ -405,7 +405,6 @@ def create_app(current: Current, follower: Follower | None = None, *, max_batch:
         # returned as a response, not a dict: FastAPI would validate it against PredictResponse again
         return JSONResponse({"model": model.name, "version": model.version, "predictions": predictions})
 
-    app.state.pool = pool
     return Guard(app, metrics, max_body_bytes, read_timeout, max_inflight)
 
 
