@@ -127,7 +127,9 @@ deploy: setup  ## deploy the nightly schedule (params.yaml schedule:) to the ser
 	$(BIN)/python -m flows.deploy
 
 worker: setup  ## a process worker that runs the scheduled pipeline runs (needs PREFECT_API_URL)
-	$(BIN)/prefect worker start --pool "$$($(BIN)/python -c 'from stages.params import Params; print(Params.load().schedule.work_pool)')" --type process
+	@read -r pool workdir < <($(BIN)/python -c 'from stages.params import Params; s = Params.load().schedule; print(s.work_pool, s.workdir)'); \
+	if [ -n "$$workdir" ]; then mkdir -p "$${workdir/#\~/$$HOME}"; fi; \
+	exec $(BIN)/prefect worker start --pool "$$pool" --type process
 
 lock:  ## re-resolve dependencies from pyproject.toml into requirements.lock
 	rm -rf $(VENV).lock-tmp && $(PYTHON) -m venv $(VENV).lock-tmp

@@ -120,12 +120,14 @@ def stale_stages(params: Params | None = None) -> list[str]:
     return [s for s in (*own, *STAGES) if s in changed]
 
 
-def _repro(name: str) -> str:
-    """Run one stage through DVC, passing its output (progress bars too) through to the terminal."""
+def _repro(name: str, pull: bool = False) -> str:
+    """Run one stage through DVC, passing its output (progress bars too) through to the terminal. With `pull`,
+    a stage DVC's run cache knows (this code, params and inputs ran before, perhaps on another machine) is
+    restored with its outputs fetched from the remote instead of run again."""
     log = get_run_logger()
     start = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro", "--single-item", name],
+        [sys.executable, "-m", "dvc", "repro", "--single-item", name, *(["--pull"] if pull else [])],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(),
     )  # fmt: skip
     raw = bytearray()
@@ -158,12 +160,54 @@ TASKS = {
 pretrain_task = task(_repro, name="pretrain")  # with_options(name=...) per pretrain/dvc.yaml stage
 
 
+def default_remote() -> str:
+    """The DVC remote `dvc push` would use ("" when none is set as default)."""
+    res = dvc("config", "core.remote")
+    return res.stdout.strip() if res.returncode == 0 else ""
+
+
+def sync_with_remote(direction: str) -> None:
+    """`dvc pull` or `dvc push` of data, outputs and the run cache (so another clone restores a stage this
+    run made instead of running it again). A pull tolerates what the remote lacks: a stage nobody ran yet."""
+    log = get_run_logger()
+    remote = default_remote()
+    if not remote:
+        log.warning("no default DVC remote (dvc remote add -d NAME URL): nothing %s; this run's outputs stay on "
+                    "this machine", "pulled" if direction == "pull" else "pushed")
+        return
+    start = time.perf_counter()
+    res = dvc(direction, "--run-cache", *(["--allow-missing"] if direction == "pull" else []))
+    if res.returncode != 0:
+        raise RuntimeError(f"dvc {direction} (remote {remote}) failed: {(res.stderr or res.stdout).strip()[-2000:]}")
+    last = (res.stdout.strip().splitlines() or ["done"])[-1]
+    if direction == "push":
+        last += f"; {push_run_outputs(remote)} uncached outputs of recorded runs"
+    log.info("dvc %s, remote %s: %s (%.0fs)", direction, remote, last, time.perf_counter() - start)
+
+
+def push_run_outputs(remote: str) -> int:
+    """`dvc push --run-cache` sends the records of stage runs, but not the outputs they name that DVC keeps
+    out of its cache (metrics files, committed to git instead): another clone would find the record and
+    still run the stage, for want of its metrics. Push those objects too; returns how many were sent."""
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        runs = Path(repo.stage_cache.cache_dir)
+        entries = [(p.parent.name, p.name) for p in runs.glob("*/*/*") if p.is_file()] if runs.is_dir() else []
+        used = repo.stage_cache.get_used_objs(entries)
+        return sum(len(repo.cloud.push(objs, remote=remote).transferred) for objs in used.values())
+
+
 @flow(name="headstart-pipeline", log_prints=True)
-def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict[str, str]:
+def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None,
+             sync: bool = False) -> dict[str, str]:
     """Run every out-of-date stage in order; `overrides` ({"finetune.epochs": 3}) are written to params.yaml
-    first, so DVC records them in dvc.lock like any other change."""
+    first, so DVC records them in dvc.lock like any other change. With `sync` (scheduled runs), data and
+    cache are pulled from the default DVC remote first and what the run made is pushed after it."""
     log = get_run_logger()
     with workspace_lock():
+        if sync:
+            sync_with_remote("pull")
         if overrides:
             apply_overrides(Path(params_file), overrides)
             log.info("params.yaml updated: %s", overrides)
@@ -173,11 +217,15 @@ def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None 
             log.info("dvc status: data, code and params unchanged; nothing to retrain")
             return {name: "up to date, skipped" for name in STAGES}
         log.info("out of date: %s", ", ".join(stale))
-        done = {"prepare": TASKS["prepare"]("prepare")}
+        pull = bool(default_remote())
+        done = {"prepare": TASKS["prepare"]("prepare", pull)}
         for stage in pretrain_stages(params):  # the model the task fine-tunes from, locked in the weights lock
             short = stage.rsplit(":", 1)[1]
-            done[short] = pretrain_task.with_options(name=short)(stage)
-        return {**done, **{name: TASKS[name](name) for name in STAGES[1:]}}
+            done[short] = pretrain_task.with_options(name=short)(stage, pull)
+        done.update({name: TASKS[name](name, pull) for name in STAGES[1:]})
+        if sync:
+            sync_with_remote("push")
+        return done
 
 
 def apply_overrides(params_file: Path, overrides: dict[str, Any], *, write: bool = True, validate: bool = True) -> None:

@@ -233,6 +233,10 @@ class ScheduleParams:
     timezone: str = "UTC"
     work_pool: str = "headstart"
     deployment: str = "nightly"
+    repository: str = ""  # the git URL workers clone; "" = this checkout's `origin` remote
+    branch: str = ""  # "" = the branch checked out here
+    workdir: str = ""  # where a process worker keeps its clone between runs; "" = a fresh directory per run
+    image: str = "headstart-worker:0.1.0"  # the container image of a Kubernetes pool's flow-run Jobs
 
 
 @dataclass(frozen=True)
