@@ -19,7 +19,7 @@ TASKFILE = $(if $(NAME),--preset tasks/$(NAME).yaml)  # for the tools that take 
 # pyproject.toml cannot silently run on stale pins.
 DEPS_HASH = $(shell $(PYTHON) -c "import tomllib,hashlib,json; p=tomllib.load(open('pyproject.toml','rb'))['project']; print(hashlib.sha256(json.dumps([p['dependencies'], p.get('optional-dependencies')], sort_keys=True).encode()).hexdigest())")
 
-.PHONY: help setup data postgres run compare curves smoke report test test-isa test-fast ui serve bench bench-http bench-selection bench-augment bench-recipe bench-overhead bench-gpu prefect-server deploy worker lock clean
+.PHONY: help setup data postgres run compare curves smoke report test test-isa test-fast ui serve promotion-hook bench bench-http bench-selection bench-augment bench-recipe bench-overhead bench-gpu prefect-server deploy worker lock clean
 help:  ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
 
@@ -95,6 +95,9 @@ ui:  ## open the MLflow UI on the project's tracking store
 
 serve: setup  ## serve a task's registered model over HTTP: NAME=<task> (default image) ALIAS=champion PORT=8000
 	$(BIN)/python -m flows.serve --task "$(or $(NAME),image)" --alias "$(or $(ALIAS),champion)" --port "$(or $(PORT),8000)"
+
+promotion-hook: setup  ## receive the registry's alias-move webhooks (audit, flag, enforce, tell servers): PORT=8100, secret in HEADSTART_WEBHOOK_SECRET
+	$(BIN)/python -m flows.hooks serve --port "$(or $(PORT),8100)"
 
 bench: setup  ## measure serving latency: PyTorch vs ONNX Runtime fp32 vs int8 (after make run)
 	$(BIN)/python bench/serve.py

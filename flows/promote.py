@@ -19,7 +19,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from stages.params import Params
-from stages.register import CHAMPION, PromotionRefused, Store, promote_version
+from stages.promotion import PromotionRefused, promote_version
+from stages.registry import CHAMPION, Store
 
 
 @flow(name="headstart-promote", log_prints=True)

@@ -240,6 +240,15 @@ class ScheduleParams:
 
 
 @dataclass(frozen=True)
+class PromotionParams:
+    alias: str = "champion"  # the alias whose moves the webhook receiver (flows/hooks.py) checks
+    enforce: bool = False  # move the alias back when the rule (stages/promotion.py) finds problems
+    servers: list[str] = _f([])  # model servers (flows/serve.py) told to reload at once: base URLs
+    log: Path = Path("reports/promotions.jsonl")  # the receiver's audit log, one JSON object per event
+    replay_window: float = _f(300.0, gt=0, le=3600)  # seconds: older signed deliveries are refused
+
+
+@dataclass(frozen=True)
 class Params:
     paths: Paths
     prepare: PrepareParams
@@ -255,6 +264,7 @@ class Params:
     pretrain: PretrainParams = field(default_factory=PretrainParams)
     dapt: DaptParams = field(default_factory=DaptParams)
     schedule: ScheduleParams = field(default_factory=ScheduleParams)
+    promotion: PromotionParams = field(default_factory=PromotionParams)
     task: str = "image"  # the task these settings are for: tasks/<task>.yaml holds its own keys
 
     @classmethod

@@ -547,53 +547,5 @@ top-1 agreement {export['top1_agreement']:.4%}. ONNX int8: {export['int8_size_by
 """
 
 
-GATE_CHECKS = ("min_accuracy", "beats_alternatives", "onnx_parity", "vs_champion")
-
-
-class PromotionRefused(Exception):
-    """The version's recorded gate does not allow promotion and it was not forced."""
-
-
-def promote_version(
-    store: Store, name: str, version: int, alias: str = CHAMPION, force: bool = False, reason: str = "",
-    by: str = "unknown",
-) -> dict[str, Any]:
-    """Point `alias` at `version` when its gate tags all say passed; otherwise refuse, unless forced
-    with a reason, which is recorded on the version. Moving the alias back to an older version is a
-    rollback. Returns what was done."""
-    import time
-
-    if force and not reason.strip():
-        raise ValueError("--force needs --reason: say why this version is promoted despite its gate")
-    use(store)
-    client = MlflowClient()
-    try:
-        mv = client.get_model_version(name, str(version))
-    except MlflowException:
-        raise LookupError(f"{name} has no version {version}") from None
-    problems = [f"gate.{c}.passed is {mv.tags.get(f'gate.{c}.passed', 'missing')}" for c in GATE_CHECKS
-                if mv.tags.get(f"gate.{c}.passed") != "true"]
-    if mv.tags.get("gate.passed") != "true":
-        problems.append(f"gate.passed is {mv.tags.get('gate.passed', 'missing')}")
-    if problems and not force:
-        raise PromotionRefused(
-            f"refusing to make {name} version {version} {alias}: " + "; ".join(problems)
-            + ". Promote a version that passed, or use --force --reason '...' (recorded on the version)."
-        )
-    try:
-        previous = int(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        previous = None
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    tags = {f"{alias}.promoted_at": stamp, f"{alias}.promoted_by": by, f"{alias}.previous": str(previous)}
-    if problems:
-        tags.update({f"{alias}.forced": "true", f"{alias}.forced_reason": reason, f"{alias}.forced_over": "; ".join(problems)})
-    for k, v in tags.items():
-        client.set_model_version_tag(name, str(version), k, v)
-    client.set_registered_model_alias(name, alias, str(version))
-    return {"model_name": name, "version": int(version), "alias": alias, "previous": previous,
-            "forced": bool(problems), "reason": reason}
-
-
 if __name__ == "__main__":
     main()

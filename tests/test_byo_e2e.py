@@ -116,7 +116,8 @@ def colour_pictures(root: Path, per_class: dict[str, int], size: int = 40) -> di
 def served_labels(project: Path, model_name: str, version: int, requests: list) -> list[str]:
     """Serve `model_name` as champion (set to `version`) from the project's registry and post `requests`
     (each: the multipart body and content type, or a JSON body); the labels, in order."""
-    from stages.register import Store, promote_version
+    from stages.promotion import promote_version
+    from stages.registry import Store
 
     from .conftest import http_server
     from .test_serve import post

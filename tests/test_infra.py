@@ -37,7 +37,7 @@ def containers(doc: dict) -> list[dict]:
 
 def test_compose_has_the_services_with_pinned_images():
     services = compose()["services"]
-    assert {"postgres", "minio", "mlflow", "prefect-server", "prefect-worker", "serve"} <= set(services)
+    assert {"postgres", "minio", "mlflow", "prefect-server", "prefect-worker", "serve", "promotion-hook"} <= set(services)
     for name, svc in services.items():
         assert "image" in svc, name
         assert PINNED.match(svc["image"]), f"{name}: image {svc['image']!r} is not pinned to a version tag"
@@ -66,9 +66,11 @@ def test_compose_takes_every_secret_from_the_env_file_without_defaults():
 
 def test_compose_servers_have_ports_and_healthchecks():
     services = compose()["services"]
-    for name in ("postgres", "minio", "mlflow", "prefect-server", "prefect-worker", "serve"):
+    for name in ("postgres", "minio", "mlflow", "prefect-server", "prefect-worker", "serve", "promotion-hook"):
         assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
     assert services["serve"]["ports"] == [f"{LOOPBACK}:8000:8000"]
+    assert services["promotion-hook"]["ports"] == [f"{LOOPBACK}:8100:8100"]
+    assert services["mlflow"]["environment"]["MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"].startswith("${")
     for name, port in (("minio", "9000:9000"), ("mlflow", "5000:5000"), ("prefect-server", "4200:4200")):
         assert f"{LOOPBACK}:{port}" in services[name]["ports"], name
     command = " ".join(services["mlflow"]["command"])
@@ -98,7 +100,7 @@ def test_k8s_manifests_parse_and_pin_images_and_read_secrets_from_a_secret():
 
 
 @pytest.mark.parametrize("name, port", [("mlflow", 5000), ("prefect-server", 4200), ("postgres", 5432), ("minio", 9000),
-                                        ("serve", 8000)])
+                                        ("serve", 8000), ("promotion-hook", 8100)])
 def test_k8s_servers_have_services_ports_and_probes(name, port):
     docs = k8s_docs()
     workload = next(d for d in docs if d["kind"] in ("Deployment", "StatefulSet") and d["metadata"]["name"] == name)

@@ -194,7 +194,8 @@ def test_server_resolves_an_alias_and_answers_image_files_as_evaluate_did(projec
 
     from .test_serve import multipart, png, post
 
-    from stages.register import Store, promote_version
+    from stages.promotion import promote_version
+    from stages.registry import Store
 
     receipt = json.loads((project / "reports/registered.json").read_text())
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")

@@ -130,7 +130,8 @@ def test_promotion_needs_a_passed_gate_or_a_recorded_reason(tmp_path, mlflow_sto
     import sys
 
     from stages.params import Params
-    from stages.register import CHALLENGER, CHAMPION, PromotionRefused, promote_version
+    from stages.promotion import PromotionRefused, promote_version
+    from stages.register import CHALLENGER, CHAMPION
 
     from .conftest import ROOT
 
