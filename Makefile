@@ -19,7 +19,7 @@ TASKFILE = $(if $(NAME),--preset tasks/$(NAME).yaml)  # for the tools that take 
 # pyproject.toml cannot silently run on stale pins.
 DEPS_HASH = $(shell $(PYTHON) -c "import tomllib,hashlib,json; p=tomllib.load(open('pyproject.toml','rb'))['project']; print(hashlib.sha256(json.dumps([p['dependencies'], p.get('optional-dependencies')], sort_keys=True).encode()).hexdigest())")
 
-.PHONY: help setup data postgres run compare curves smoke report test test-isa test-fast ui serve promotion-hook bench bench-http bench-selection bench-augment bench-recipe bench-overhead bench-gpu prefect-server deploy worker lock clean
+.PHONY: help setup data postgres chromium run compare curves smoke report test test-isa test-fast ui serve promotion-hook bench bench-http bench-selection bench-augment bench-recipe bench-overhead bench-gpu prefect-server deploy worker lock clean
 help:  ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
 
@@ -64,7 +64,7 @@ smoke: setup  ## the pipeline on presets/smoke.yaml (CI on pull requests; WRITES
 report: setup  ## markdown report of the last run vs BASE (default HEAD) and the champion -> reports/report.md
 	$(BIN)/python -m flows.report --base $(or $(BASE),HEAD)
 
-test: setup postgres  ## run every test, the slow end-to-end ones included
+test: setup postgres chromium  ## run every test, the slow end-to-end ones included
 	@$(MAKE) --no-print-directory data NAME=text  # the text demo's WordNet, for the end-to-end tests
 	$(BIN)/python -m pytest
 
@@ -75,6 +75,15 @@ postgres:  # PostgreSQL binaries for tests/test_servers.py (Debian's postgresql 
 	  apt-get update -qq && apt-get install -y -qq postgresql >/dev/null; \
 	else \
 	  echo "PostgreSQL is not installed: sudo apt-get install postgresql (tests/test_servers.py needs it)" >&2; exit 1; \
+	fi
+
+chromium:  # a real browser for tests/test_hooks.py's MLflow UI test (Debian's chromium, driven by Playwright)
+	@if [ -x /usr/bin/chromium ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "Installing Chromium (Debian package chromium)"; \
+	  apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	else \
+	  echo "Chromium is not installed: sudo apt-get install chromium (tests/test_hooks.py needs it)" >&2; exit 1; \
 	fi
 
 # The tests whose figures depend on the CPU's fp32 kernels, under oneDNN's default, AVX2 and SSE4.1 kernels:
