@@ -75,7 +75,7 @@ report: setup  ## report of the last run vs BASE (git rev) or BASE_METRICS=<dir>
 push: setup  ## push the DVC cache (what dvc.lock and *.dvc name) to DVC_REMOTE, or DVC's default remote
 	@remote="$(DVC_REMOTE)"; remote="$${remote:-$$($(BIN)/dvc config core.remote 2>/dev/null || true)}"; \
 	if [ -z "$$remote" ]; then \
-	  echo "make push: no DVC remote: set DVC_REMOTE to one of [$$($(BIN)/dvc remote list | cut -f1 | xargs)] or a default remote (dvc remote default NAME); nothing pushed" >&2; \
+	  echo "make push: no DVC remote: set DVC_REMOTE to one of [$$($(BIN)/dvc remote list | awk '{print $$1}' | xargs)] or a default remote (dvc remote default NAME); nothing pushed" >&2; \
 	  exit 1; \
 	fi; \
 	if [ -n "$(DVC_REMOTE_ENDPOINT)" ]; then $(BIN)/dvc remote modify --local "$$remote" endpointurl "$(DVC_REMOTE_ENDPOINT)"; fi; \
