@@ -88,7 +88,7 @@ commit-lock: push  ## CI on main: push the DVC cache, then commit dvc.lock and t
 	if git diff --cached --quiet; then echo "dvc.lock and the run's tracked outputs are unchanged: nothing to commit"; exit 0; fi; \
 	branch="$${GITHUB_REF_NAME:-$$(git branch --show-current)}"; \
 	git commit -q -m "dvc.lock: pipeline run of $$(git rev-parse --short HEAD) [skip ci]"; \
-	git pull -q --rebase origin "$$branch"; \
+	git pull -q --rebase --autostash origin "$$branch"; \
 	git push -q origin "HEAD:refs/heads/$$branch"; \
 	echo "committed and pushed $$(git log -1 --format='%h %s') to $$branch"
 
