@@ -78,6 +78,8 @@ def test_pull_requests_test_then_run_smoke_and_compare_with_mains_smoke():
     assert doc["permissions"]["pull-requests"] == "write" and doc["permissions"]["actions"] == "read"
     assert "MLFLOW_TRACKING_URI" in report["env"] and "env" not in job  # the report reads the champion; smoke
     assert "MLFLOW_TRACKING_URI" not in doc.get("env", {})              # never registers on the team's server
+    # the step runs the PR's code: a reading account, not the pipeline's
+    assert report["env"]["MLFLOW_TRACKING_PASSWORD"] != doc["jobs"]["full"]["env"]["MLFLOW_TRACKING_PASSWORD"]
 
 
 def test_pushes_to_main_run_the_full_pipeline_then_push_the_cache_and_commit_the_lock():
