@@ -19,7 +19,7 @@ TASKFILE = $(if $(NAME),--preset tasks/$(NAME).yaml)  # for the tools that take 
 # pyproject.toml cannot silently run on stale pins.
 DEPS_HASH = $(shell $(PYTHON) -c "import tomllib,hashlib,json; p=tomllib.load(open('pyproject.toml','rb'))['project']; print(hashlib.sha256(json.dumps([p['dependencies'], p.get('optional-dependencies')], sort_keys=True).encode()).hexdigest())")
 
-.PHONY: help setup data postgres chromium run compare curves smoke report test test-isa test-fast ui serve promotion-hook bench bench-http bench-selection bench-augment bench-recipe bench-overhead bench-gpu prefect-server deploy worker lock clean
+.PHONY: help setup data postgres chromium run compare curves smoke report push commit-lock test test-isa test-fast ui serve promotion-hook bench bench-http bench-selection bench-augment bench-recipe bench-overhead bench-gpu prefect-server deploy worker lock clean
 help:  ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
 
@@ -61,8 +61,36 @@ curves: setup  ## label-efficiency curves, fine-tuned vs scratch -> metrics/labe
 smoke: setup  ## the pipeline on presets/smoke.yaml (CI on pull requests; WRITES those settings into params.yaml)
 	$(BIN)/python -m flows.pipeline --preset presets/smoke.yaml
 
-report: setup  ## markdown report of the last run vs BASE (default HEAD) and the champion -> reports/report.md
-	$(BIN)/python -m flows.report --base $(or $(BASE),HEAD)
+# BASE: a git revision (default HEAD), or with BASE_METRICS=<dir> (a run's metrics files and params.yaml at their
+# workspace paths, e.g. main's smoke run downloaded by CI) only the base's name. In GitHub Actions the report is
+# also the job's summary page.
+report: setup  ## report of the last run vs BASE (git rev) or BASE_METRICS=<dir>, and the champion -> reports/report.md
+	$(BIN)/python -m flows.report --base "$(or $(BASE),HEAD)" $(if $(BASE_METRICS),--base-metrics "$(BASE_METRICS)") \
+	  $(if $(GITHUB_STEP_SUMMARY),--summary "$(GITHUB_STEP_SUMMARY)")
+
+# The remote is DVC_REMOTE (a remote named in .dvc/config), else DVC's default remote (core.remote). With neither,
+# push fails rather than skips: its caller (CI on main) would otherwise commit a dvc.lock naming data nobody can pull.
+# DVC_REMOTE_ENDPOINT points the remote at another server (CI's); credentials come from the environment
+# (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY for S3), never from a file in git.
+push: setup  ## push the DVC cache (what dvc.lock and *.dvc name) to DVC_REMOTE, or DVC's default remote
+	@remote="$(DVC_REMOTE)"; remote="$${remote:-$$($(BIN)/dvc config core.remote 2>/dev/null || true)}"; \
+	if [ -z "$$remote" ]; then \
+	  echo "make push: no DVC remote: set DVC_REMOTE to one of [$$($(BIN)/dvc remote list | awk '{print $$1}' | xargs)] or a default remote (dvc remote default NAME); nothing pushed" >&2; \
+	  exit 1; \
+	fi; \
+	if [ -n "$(DVC_REMOTE_ENDPOINT)" ]; then $(BIN)/dvc remote modify --local "$$remote" endpointurl "$(DVC_REMOTE_ENDPOINT)"; fi; \
+	echo "dvc push -r $$remote"; $(BIN)/dvc push -r "$$remote"
+
+# After the cache is on the remote (push first), so the commit never names data the remote lacks. [skip ci]: the
+# commit records this run; it must not start another.
+commit-lock: push  ## CI on main: push the DVC cache, then commit dvc.lock and the run's git-tracked outputs and push that
+	@git add dvc.lock $$(git ls-files --modified -- metrics plots reports); \
+	if git diff --cached --quiet; then echo "dvc.lock and the run's tracked outputs are unchanged: nothing to commit"; exit 0; fi; \
+	branch="$${GITHUB_REF_NAME:-$$(git branch --show-current)}"; \
+	git commit -q -m "dvc.lock: pipeline run of $$(git rev-parse --short HEAD) [skip ci]"; \
+	git pull -q --rebase --autostash origin "$$branch"; \
+	git push -q origin "HEAD:refs/heads/$$branch"; \
+	echo "committed and pushed $$(git log -1 --format='%h %s') to $$branch"
 
 test: setup postgres chromium  ## run every test, the slow end-to-end ones included
 	@$(MAKE) --no-print-directory data NAME=text  # the text demo's WordNet, for the end-to-end tests
@@ -96,7 +124,7 @@ test-isa: setup  ## the arithmetic-sensitive tests under each oneDNN ISA (defaul
 	  else ONEDNN_MAX_CPU_ISA=$$isa $(BIN)/python -m pytest -q $(ISA_TESTS); fi; \
 	done
 
-test-fast: setup  ## unit tests only
+test-fast: setup  ## unit tests only (what CI runs before the smoke pipeline)
 	$(BIN)/python -m pytest -m "not slow"
 
 ui:  ## open the MLflow UI on the project's tracking store

@@ -1,20 +1,27 @@
 """A markdown report of the last pipeline run, for a pull-request comment or for reading on its own:
-the verdict on transfer, every model's accuracy with its CI, the metrics and params against a base git
-revision (`dvc metrics diff` / `dvc params diff`), the run against the current `champion` in the registry,
-the promotion gate check by check, ONNX parity, and the plots.
+the verdict on transfer, every model's accuracy with its CI, the metrics and params against a base run,
+the run against the current `champion` in the registry, the promotion gate check by check, ONNX parity,
+and the plots. The base is either a git revision (`dvc metrics diff` / `dvc params diff` against the
+metrics committed there) or a folder holding another run's metrics files and params.yaml at their
+workspace paths (what the pull-request workflow downloads: main's last smoke run). Each side is named a
+smoke run when its params match presets/smoke.yaml, so a smoke run is never silently set against a full one.
 
-Run:  python -m flows.report                      # against HEAD, written to reports/report.md
-      python -m flows.report --base origin/main   # what the pull-request workflow does
+Run:  python -m flows.report                                         # against HEAD, to reports/report.md
+      python -m flows.report --base main --base-metrics base-smoke   # what the pull-request workflow does
 The file is also printed, so `python -m flows.report > x.md` works too."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from stages.params import Params
 
@@ -23,6 +30,8 @@ MODELS = ("finetuned", "scratch", "linear_probe", "floor")
 HEADLINE = ("accuracy", "macro_f1", "transfer_gain", "mcnemar_p", "verdict", "top1_agreement", "max_abs_diff",
             "int8_accuracy", "n_test")
 DEFAULT_OUT = Path("reports/report.md")
+SMOKE_PRESET = Path("presets/smoke.yaml")
+NO_TRACKING = ("No tracking server configured: MLFLOW_TRACKING_URI is not set; the champion comparison is skipped.")
 
 
 def _ci(v: list[float], sign: str = "") -> str:
@@ -58,8 +67,13 @@ def render(
     base: str,
     plots: list[str],
     title: str = "headstart pipeline report",
+    champion_note: str = NO_TRACKING,
+    kinds: tuple[str, str | None] | None = None,
+    no_base: str | None = None,
 ) -> str:
-    """The report from what the run wrote (pure: every input is passed in, so it is easy to test)."""
+    """The report from what the run wrote (pure: every input is passed in, so it is easy to test).
+    `champion_note` stands in for the champion when there is none to show; `kinds` names this run's and
+    the base's settings ("smoke" or "full"; None when unknown); `no_base` says why the base is missing."""
     ev = evaluation
     lo, hi = ev["transfer_gain_ci95"]
     out = [f"## {title}", ""]
@@ -88,14 +102,16 @@ def render(
 
     out += ["", "### Against the champion"]
     if champion is None:
-        out.append("No version has the `champion` alias in this tracking store yet.")
+        out.append(champion_note)
     else:
         acc = ev[(receipt or {}).get("candidate", "finetuned")]["accuracy"]
         same = champion["tags"].get("test_sha256") == ev.get("test_sha256")
         champ_acc = float(champion["tags"].get("test_accuracy", "nan"))
+        # accuracies on different test sets (a smoke run's 200 images, a full run's 10,000) have no useful difference
+        delta = f" ({acc - champ_acc:+.4f})" if same else ", not comparable"
         out.append(f"`champion` is version {champion['version']}: test accuracy {champ_acc:.4f} "
-                   f"({'the same' if same else 'a different'} test set), this run {acc:.4f} "
-                   f"({acc - champ_acc:+.4f}); the gate's `vs_champion` check compares them on this run's test set.")
+                   f"({'the same' if same else 'a different'} test set), this run {acc:.4f}{delta}; "
+                   f"the gate's `vs_champion` check compares them on this run's test set.")
 
     if export is not None:
         out += ["", "### ONNX export",
@@ -106,10 +122,18 @@ def render(
                 f"{export['int8_accuracy']:.4f} vs {export['fp32_accuracy']:.4f} "
                 f"({'accepted' if export['int8_accepted'] else 'rejected'})."]
 
-    out += ["", f"### Against `{base}`"]
+    kind, base_kind = kinds or (None, None)
+    like = f": {kind} vs {base_kind}" if kind and base_kind else ""
+    out += ["", f"### Against `{base}`{like}"]
     if metrics_diff is None:
-        out.append(f"No comparison: `{base}` could not be read (not a git checkout, or the revision is unknown).")
+        out.append(no_base or f"No comparison: `{base}` could not be read (not a git checkout, or the revision is "
+                   "unknown).")
     else:
+        if like and kind == base_kind:
+            out += [f"Like with like: this run and `{base}`'s are both {kind} runs.", ""]
+        elif like:
+            out += [f"**Not like with like**: this run is a {kind} run, `{base}`'s a {base_kind} run; most of the "
+                    f"differences below are the settings', not the code's.", ""]
         is_headline = lambda k: k.rsplit(".", 1)[-1] in HEADLINE and "per_class" not in k  # noqa: E731
         out += diff_table(metrics_diff, base, keep=is_headline) or [f"No metrics recorded at `{base}` or here."]
         rest = diff_table(metrics_diff, base, keep=lambda k: not is_headline(k))
@@ -140,44 +164,142 @@ def dvc_diff(kind: str, base: str, unchanged: bool) -> dict | None:
         return None
 
 
-def champion_of(params: Params) -> dict | None:
-    """The version holding `champion` now, with its tags; None when there is none or no store is reachable."""
+def champion_of(params: Params) -> tuple[dict | None, str]:
+    """The version holding `champion` now, with its tags, or None and a sentence saying why there is none.
+    The champion lives on the tracking server (MLFLOW_TRACKING_URI); without one, the project's own SQLite
+    store is read only when it exists, so a checkout with no store (a CI job) does not create one."""
+    from_server = bool(os.environ.get("MLFLOW_TRACKING_URI"))
+    if not from_server and not Path(params.paths.mlflow_db).exists():
+        return None, NO_TRACKING
     from stages.registry import CHAMPION, Store, describe_alias
 
     store = Store(params.paths.mlflow_db, params.paths.mlflow_artifacts)
     try:
-        return describe_alias(store, params.register.model_name, CHAMPION)
+        champion = describe_alias(store, params.register.model_name, CHAMPION)
     except Exception as e:  # a report must still be written when the tracking server is down
-        print(f"warning: could not read the champion from {store.uri()}: {e}", file=sys.stderr)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return None, f"The champion could not be read from {store.uri()}: {first}"
+    if champion is not None:
+        return champion, ""
+    if from_server:
+        return None, f"No version of `{params.register.model_name}` has the `champion` alias on {store.uri()} yet."
+    return None, f"{NO_TRACKING} (The local store `{params.paths.mlflow_db}` has no `champion` either.)"
+
+
+def flatten(d: Any, prefix: str = "", lists: bool = False) -> dict[str, Any]:
+    """Nested mappings as dotted keys ({"finetuned": {"accuracy": 0.8}} -> {"finetuned.accuracy": 0.8}), as
+    `dvc metrics diff` names them. Lists are values with `lists` (a setting such as probe_c), else left out
+    (a metric's confidence interval has no single difference)."""
+    if isinstance(d, dict):
+        return {k: v for key, value in d.items() for k, v in flatten(value, f"{prefix}{key}.", lists).items()}
+    return {} if isinstance(d, list) and not lists else {prefix[:-1]: d}
+
+
+def run_kind(params: dict | None, preset: dict) -> str | None:
+    """"smoke" when `params` (a params.yaml as a dict) carries every setting of the smoke preset `preset`,
+    else "full"; None when unknown. Each side is judged by its own preset: a pull request that edits the
+    preset still compares smoke with smoke (and its params table shows the edit)."""
+    if params is None:
         return None
+    mine = flatten(params, lists=True)
+    return "smoke" if all(mine.get(k) == v for k, v in flatten(preset, lists=True).items()) else "full"
 
 
-def build(params: Params, base: str, with_champion: bool = True) -> str:
+def metrics_files(params: Params, dvc_yaml: Path = Path("dvc.yaml")) -> list[Path]:
+    """The pipeline's metrics files, as dvc.yaml declares them (`${paths.<name>}` resolved from params)."""
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+    out = []
+    for stage in stages.values():
+        for entry in stage.get("metrics", []):
+            path = next(iter(entry)) if isinstance(entry, dict) else entry
+            out.append(Path(re.sub(r"\$\{paths\.(\w+)\}", lambda m: str(getattr(params.paths, m.group(1))), path)))
+    return out
+
+
+def read_values(path: Path) -> Any:
+    """A metrics (JSON) or params (YAML) file's content; {} when it does not exist."""
+    if not path.exists():
+        return {}
+    return yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+
+
+def folder_diff(base_dir: Path, files: list[Path], params: bool) -> dict[str, dict[str, dict]]:
+    """What `dvc metrics diff --all --json` (every metric) / `dvc params diff --json` (changed params) give,
+    between each file as `base_dir` holds it (at the same relative path) and as the workspace holds it:
+    {file: {key: {"old", "new", "diff"}}}."""
+    out: dict[str, dict[str, dict]] = {}
+    for file in files:
+        old, new = flatten(read_values(base_dir / file), lists=params), flatten(read_values(file), lists=params)
+        entries = {}
+        for key in sorted(old.keys() | new.keys()):
+            o, n = old.get(key), new.get(key)
+            if params and o == n:
+                continue
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (o, n))
+            entries[key] = {"old": o, "new": n, **({"diff": n - o} if numeric else {})}
+        if entries:
+            out[str(file)] = entries
+    return out
+
+
+def yaml_at(base: str, path: Path) -> dict | None:
+    """A YAML file as the git revision `base` has it, or None when it cannot be read."""
+    res = subprocess.run(["git", "show", f"{base}:{path.as_posix()}"], capture_output=True, text=True)
+    return yaml.safe_load(res.stdout) if res.returncode == 0 else None
+
+
+def build(params: Params, base: str, with_champion: bool = True, base_metrics: Path | None = None,
+          params_file: Path = Path("params.yaml")) -> str:
     paths = params.paths
     if not paths.evaluate_metrics.exists():
         raise SystemExit(f"{paths.evaluate_metrics} not found: run the pipeline first (make run)")
     read = lambda p: json.loads(Path(p).read_text()) if Path(p).exists() else None  # noqa: E731
     plots = sorted(str(p) for p in [paths.finetune_history, paths.scratch_history,
                                     *sorted(Path(paths.evaluate_plots).glob("*.png"))] if Path(p).exists())
-    return render(
-        read(paths.evaluate_metrics), read(paths.export_metrics), read(paths.registered),
-        champion_of(params) if with_champion else None,
+    preset = yaml.safe_load(SMOKE_PRESET.read_text())
+    kind = run_kind(yaml.safe_load(params_file.read_text()), preset)
+    no_base = None
+    if base_metrics is None:
         # every headline metric, changed or not; only the params that changed
-        dvc_diff("metrics", base, unchanged=True), dvc_diff("params", base, unchanged=False), base, plots,
+        metrics_diff, params_diff = dvc_diff("metrics", base, unchanged=True), dvc_diff("params", base, unchanged=False)
+        base_kind = run_kind(yaml_at(base, params_file), yaml_at(base, SMOKE_PRESET) or preset)
+    elif not (base_metrics / paths.evaluate_metrics).exists():
+        metrics_diff = params_diff = base_kind = None
+        no_base = (f"No {kind} run of `{base}` to compare with: `{base_metrics}` holds no {paths.evaluate_metrics} "
+                   f"(the workflow keeps each run of `{base}` as the artifact pipeline-smoke; none was found).")
+    else:
+        metrics_diff = folder_diff(base_metrics, metrics_files(params), params=False)
+        params_diff = folder_diff(base_metrics, [params_file], params=True)
+        base_file, base_preset = base_metrics / params_file, base_metrics / SMOKE_PRESET
+        base_kind = run_kind(yaml.safe_load(base_file.read_text()) if base_file.exists() else None,
+                             yaml.safe_load(base_preset.read_text()) if base_preset.exists() else preset)
+    champion, note = champion_of(params) if with_champion else (None, "Not asked for (--no-champion).")
+    return render(
+        read(paths.evaluate_metrics), read(paths.export_metrics), read(paths.registered), champion,
+        metrics_diff, params_diff, base, plots, champion_note=note, kinds=(kind, base_kind), no_base=no_base,
     )
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", default="HEAD", help="git revision to compare metrics and params with (default: %(default)s)")
+    ap.add_argument("--base", default="HEAD", help="git revision to compare metrics and params with; with "
+                    "--base-metrics only the base's name in the report (default: %(default)s)")
+    ap.add_argument("--base-metrics", type=Path, metavar="DIR",
+                    help="compare with the run whose metrics files and params.yaml DIR holds at their workspace paths")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the report (default: %(default)s)")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--no-champion", action="store_true", help="do not ask the tracking store for the champion")
+    ap.add_argument("--summary", type=Path, metavar="FILE",
+                    help="also append the report to FILE (GitHub Actions' $GITHUB_STEP_SUMMARY: the job's summary)")
     args = ap.parse_args(argv)
     from stages.files import write_text
 
-    text = build(Params.load(args.params), args.base, with_champion=not args.no_champion)
+    text = build(Params.load(args.params), args.base, with_champion=not args.no_champion,
+                 base_metrics=args.base_metrics, params_file=args.params)
     write_text(args.out, text)
+    if args.summary:
+        with open(args.summary, "a") as f:
+            f.write(text)
     print(text)
     print(f"(written to {args.out})", file=sys.stderr)
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from flows.report import diff_table, render
+from flows.report import NO_TRACKING, diff_table, flatten, folder_diff, render, run_kind
+
+from .conftest import ROOT
 
 
 def evaluation(gain_ci=(0.05, 0.15), verdict="positive") -> dict:
@@ -31,7 +35,7 @@ def test_verdict_models_gate_and_onnx_are_all_in_the_report():
     assert "| vs_champion | -0.0100 | accuracy >= champion's - 0.0 | **FAIL** |" in text
     assert "| min_accuracy | 0.8500 | test accuracy >= 0.8 | pass |" in text
     assert "top-1 agreement 100.00%" in text and "passed" in text
-    assert "No version has the `champion` alias" in text
+    assert NO_TRACKING in text  # no tracking server given: said, not an empty section
     assert "- `plots/evaluate/confusion_finetuned.png`" in text
 
 
@@ -40,7 +44,8 @@ def test_champion_comparison_says_whether_the_test_sets_match():
     text = render(evaluation(), None, None, champ, None, None, "main", [])
     assert "`champion` is version 2: test accuracy 0.8600 (the same test set), this run 0.8500 (-0.0100)" in text
     champ["tags"]["test_sha256"] = "other"
-    assert "(a different test set)" in render(evaluation(), None, None, champ, None, None, "main", [])
+    other = render(evaluation(), None, None, champ, None, None, "main", [])
+    assert "(a different test set), this run 0.8500, not comparable" in other and "-0.0100" not in other
     assert "Not registered" in render(evaluation(), None, None, None, None, None, "main", [])
 
 
@@ -70,3 +75,44 @@ def test_an_unreadable_base_is_said_not_hidden():
 def test_table_cells(value, cell):
     rows = diff_table({"f": {"k": {"old": value, "new": value}}}, "base")
     assert rows[2] == f"| f | k | {cell} | {cell} |  |"
+
+
+def test_smoke_against_smoke_is_labelled_and_a_missing_base_is_said():
+    text = render(evaluation(), None, None, None, {}, {}, "main", [], kinds=("smoke", "smoke"))
+    assert "### Against `main`: smoke vs smoke" in text and "Like with like" in text
+    mixed = render(evaluation(), None, None, None, {}, {}, "main", [], kinds=("smoke", "full"))
+    assert "### Against `main`: smoke vs full" in mixed and "**Not like with like**" in mixed
+    missing = render(evaluation(), None, None, None, None, None, "main", [], kinds=("smoke", None),
+                     no_base="No smoke run of `main` to compare with: ...")
+    assert "### Against `main`\nNo smoke run of `main` to compare with" in missing
+
+
+def test_run_kind_is_smoke_only_with_every_smoke_setting():
+    import yaml
+
+    from flows.report import SMOKE_PRESET
+
+    preset = yaml.safe_load((ROOT / SMOKE_PRESET).read_text())
+    params = yaml.safe_load((ROOT / SMOKE_PRESET).read_text())
+    params["finetune"]["lr"] = 1.0e-3  # a setting the preset leaves alone
+    assert run_kind(params, preset) == "smoke"
+    params["finetune"]["probe_c"] = [0.1, 1.0]  # a list setting counts too
+    assert run_kind(params, preset) == "full"
+    assert run_kind(None, preset) is None
+
+
+def test_folder_diff_gives_what_dvc_diff_gives(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base/metrics").mkdir(parents=True)
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "base/metrics/e.json").write_text('{"a": {"accuracy": 0.5, "ci": [0.4, 0.6]}, "verdict": "x", '
+                                                  '"ok": true}')
+    (tmp_path / "metrics/e.json").write_text('{"a": {"accuracy": 0.75, "ci": [0.7, 0.8]}, "verdict": "y", "ok": true}')
+    diff = folder_diff(tmp_path / "base", [Path("metrics/e.json")], params=False)
+    assert diff == {"metrics/e.json": {"a.accuracy": {"old": 0.5, "new": 0.75, "diff": 0.25},
+                                       "ok": {"old": True, "new": True}, "verdict": {"old": "x", "new": "y"}}}
+    (tmp_path / "base/p.yaml").write_text("f: {epochs: 10, c: [1.0], lr: 1.0e-3}\n")
+    (tmp_path / "p.yaml").write_text("f: {epochs: 5, c: [1.0, 2.0], lr: 1.0e-3}\n")
+    assert folder_diff(tmp_path / "base", [Path("p.yaml")], params=True) == {"p.yaml": {
+        "f.c": {"old": [1.0], "new": [1.0, 2.0]}, "f.epochs": {"old": 10, "new": 5, "diff": -5}}}
+    assert flatten({"a": {"b": [1]}}) == {} and flatten({"a": {"b": [1]}}, lists=True) == {"a.b": [1]}
