@@ -19,7 +19,7 @@ TASKFILE = $(if $(NAME),--preset tasks/$(NAME).yaml)  # for the tools that take 
 # pyproject.toml cannot silently run on stale pins.
 DEPS_HASH = $(shell $(PYTHON) -c "import tomllib,hashlib,json; p=tomllib.load(open('pyproject.toml','rb'))['project']; print(hashlib.sha256(json.dumps([p['dependencies'], p.get('optional-dependencies')], sort_keys=True).encode()).hexdigest())")
 
-.PHONY: help setup data postgres chromium run compare curves smoke report push commit-lock test test-isa test-fast ui serve promotion-hook bench bench-http bench-selection bench-augment bench-recipe bench-overhead bench-gpu prefect-server deploy worker lock clean
+.PHONY: help setup data postgres chromium run compare curves smoke report pull push commit-lock test test-isa test-fast ui serve promotion-hook bench bench-http bench-selection bench-augment bench-recipe bench-overhead bench-gpu prefect-server deploy worker lock clean
 help:  ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
 
@@ -72,14 +72,20 @@ report: setup  ## report of the last run vs BASE (git rev) or BASE_METRICS=<dir>
 # push fails rather than skips: its caller (CI on main) would otherwise commit a dvc.lock naming data nobody can pull.
 # DVC_REMOTE_ENDPOINT points the remote at another server (CI's); credentials come from the environment
 # (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY for S3), never from a file in git.
-push: setup  ## push the DVC cache (what dvc.lock and *.dvc name) to DVC_REMOTE, or DVC's default remote
-	@remote="$(DVC_REMOTE)"; remote="$${remote:-$$($(BIN)/dvc config core.remote 2>/dev/null || true)}"; \
+# DVC_REMOTE, else DVC's default remote; none is an error that names the remotes there are.
+REMOTE_OR_FAIL = remote="$(DVC_REMOTE)"; remote="$${remote:-$$($(BIN)/dvc config core.remote 2>/dev/null || true)}"; \
 	if [ -z "$$remote" ]; then \
-	  echo "make push: no DVC remote: set DVC_REMOTE to one of [$$($(BIN)/dvc remote list | awk '{print $$1}' | xargs)] or a default remote (dvc remote default NAME); nothing pushed" >&2; \
+	  echo "make $@: no DVC remote: set DVC_REMOTE to one of [$$($(BIN)/dvc remote list | awk '{print $$1}' | xargs)] or a default remote (dvc remote default NAME); nothing done" >&2; \
 	  exit 1; \
 	fi; \
-	if [ -n "$(DVC_REMOTE_ENDPOINT)" ]; then $(BIN)/dvc remote modify --local "$$remote" endpointurl "$(DVC_REMOTE_ENDPOINT)"; fi; \
-	echo "dvc push -r $$remote"; $(BIN)/dvc push -r "$$remote"
+	if [ -n "$(DVC_REMOTE_ENDPOINT)" ]; then $(BIN)/dvc remote modify --local "$$remote" endpointurl "$(DVC_REMOTE_ENDPOINT)"; fi
+
+pull: setup  ## fetch data, outputs and DVC's run cache from DVC_REMOTE (or the default remote): make run then restores, not retrains
+	@$(REMOTE_OR_FAIL); echo "dvc pull -r $$remote --run-cache"; $(BIN)/dvc pull -r "$$remote" --run-cache --allow-missing
+
+push: setup  ## push the DVC cache (what dvc.lock and *.dvc name) and the run cache to DVC_REMOTE, or DVC's default remote
+	@$(REMOTE_OR_FAIL); echo "dvc push -r $$remote --run-cache"; $(BIN)/dvc push -r "$$remote" --run-cache; \
+	$(BIN)/python -c 'import sys; from flows.pipeline import push_run_outputs; print(push_run_outputs(sys.argv[1]), "uncached outputs of recorded runs pushed")' "$$remote"
 
 # After the cache is on the remote (push first), so the commit never names data the remote lacks. [skip ci]: the
 # commit records this run; it must not start another.

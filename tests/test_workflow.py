@@ -91,12 +91,13 @@ def test_pushes_to_main_run_the_full_pipeline_then_push_the_cache_and_commit_the
     job = doc["jobs"]["full"]
     assert "refs/heads/main" in job["if"] and job["needs"] == "smoke"
     runs = [s["run"] for s in job["steps"] if "run" in s]
-    assert runs.index("make run") < runs.index("make report") < runs.index("make commit-lock")
+    assert runs.index("make pull") < runs.index("make run") < runs.index("make report") < runs.index("make commit-lock")
     assert job["permissions"] == {"contents": "write"}
     for var in ("MLFLOW_TRACKING_URI", "DVC_REMOTE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert var in job["env"], var
     assert any("user.name" in r for r in runs)  # the lock commit has an author
     assert "[skip ci]" in make_recipe("commit-lock") and "dvc push" in make_recipe("push")
+    assert "--run-cache" in make_recipe("push") and "--run-cache" in make_recipe("pull")
     assert make_prerequisites("commit-lock") == ["push"]  # the cache reaches the remote before the lock names it
 
 
@@ -199,7 +200,7 @@ def test_make_push_without_a_remote_fails_and_says_so(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MAKE"))}
     res = subprocess.run(["make", "-s", "push"], cwd=proj, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0
-    assert "make push: no DVC remote: set DVC_REMOTE to one of [minio]" in res.stderr and "nothing pushed" in res.stderr
+    assert "make push: no DVC remote: set DVC_REMOTE to one of [minio]" in res.stderr and "nothing done" in res.stderr
 
 
 def test_the_pull_request_report_step_compares_smoke_with_mains_smoke(tmp_path):
