@@ -116,6 +116,15 @@ class Current:
     folder: Path | None = None  # where its files were downloaded (removed once it is swapped out)
 
 
+def other_task(serving: Servable, new: Servable) -> str:
+    """How `new` differs in task from the model being served ("" when it does not): its modality or classes."""
+    if new.modality != serving.modality:
+        return f"{new.modality}s where version {serving.version} takes {serving.modality}s"
+    if new.classes != serving.classes:
+        return f"classes {new.classes} where version {serving.version} has {serving.classes}"
+    return ""
+
+
 class Follower:
     """Keeps `current` on the version that holds the alias: polled, or at once via refresh()."""
 
@@ -141,6 +150,13 @@ class Follower:
                 return {"changed": False, "version": serving}
             try:
                 model = fetch_servable(self.store, self.name, self.alias, self.downloads, self.int8, found, self.threads)
+                if other_task(self.current.model, model) and found["tags"].get(f"{self.alias}.forced") != "true":
+                    shutil.rmtree(self.downloads / f"v{model.version}", ignore_errors=True)
+                    raise NotServable(
+                        f"it is another task ({other_task(self.current.model, model)}) than version {serving}, "
+                        f"which clients of {self.name}@{self.alias} send their inputs for; to switch tasks, promote "
+                        f"it with a reason: python -m flows.promote {found['version']} --model {self.name} "
+                        f"--alias {self.alias} --force --reason '...'")
                 model.warm_up()
             except (NotServable, LookupError, OSError, ValueError) as e:
                 return self._failed(f"version {found['version']} refused: {e}", serving)

@@ -30,14 +30,14 @@ from .conftest import ROOT, background, tiny_hf_model
 STORED, SIZE, CLASSES = 12, 8, ["cat", "dog", "owl"]
 
 
-def image_folder(folder: Path, seed: int = 0, stored: int = STORED) -> Path:
+def image_folder(folder: Path, seed: int = 0, stored: int = STORED, classes: list[str] = CLASSES) -> Path:
     """A servable folder as export writes one: a tiny pixel-linear RGB model (8 px, images stored at 12)."""
     folder.mkdir(parents=True)
     pre = zoo.preprocessing(zoo.PIXEL_LINEAR, SIZE, 3)
     torch.manual_seed(seed)
-    model = zoo.build(zoo.PIXEL_LINEAR, len(CLASSES), pre).eval()
+    model = zoo.build(zoo.PIXEL_LINEAR, len(classes), pre).eval()
     export_onnx(model, pre, folder / "model.onnx", opset=17)
-    meta = {"architecture": zoo.PIXEL_LINEAR, "classes": CLASSES, "preprocessing": pre}
+    meta = {"architecture": zoo.PIXEL_LINEAR, "classes": classes, "preprocessing": pre}
     contract = serving_contract(meta, "floor", np.zeros((1, stored, stored, 3), np.uint8), 50_000_000,
                                 {folder / "model.onnx": folder / "model.onnx"})
     (folder / "serving.json").write_text(json.dumps(contract))
@@ -319,11 +319,21 @@ def test_a_promotion_while_requests_flow_fails_none_and_swaps_in_order(tmp_path,
         assert post(f"{base}/admin/reload", b"")[0] == 401
         status, body = post(f"{base}/admin/reload", b"", headers={"authorization": "Bearer s3cret"})
         assert status == 200 and body["version"] == v2 and "sha256" in body["error"], body
+        # another task's version (other classes) under the same name is refused; promoted with a reason, served
+        v5 = register_folder(client, name, image_folder(tmp_path / "e", seed=4, classes=["ant", "bee", "elk"]), experiment)
+        client.set_registered_model_alias(name, "champion", v5)
+        status, body = post(f"{base}/admin/reload", b"", headers={"authorization": "Bearer s3cret"})
+        assert status == 200 and body["version"] == v2 and "another task (classes" in body["error"], body
         status, body = post(f"{base}/predict", *multipart([("x.png", image)]))
         assert status == 200 and body["version"] == v2 and body["model"] == name
+        client.set_model_version_tag(name, v5, "champion.forced", "true")
+        status, body = post(f"{base}/admin/reload", b"", headers={"authorization": "Bearer s3cret"})
+        assert status == 200 and body["version"] == v5 and body["changed"], body
+        client.set_registered_model_alias(name, "champion", v2)
+        assert post(f"{base}/admin/reload", b"", headers={"authorization": "Bearer s3cret"})[1]["version"] == v2
         metrics = get(f"{base}/metrics")[1].decode()
         assert f'headstart_model_version{{model="{name}"}} {float(v2)}' in metrics
-        assert "headstart_model_swaps_total 1.0" in metrics
+        assert "headstart_model_swaps_total 3.0" in metrics  # to v2, to the forced v5, back to v2
 
 
 @pytest.mark.slow
