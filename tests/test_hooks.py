@@ -158,7 +158,9 @@ def test_setting_champion_in_the_mlflow_ui_is_audited_checked_enforced_and_serve
            "--host", "127.0.0.1", "--port", "{port}", "--workers", "1"]
     with http_server(cmd, "/api/2.0/mlflow/experiments/get?experiment_id=0", ROOT,
                      mlflow_env, timeout=180) as (base, _):
+        # this server for mlflow.start_run too, which keeps whatever store an earlier test set in this process
         monkeypatch.setenv("MLFLOW_TRACKING_URI", base)
+        monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", base)
         client, name = MlflowClient(base), "ui-promotion"
         experiment = client.create_experiment("ui-promotion")
         client.create_registered_model(name)
