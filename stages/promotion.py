@@ -122,13 +122,14 @@ def revert(store: Store, name: str, alias: str, flagged: int, to: int | None, re
     and record that on the flagged version (promotion.reverted_at, promotion.reverted_to, promotion.reverted_because)."""
     use(store)
     client = MlflowClient()
-    for k, v in {"promotion.reverted_at": _now(), "promotion.reverted_to": str(to),
-                 "promotion.reverted_because": reason}.items():
-        client.set_model_version_tag(name, str(flagged), k, v)
+    # the alias first: the record then never says "reverted" before the registry does
     if to is None:
         client.delete_registered_model_alias(name, alias)
     else:
         client.set_registered_model_alias(name, alias, str(to))
+    for k, v in {"promotion.reverted_at": _now(), "promotion.reverted_to": str(to),
+                 "promotion.reverted_because": reason}.items():
+        client.set_model_version_tag(name, str(flagged), k, v)
 
 
 def alias_holders(store: Store, alias: str) -> dict[str, int]:
