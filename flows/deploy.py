@@ -90,8 +90,9 @@ def job_variables(pool_type: str, schedule: ScheduleParams) -> dict:
     return {"working_dir": str(Path(schedule.workdir).expanduser())} if schedule.workdir else {}
 
 
-def deploy(project: Path, schedule: ScheduleParams, paused: bool = False) -> str:
-    """Create or update the deployment; returns its full name (flow/deployment)."""
+def deploy(project: Path, schedule: ScheduleParams, paused: bool = False) -> tuple[str, str, str]:
+    """Create or update the deployment; returns its full name (flow/deployment), the repository URL and the
+    branch its runs clone."""
     if not os.environ.get("PREFECT_API_URL"):
         raise DeployError("PREFECT_API_URL is not set: a schedule needs a running Prefect server. Start one with "
                           "`make prefect-server`, then export PREFECT_API_URL=http://127.0.0.1:4200/api")
@@ -113,7 +114,7 @@ def deploy(project: Path, schedule: ScheduleParams, paused: bool = False) -> str
         tags=["headstart"],
         print_next_steps=False,
     )
-    return f"{pipeline.name}/{schedule.deployment}"
+    return f"{pipeline.name}/{schedule.deployment}", url, branch
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,8 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     schedule = Params.load(args.params).schedule
     schedule = replace(schedule, repository=args.repository or schedule.repository, branch=args.branch or schedule.branch)
     try:
-        name = deploy(Path.cwd(), schedule, paused=args.paused)
-        url, branch = git_source(Path.cwd(), schedule)
+        name, url, branch = deploy(Path.cwd(), schedule, paused=args.paused)
     except DeployError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"deployed {name}: {url} at {branch}, cron {schedule.cron!r} ({schedule.timezone}), work pool "

@@ -166,11 +166,11 @@ def default_remote() -> str:
     return res.stdout.strip() if res.returncode == 0 else ""
 
 
-def sync_with_remote(direction: str) -> None:
-    """`dvc pull` or `dvc push` of data, outputs and the run cache (so another clone restores a stage this
-    run made instead of running it again). A pull tolerates what the remote lacks: a stage nobody ran yet."""
+def sync_with_remote(direction: str, remote: str) -> None:
+    """`dvc pull` or `dvc push` of data, outputs and the run cache to `remote` (the default one) (so another
+    clone restores a stage this run made instead of running it again). A pull tolerates what the remote
+    lacks: a stage nobody ran yet."""
     log = get_run_logger()
-    remote = default_remote()
     if not remote:
         log.warning("no default DVC remote (dvc remote add -d NAME URL): nothing %s; this run's outputs stay on "
                     "this machine", "pulled" if direction == "pull" else "pushed")
@@ -206,8 +206,9 @@ def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None 
     cache are pulled from the default DVC remote first and what the run made is pushed after it."""
     log = get_run_logger()
     with workspace_lock():
+        remote = default_remote()
         if sync:
-            sync_with_remote("pull")
+            sync_with_remote("pull", remote)
         if overrides:
             apply_overrides(Path(params_file), overrides)
             log.info("params.yaml updated: %s", overrides)
@@ -217,14 +218,14 @@ def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None 
             log.info("dvc status: data, code and params unchanged; nothing to retrain")
             return {name: "up to date, skipped" for name in STAGES}
         log.info("out of date: %s", ", ".join(stale))
-        pull = bool(default_remote())
+        pull = bool(remote)
         done = {"prepare": TASKS["prepare"]("prepare", pull)}
         for stage in pretrain_stages(params):  # the model the task fine-tunes from, locked in the weights lock
             short = stage.rsplit(":", 1)[1]
             done[short] = pretrain_task.with_options(name=short)(stage, pull)
         done.update({name: TASKS[name](name, pull) for name in STAGES[1:]})
         if sync:
-            sync_with_remote("push")
+            sync_with_remote("push", remote)
         return done
 
 

@@ -150,10 +150,11 @@ class Follower:
                 return {"changed": False, "version": serving}
             try:
                 model = fetch_servable(self.store, self.name, self.alias, self.downloads, self.int8, found, self.threads)
-                if other_task(self.current.model, model) and found["tags"].get(f"{self.alias}.forced") != "true":
+                switch = other_task(self.current.model, model)
+                if switch and found["tags"].get(f"{self.alias}.forced") != "true":
                     shutil.rmtree(self.downloads / f"v{model.version}", ignore_errors=True)
                     raise NotServable(
-                        f"it is another task ({other_task(self.current.model, model)}) than version {serving}, "
+                        f"it is another task ({switch}) than version {serving}, "
                         f"which clients of {self.name}@{self.alias} send their inputs for; to switch tasks, promote "
                         f"it with a reason: python -m flows.promote {found['version']} --model {self.name} "
                         f"--alias {self.alias} --force --reason '...'")
