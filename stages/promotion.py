@@ -15,7 +15,7 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from stages.registry import CHAMPION, Store, use
+from stages.registry import CHAMPION, Store, describe_alias, use
 
 GATE_CHECKS = ("min_accuracy", "beats_alternatives", "onnx_parity", "vs_champion")
 WEBHOOK_EVENTS = ("model_version_alias.created", "model_version_alias.deleted")
@@ -41,14 +41,6 @@ def problems(tags: Mapping[str, str], replacing: Mapping[str, Any] | None = None
     return found
 
 
-def _holder(client: MlflowClient, name: str, alias: str) -> dict[str, Any] | None:
-    try:
-        mv = client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
-    return {"version": int(mv.version), "tags": dict(mv.tags)}
-
-
 def _version_tags(client: MlflowClient, name: str, version: int) -> dict[str, str]:
     try:
         return dict(client.get_model_version(name, str(version)).tags)
@@ -72,7 +64,7 @@ def promote_version(
     use(store)
     client = MlflowClient()
     tags = _version_tags(client, name, version)
-    before = _holder(client, name, alias)
+    before = describe_alias(store, name, alias)
     found = problems(tags, before if before and before["version"] != int(version) else None)
     if found and not force:
         raise PromotionRefused(
@@ -112,7 +104,7 @@ def record_move(store: Store, name: str, alias: str, version: int, previous: int
         client.set_model_version_tag(name, str(version), k, v)
     if not found and "promotion.flag" in tags:  # an old flag from an earlier promotion would mislead
         client.delete_model_version_tag(name, str(version), "promotion.flag")
-    holder = _holder(client, name, alias)
+    holder = describe_alias(store, name, alias)
     return {"problems": found, "forced": tags.get(f"{alias}.forced") == "true",
             "holder": holder["version"] if holder else None}
 
