@@ -129,9 +129,9 @@ def fit(
     lead = rank == 0
     dev = device()
     cuda = dev.type == "cuda"
-    model.to(dev)
-    if cuda:  # channels_last feeds tensor cores for convolutions; a no-op for non-4D weights
-        model.to(memory_format=torch.channels_last)
+    # channels_last: convolutions run faster on both tensor cores and oneDNN's CPU kernels (a training step of
+    # EfficientNet-Lite0 at 80 px took 224 ms vs 340 ms on this 2-core CPU); a no-op for non-4D weights
+    model.to(dev).to(memory_format=torch.channels_last)
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -219,7 +219,7 @@ def fit(
             yb = y_train[idx].to(dev, non_blocking=True)
             if cfg.augment != "none" and not isinstance(xb, tuple):  # images only
                 xb = augment(xb, gen, cfg.augment, cfg.crop_min_area)
-            if cuda and not isinstance(xb, tuple):
+            if not isinstance(xb, tuple):
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
                 logits = net(*_args(xb))
@@ -476,16 +476,26 @@ def predict(
     """Logits (or `fn(model, *inputs)`, e.g. features) for images or texts, batch by batch, in fp32."""
     dev = next(model.parameters()).device
     was_training = model.training
-    model.eval()
+    conv = next((w for w in model.parameters() if w.ndim == 4), None)
+    was_format = torch.channels_last if conv is not None and not conv.is_contiguous() else torch.contiguous_format
+    model.eval().to(memory_format=torch.channels_last)  # as in fit: 1.8x faster inference on this CPU
     out = []
     it = batches(len(x), batch_size)
     if desc:
         it = tqdm(it, total=math.ceil(len(x) / batch_size), desc=desc, leave=False, dynamic_ncols=True)
-    for sl in it:
-        args = _args(_map(to_model_input(x[sl], pre), lambda t: t.to(dev)))
-        out.append((fn(model, *args) if fn else model(*args)).float().cpu().numpy())
-    model.train(was_training)
+    try:
+        with torch.inference_mode():
+            for sl in it:
+                args = _args(_map(to_model_input(x[sl], pre), lambda t: _on(t, dev)))
+                out.append((fn(model, *args) if fn else model(*args)).float().cpu().numpy())
+    finally:
+        model.train(was_training).to(memory_format=was_format)  # contiguous is what safetensors can save
     return np.concatenate(out)
+
+
+def _on(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    t = t.to(dev)
+    return t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t
 
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]  # an image batch, or (input_ids, attention_mask)
