@@ -11,7 +11,8 @@ register.candidate: best it is the model export and register ship. Forgetting, w
 CKA between the pre-trained and the fine-tuned network's features on test examples, per layer group
 (1: the group computes what it did before fine-tuning, up to rotation and scale; lower: it changed).
 Reads paths.prepared, paths.finetuned, paths.baselines, paths.chosen_model and the pre-trained weights
-(checked against paths.weights_lock); writes paths.evaluate_metrics and paths.evaluate_plots.
+(checked against paths.weights_lock); writes paths.evaluate_metrics, paths.evaluate_plots, paths.predictions
+and paths.test_logits.
 Run: dvc repro evaluate   (or: python -m stages.evaluate)"""
 
 from __future__ import annotations
@@ -30,23 +31,25 @@ from stages.train import predict
 
 
 def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path, p: EvaluateParams,
-        model_p: ModelParams | None = None, weights_lock: Path | None = None, predictions: Path | None = None) -> dict:
+        model_p: ModelParams | None = None, weights_lock: Path | None = None, predictions: Path | None = None,
+        test_logits: Path | None = None) -> dict:
     manifest = read_json(Path(prepared) / "manifest.json")
     classes = manifest["classes"]
     test = load_split(prepared, "test")
     y, n, k = test.y, len(test.y), len(classes)
 
-    preds, pres, val_acc = {}, {}, {}
+    logits, pres, val_acc = {}, {}, {}
     for name, path in zoo.model_dirs(finetuned, baselines).items():
         model, meta = zoo.load_checkpoint(path)
         pres[name] = meta["preprocessing"]
-        preds[name] = predict(model, test.x, pres[name], desc=f"test {name}").argmax(1)
+        logits[name] = predict(model, test.x, pres[name], desc=f"test {name}")
         # What training measured on the validation split for the weights it kept, through its own code path.
         # A test accuracy far outside its noise points at a model fitted on one input and scored on another.
         val_acc[name] = meta["train"].get("best_val_accuracy", meta["train"].get("val_accuracy"))
         if name == "finetuned":
             tuned = model  # drift and forgetting below look inside it again
 
+    preds = {name: z.argmax(1) for name, z in logits.items()}
     report: dict = {}
     for name, pred in preds.items():
         correct = pred == y
@@ -92,6 +95,8 @@ def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path
 
         report["truncated_test_texts"] = truncated_count(test.x, pres["finetuned"])  # cut at model.max_length tokens
     write_json(out, report)
+    if test_logits is not None:
+        write_logits(test_logits, logits, manifest["test_sha256"])
     if predictions is not None:
         write_predictions(predictions, y, preds, classes)
     _confusion_plots(plots, y, preds, classes)
@@ -111,6 +116,25 @@ def write_predictions(path: Path, y: np.ndarray, preds: dict[str, np.ndarray], c
     for i, row in enumerate(zip(y, *preds.values(), strict=True)):
         w.writerow([i, *(classes[int(c)] for c in row)])
     write_text(path, buf.getvalue())
+
+
+def write_logits(path: Path, logits: dict[str, np.ndarray], test_sha256: str) -> None:
+    """Every model's fp32 PyTorch logits on the test split, named by the split's sha256: export proves its
+    ONNX file against these instead of running the network over the test set a second time."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, test_sha256=np.array(test_sha256), **logits)
+
+
+def read_logits(path: Path, name: str, test_sha256: str) -> np.ndarray | None:
+    """Model `name`'s logits from write_logits, or None when they are missing or were computed on another
+    test split (the caller computes them then)."""
+    try:
+        with np.load(path) as stored:
+            if str(stored["test_sha256"]) != test_sha256 or name not in stored:
+                return None
+            return stored[name]
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def compare(a: np.ndarray, b: np.ndarray, p: EvaluateParams) -> dict:
@@ -282,7 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     params = cli(__doc__, argv)
     paths = params.paths
     run(paths.prepared, paths.finetuned, paths.baselines, paths.evaluate_metrics, paths.evaluate_plots,
-        params.evaluate, zoo.resolve(params.model, paths.chosen_model), paths.weights_lock, paths.predictions)
+        params.evaluate, zoo.resolve(params.model, paths.chosen_model), paths.weights_lock, paths.predictions,
+        paths.test_logits)
 
 
 if __name__ == "__main__":

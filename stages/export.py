@@ -6,7 +6,8 @@ previous export stays. The register stage logs the files to MLflow.
 Also writes a static int8 model (calibrated on the validation split) and its test accuracy; it is
 marked accepted when its relative accuracy drop is within export.int8_max_relative_drop.
 Writes the serving contract beside them (paths.serving): what the model server reads instead of the checkpoint.
-Reads paths.evaluate_metrics (which model won), paths.finetuned or paths.baselines, paths.prepared; writes paths.onnx,
+Reads paths.evaluate_metrics (which model won), paths.test_logits (PyTorch's logits, computed by evaluate),
+paths.finetuned or paths.baselines, paths.prepared; writes paths.onnx,
 paths.onnx_int8, paths.serving and paths.export_metrics.
 Run: dvc repro export   (or: python -m stages.export)"""
 
@@ -24,7 +25,7 @@ import torch
 
 from stages import zoo
 from stages.data import batches, load_split, to_model_input
-from stages.evaluate import candidate
+from stages.evaluate import candidate, read_logits
 from stages.files import atomic_path, read_json, sha256_file, write_json
 from stages.params import ExportParams, cli
 from stages.servable import safe_session
@@ -132,7 +133,8 @@ def row_deviation(a: np.ndarray, b: np.ndarray, reference: np.ndarray) -> np.nda
 
 
 def parity(
-    model: torch.nn.Module, onnx_path: Path, x: np.ndarray, pre: dict, p: ExportParams
+    model: torch.nn.Module, onnx_path: Path, x: np.ndarray, pre: dict, p: ExportParams,
+    torch_logits: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Compare ONNX Runtime with PyTorch on the same examples; also returns the ONNX logits.
 
@@ -143,13 +145,23 @@ def parity(
     logits may differ from PyTorch's by up to `p.spread_factor` times the spread on every example, never
     less than `p.min_tolerance`. A wrong weight or op moves logits by orders of magnitude more. What gates
     besides: top-1 agreement (`p.min_top1_agreement`), and the ONNX model's own test accuracy downstream.
+    `torch_logits`: PyTorch's logits on `x` when evaluate already computed them. They are checked, not
+    trusted: on the sample rows PyTorch runs here too, and logits off by more than the tolerance from that
+    are replaced by a full run here.
     """
-    torch_logits = predict(model, x, pre, batch_size=p.batch_size, desc="parity: torch")
-    ort_logits = onnx_logits(onnx_path, x, pre, p.batch_size)
     sample = np.unique(np.linspace(0, len(x) - 1, min(p.spread_examples, len(x))).round().astype(int))
     exact = exact_logits(model, x[sample], pre, p.batch_size)
-    spread = float(row_deviation(torch_logits[sample], exact, exact).max())
+    fresh = predict(model, x[sample], pre, batch_size=p.batch_size)
+    spread = float(row_deviation(fresh, exact, exact).max())
     tolerance = max(p.min_tolerance, p.spread_factor * spread)
+    if torch_logits is not None and (
+        torch_logits.shape[0] != len(x) or row_deviation(torch_logits[sample], fresh, fresh).max() > tolerance
+    ):
+        print("evaluate's PyTorch logits do not match this model on the test split: computing them again")
+        torch_logits = None
+    if torch_logits is None:
+        torch_logits = predict(model, x, pre, batch_size=p.batch_size, desc="parity: torch")
+    ort_logits = onnx_logits(onnx_path, x, pre, p.batch_size)
     deviation = row_deviation(ort_logits, torch_logits, torch_logits)
     return {
         "max_abs_diff": float(np.abs(ort_logits - torch_logits).max()),
@@ -192,16 +204,20 @@ SERVING_FORMAT = "headstart-serving/1"
 
 
 def run(model_dir: Path, prepared: Path, out: Path, out_int8: Path, metrics: Path, p: ExportParams,
-        name: str = "finetuned", serving: Path | None = None, max_pixels: int = 50_000_000) -> dict:
+        name: str = "finetuned", serving: Path | None = None, max_pixels: int = 50_000_000,
+        test_logits: Path | None = None) -> dict:
     """Export the model in `model_dir` (the candidate `name`: finetuned, or the baseline that won), and write
-    its serving contract (`serving`, default serving.json beside `out`)."""
+    its serving contract (`serving`, default serving.json beside `out`). `test_logits`: evaluate's record
+    of PyTorch's logits on the test split, reused when it is for this split."""
     model, meta = zoo.load_checkpoint(model_dir)
     pre = meta["preprocessing"]
     test, val = load_split(prepared, "test"), load_split(prepared, "val")
+    test_sha256 = read_json(Path(prepared) / "manifest.json")["test_sha256"]
+    reference = read_logits(test_logits, name, test_sha256) if test_logits is not None else None
     serving = Path(serving) if serving is not None else Path(out).with_name("serving.json")
     with atomic_path(out) as tmp, atomic_path(out_int8) as tmp_int8, atomic_path(serving) as tmp_serving:
         export_onnx(model, pre, tmp, p.opset)
-        result, fp32_logits = parity(model, tmp, test.x, pre, p)
+        result, fp32_logits = parity(model, tmp, test.x, pre, p, reference)
         print(f"ONNX parity on {result['n_examples']} test examples: max |diff| {result['max_abs_diff']:.2e}, "
               f"worst row deviation {result['max_row_deviation']:.2e} ({result['worst_tolerance_use']:.0%} of the "
               f"tolerance {result['tolerance']:.1e} = max({p.min_tolerance:g}, {p.spread_factor:g} x PyTorch's own "
@@ -247,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     name = candidate(read_json(paths.evaluate_metrics), params.register.candidate)
     model_dir = zoo.model_dirs(paths.finetuned, paths.baselines)[name]
     run(model_dir, paths.prepared, paths.onnx, paths.onnx_int8, paths.export_metrics, params.export, name,
-        paths.serving, params.prepare.max_pixels)
+        paths.serving, params.prepare.max_pixels, paths.test_logits)
 
 
 if __name__ == "__main__":

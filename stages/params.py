@@ -39,6 +39,7 @@ class Paths:
     evaluate_metrics: Path
     evaluate_plots: Path
     predictions: Path
+    test_logits: Path
     registered: Path
     summaries: Path
     onnx: Path

@@ -71,3 +71,24 @@ def test_int8_model_runs_at_every_batch_size_and_tracks_fp32(exported, tmp_path)
     int8 = onnx_logits(out, images, pre, batch_size=64)
     # quantisation noise, not a different model: logits stay strongly correlated with fp32
     assert np.corrcoef(int8.ravel(), fp32.ravel())[0, 1] > 0.95
+
+
+def test_evaluates_logits_are_reused_only_for_the_same_test_split_and_model(exported, tmp_path):
+    """export proves its file against evaluate's PyTorch logits when they are for this test split and this
+    model; another split's, or another model's name, is not used (read_logits says None: computed again)."""
+    from stages.evaluate import read_logits, write_logits
+
+    model, pre, path, images = exported
+    reference = predict(model, images, pre)
+    stored = tmp_path / "logits.npz"
+    write_logits(stored, {"finetuned": reference, "scratch": reference + 1}, "sha-a")
+    assert np.array_equal(read_logits(stored, "finetuned", "sha-a"), reference)
+    assert read_logits(stored, "finetuned", "sha-b") is None  # evaluated on another test split
+    assert read_logits(stored, "linear_probe", "sha-a") is None
+    assert read_logits(tmp_path / "missing.npz", "finetuned", "sha-a") is None
+    reused, _ = parity(model, path, images, pre, ExportParams(), read_logits(stored, "finetuned", "sha-a"))
+    again, _ = parity(model, path, images, pre, ExportParams())
+    assert reused == again
+    # logits of another network under the right name are checked, not trusted: computed again, same result
+    checked, _ = parity(model, path, images, pre, ExportParams(), read_logits(stored, "scratch", "sha-a"))
+    assert checked == again
