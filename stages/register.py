@@ -353,9 +353,11 @@ def _register(client: MlflowClient, run_id: str, model_dir: Path, name: str, rep
         # Our own checkpoint format rides along, so later runs can re-score this version with headstart's
         # preprocessing (the champion comparison below) without unpickling anything.
         mlflow.log_artifacts(str(model_dir), artifact_path="checkpoint")
+        # The requirements named, not inferred: MLflow infers them by loading the model in a subprocess (8 s
+        # of this stage's 22 s), and the pt2 graph needs torch and numpy to load, nothing else of ours.
         info = mlflow.pytorch.log_model(
             model, name="model", signature=signature, input_example=example, serialization_format="pt2",
-            registered_model_name=name,
+            registered_model_name=name, pip_requirements=[f"torch=={torch.__version__}", f"numpy=={np.__version__}"],
         )
     version = int(info.registered_model_version)
     tags = {
