@@ -3,7 +3,7 @@ to ONNX (dynamic batch axis, pinned opset), check the graph, and prove parity wi
 set with onnxruntime: every example's logits within a tolerance derived from PyTorch's own fp32 rounding
 error (see `parity`) and top-1 agreement of at least export.min_top1_agreement, or the stage fails and the
 previous export stays. The register stage logs the files to MLflow.
-Also writes a static int8 model (calibrated on the validation split) and its test accuracy; it is
+Also writes a static int8 model (calibrated on export.calibration_examples of the validation split) and its test accuracy; it is
 marked accepted when its relative accuracy drop is within export.int8_max_relative_drop.
 Writes the serving contract beside them (paths.serving): what the model server reads instead of the checkpoint.
 Reads paths.evaluate_metrics (which model won), paths.test_logits (PyTorch's logits, computed by evaluate),
@@ -231,7 +231,8 @@ def run(model_dir: Path, prepared: Path, out: Path, out_int8: Path, metrics: Pat
                 f"{result['top1_agreement']:.4%} (needed {p.min_top1_agreement:.2%}); the previous {out} is kept. "
                 "Try another export.opset."
             )
-        quantize_int8(tmp, tmp_int8, val.x, pre)
+        calibration = val.x[np.random.default_rng(0).permutation(len(val.x))[: p.calibration_examples]]
+        quantize_int8(tmp, tmp_int8, calibration, pre)
         int8_logits = onnx_logits(tmp_int8, test.x, pre, p.batch_size)
         fp32_acc = float((fp32_logits.argmax(1) == test.y).mean())
         int8_acc = float((int8_logits.argmax(1) == test.y).mean())
@@ -242,7 +243,7 @@ def run(model_dir: Path, prepared: Path, out: Path, out_int8: Path, metrics: Pat
             "int8_accepted": drop <= p.int8_max_relative_drop,
             "size_bytes": tmp.stat().st_size, "int8_size_bytes": tmp_int8.stat().st_size,
         })  # fmt: skip
-        how = "dynamic" if zoo.modality(pre) == "text" else f"static QDQ, calibrated on {len(val.y)} validation images"
+        how = "dynamic" if zoo.modality(pre) == "text" else f"static QDQ, calibrated on {len(calibration)} validation images"
         print(f"int8 ({how}): test accuracy {int8_acc:.4f} vs "
               f"fp32 {fp32_acc:.4f} (relative drop {drop:.2%}, allowed {p.int8_max_relative_drop:.2%}: "
               f"{'accepted' if result['int8_accepted'] else 'rejected'}); "

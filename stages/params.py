@@ -171,6 +171,7 @@ class ExportParams:
     spread_examples: int = _f(512, ge=1)
     min_top1_agreement: float = _f(0.999, gt=0, le=1)
     int8_max_relative_drop: float = _f(0.01, ge=0, le=1)
+    calibration_examples: int = _f(100, ge=1)
     batch_size: int = _f(256, ge=1)
 
 
