@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from stages import hyperrule, strategy, zoo
 from stages.data import load_split
 from stages.files import read_json
@@ -27,7 +29,7 @@ def run(
     prepared: Path, out: Path, history: Path, model_p: ModelParams, p: FinetuneParams, weights_lock: Path,
     checkpoints: Path | None = None,
 ) -> FitResult:
-    with distributed() as (rank, world):
+    with distributed(p.peer_timeout_s) as (rank, world):
         return _run(prepared, out, history, model_p, p, weights_lock, rank, world, checkpoints)
 
 
@@ -103,9 +105,11 @@ def _run(prepared, out, history, model_p, p, weights_lock, rank: int, world: int
     return result
 
 
+@record  # under torchrun: the error's message, not "error_file: <N/A>", in torchrun's failure summary
 def main(argv: list[str] | None = None) -> None:
     params = cli(__doc__, argv)
-    if params.finetune.processes > 1 and "LOCAL_RANK" not in os.environ:
+    # Started by a launcher (torchrun on each node, a PyTorchJob): join its job, never start another.
+    if params.finetune.processes > 1 and "WORLD_SIZE" not in os.environ:
         # Restart under torchrun: N copies of this command, one per process, joined by torch.distributed.
         args = sys.argv[1:] if argv is None else argv
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",

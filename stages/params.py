@@ -134,6 +134,7 @@ class FinetuneParams:
     probe_c: list[float] = _f([0.01, 0.1, 1.0, 10.0], gt=0)
     compile: bool = False
     processes: int = _f(1, ge=1)
+    peer_timeout_s: float = _f(600.0, gt=0)
     checkpoint_every_steps: int = _f(0, ge=0)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import datetime
 import functools
 import hashlib
 import json
@@ -94,17 +95,30 @@ def rank_and_world() -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def distributed() -> Iterator[tuple[int, int]]:
-    """Join the torchrun process group when started by torchrun (WORLD_SIZE > 1); yields (rank, world)."""
+def distributed(timeout_s: float | None = None) -> Iterator[tuple[int, int]]:
+    """Join the torchrun process group when started by torchrun (WORLD_SIZE > 1); yields (rank, world).
+    A collective that waits more than `timeout_s` for another process fails (None: torch's default)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         yield rank_and_world()
         return
     cuda = device().type == "cuda"
     if cuda:
         torch.cuda.set_device(device())
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    dist.init_process_group(backend="nccl" if cuda else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout_s) if timeout_s else None)
+    rank, world = rank_and_world()
     try:
-        yield rank_and_world()
+        yield rank, world
+    except RuntimeError as e:
+        # gloo reports a lost peer ("Connection closed by peer") or a timeout as a plain RuntimeError
+        # naming its own source file; NCCL and the store raise DistError.
+        if not (isinstance(e, dist.DistError) or "/gloo/" in str(e)):
+            raise
+        waited = f"the peer timeout ({timeout_s:g} s)" if timeout_s else "torch's default timeout"
+        raise RuntimeError(
+            f"process {rank} of {world} lost contact with the others: a node died or was stopped, the network "
+            f"between nodes failed, or a process did not answer within {waited}. It stops here without "
+            f"writing its outputs, and torchrun stops this node; start the job again on every node. ({e})") from e
     finally:
         dist.destroy_process_group()
 

@@ -146,6 +146,78 @@ def tiny_params(tmp_path: Path, source: Path) -> Path:
     return path
 
 
+DDP_VAL_PER_CLASS = 10  # the validation split of ddp_task: its accuracy moves in steps of 1/100
+
+
+@pytest.fixture(scope="session")
+def ddp_task(tmp_path_factory) -> Path:
+    """Params of an easy prepared 10-class task for the data-parallel tests, each class brightening its own
+    block of a 2 x 5 grid; 20 train + 10 val per class. Easy on purpose: every run should converge, so a gap
+    would point at the distributed path."""
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("ddp")
+    rng = np.random.default_rng(1)
+    src = tmp / "source"
+    src.mkdir()
+    for split, per_class in (("train", 30), ("test", 4)):
+        y = np.repeat(np.arange(10), per_class)
+        x = rng.integers(0, 60, (len(y), 28, 28))
+        for i, c in enumerate(y):
+            x[i, (c // 5) * 14 : (c // 5 + 1) * 14, (c % 5) * 5 : (c % 5 + 1) * 5 + 3] += 180
+        write_idx(src / FASHION_MNIST_FILES[f"{split}_images"], x)
+        write_idx(src / FASHION_MNIST_FILES[f"{split}_labels"], y)
+    params = tiny_params(tmp, src)
+    raw = yaml.safe_load(params.read_text())
+    raw["prepare"].update(per_class=20, val_per_class=DDP_VAL_PER_CLASS)
+    raw["finetune"].update(epochs=10, batch_size=32, lr=1.0e-3, augment=False)
+    params.write_text(yaml.safe_dump(raw))
+    sh([sys.executable, "-m", "stages.prepare", "--params", str(params)], ROOT)
+    return params
+
+
+def finetune_variant(params: Path, name: str, **finetune) -> tuple[Path, Path]:
+    """A copy of `params` with these finetune settings, writing the model and history under a folder of its
+    own: (params file, that folder)."""
+    import yaml
+
+    raw = yaml.safe_load(params.read_text())
+    out = params.parent / name
+    raw["finetune"].update(finetune)
+    raw["paths"].update(finetuned=str(out / "model"), finetune_history=str(out / "history.csv"))
+    path = params.parent / f"params_{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path, out
+
+
+def finetuned_meta(out: Path) -> dict:
+    return json.loads((out / "model" / "model.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def ddp_one_process(ddp_task) -> Path:
+    """The 1-process fine-tune of `ddp_task` every data-parallel run is compared with: its output folder."""
+    params, out = finetune_variant(ddp_task, "p1", processes=1)
+    sh([sys.executable, "-m", "stages.finetune", "--params", str(params)], ROOT)
+    return out
+
+
+def assert_same_accuracy(one: dict, other: dict, what: str) -> None:
+    """Two runs' model.json reach the same best validation accuracy within sampling noise.
+
+    A data-parallel run sees its batches in another order (one sampler vs DistributedSampler) and rounds
+    BatchNorm's statistics differently, so the two are two training runs, not one computed twice (what DDP
+    guarantees is checked exactly in test_distributed.py: one step's gradients). Their accuracies must agree
+    within sampling noise of the validation split, 3 standard errors of the difference (one example is 1/n
+    of it), on any CPU."""
+    acc1, acc2 = one["train"]["best_val_accuracy"], other["train"]["best_val_accuracy"]
+    assert acc1 > 0.5, f"the tiny task was not learned ({acc1}): the comparison would mean nothing"
+    n = len(one["classes"]) * DDP_VAL_PER_CLASS
+    bound = 3 * ((acc1 * (1 - acc1) + acc2 * (1 - acc2)) / n) ** 0.5
+    print(f"best validation accuracy: 1 process {acc1:.3f}, {what} {acc2:.3f} (allowed gap {bound:.3f})")
+    assert acc2 > 0.5 and abs(acc1 - acc2) <= bound, (acc1, acc2, bound)
+
+
 @pytest.fixture(scope="session")
 def mlflow_store(tmp_path_factory):
     from stages.register import Store
