@@ -3,4 +3,10 @@
 # timm, numpy, tqdm and safetensors (no prefect, mlflow, dvc, no network). PYTHON picks the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# --stages DIR: then the default pipeline's stages on the GPU, each timed (bench/gpu_stages.py), on the
+# Fashion-MNIST files in DIR.
+if [ "${1:-}" = "--stages" ]; then
+  "${PYTHON:-python3}" bench/gpu.py
+  exec "${PYTHON:-python3}" bench/gpu_stages.py --source "$2"
+fi
 exec "${PYTHON:-python3}" bench/gpu.py "$@"
