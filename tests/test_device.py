@@ -75,3 +75,20 @@ def test_exports_pytorch_side_runs_on_the_device(on_meta, tmp_path):
     export_onnx(model, PRE, tmp_path / "m.onnx", opset=17)  # the export itself traces on the CPU
     with pytest.raises(NotImplementedError, match="meta"):
         parity(model, tmp_path / "m.onnx", IMAGES, PRE, ExportParams())
+
+
+def test_predict_scores_in_true_fp32_and_restores_the_tf32_settings(monkeypatch):
+    """TF32 (cuDNN's default for convolutions on recent GPUs) moved logits by up to 0.3 on an H200 and failed
+    export's parity: predict turns it off while it runs and gives the settings back as they were."""
+    monkeypatch.setenv("HEADSTART_DEVICE", "cpu")
+    model, seen = tiny(), []
+    model.register_forward_pre_hook(
+        lambda _m, _a: seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)))
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        predict(model, IMAGES, PRE)
+        assert seen == [(False, False)]
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
