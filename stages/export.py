@@ -3,8 +3,8 @@ to ONNX (dynamic batch axis, pinned opset), check the graph, and prove parity wi
 set with onnxruntime: every example's logits within a tolerance derived from PyTorch's own fp32 rounding
 error (see `parity`) and top-1 agreement of at least export.min_top1_agreement, or the stage fails and the
 previous export stays. The register stage logs the files to MLflow.
-Also writes a static int8 model (calibrated on export.calibration_examples of the validation split) and its test accuracy; it is
-marked accepted when its relative accuracy drop is within export.int8_max_relative_drop.
+Also writes a static int8 model (calibrated on export.calibration_examples of the validation split) and its
+test accuracy; it is marked accepted when its relative accuracy drop is within export.int8_max_relative_drop.
 Writes the serving contract beside them (paths.serving): what the model server reads instead of the checkpoint.
 Reads paths.evaluate_metrics (which model won), paths.test_logits (PyTorch's logits, computed by evaluate),
 paths.finetuned or paths.baselines, paths.prepared; writes paths.onnx,
@@ -151,15 +151,17 @@ def parity(
     """
     sample = np.unique(np.linspace(0, len(x) - 1, min(p.spread_examples, len(x))).round().astype(int))
     exact = exact_logits(model, x[sample], pre, p.batch_size)
-    fresh = predict(model, x[sample], pre, batch_size=p.batch_size)
+    reused = torch_logits is not None
+    if not reused:
+        torch_logits = predict(model, x, pre, batch_size=p.batch_size, desc="parity: torch")
+    fresh = predict(model, x[sample], pre, batch_size=p.batch_size) if reused else torch_logits[sample]
     spread = float(row_deviation(fresh, exact, exact).max())
     tolerance = max(p.min_tolerance, p.spread_factor * spread)
-    if torch_logits is not None and (
+    stale = reused and (
         torch_logits.shape[0] != len(x) or row_deviation(torch_logits[sample], fresh, fresh).max() > tolerance
-    ):
+    )
+    if stale:
         print("evaluate's PyTorch logits do not match this model on the test split: computing them again")
-        torch_logits = None
-    if torch_logits is None:
         torch_logits = predict(model, x, pre, batch_size=p.batch_size, desc="parity: torch")
     ort_logits = onnx_logits(onnx_path, x, pre, p.batch_size)
     deviation = row_deviation(ort_logits, torch_logits, torch_logits)
