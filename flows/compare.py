@@ -19,7 +19,8 @@ import numpy as np
 
 from prefect import flow, get_run_logger, task
 
-from flows.pipeline import TASKS, WorkspaceBusy, _repro, apply_presets, workspace_lock
+from flows.pipeline import TASKS, _repro, apply_presets
+from flows.workspace import WorkspaceBusy, workspace_lock
 from stages.files import read_json, write_json
 from stages.params import Params
 

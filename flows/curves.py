@@ -16,7 +16,8 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-from flows.pipeline import TASKS, WorkspaceBusy, _repro, apply_presets, workspace_lock
+from flows.pipeline import TASKS, _repro, apply_presets
+from flows.workspace import WorkspaceBusy, workspace_lock
 from stages import curves as curves_stage
 from stages.params import Params
 

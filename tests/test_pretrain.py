@@ -102,7 +102,7 @@ def test_the_flow_runs_the_pre_training_stages_a_task_uses_and_only_those(tmp_pa
 
 def test_the_summary_warns_of_negative_transfer_only_when_the_shift_is_large_and_the_verdict_not_positive(
         tmp_path, tiny_source):
-    from flows.pipeline import _transfer_notes
+    from flows.summary import _transfer_notes
     from stages.files import write_json
 
     params = Params.load(tiny_params(tmp_path, tiny_source))

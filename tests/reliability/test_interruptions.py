@@ -137,7 +137,7 @@ def test_nan_loss_fails_with_the_step_number_and_writes_nothing(prepared, tiny_s
 
 
 def test_a_second_pipeline_run_in_the_same_workspace_fails_fast_naming_the_first(tmp_path):
-    from flows.pipeline import workspace_lock
+    from flows.workspace import workspace_lock
 
     lock = tmp_path / ".headstart.lock"
     holder = subprocess.Popen([sys.executable, "-c", (
