@@ -8,13 +8,16 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 export PYTHONUNBUFFERED := 1
-# NAME=<task> (or TASK=<task>) runs tasks/<task>.yaml: NAME=text is the WordNet text demo, NAME=image switches
-# back to the image demo (restored from DVC's run cache when nothing else changed). DATA=<image folder or
-# table file> NAME=<task> makes your data a task of its own on first use.
+# NAME=<task> (or TASK=<task>) runs tasks/<task>.yaml and makes it the current task: NAME=text is the WordNet
+# text demo, NAME=image goes back to the image demo (restored from DVC's run cache when nothing else changed).
+# DATA=<image folder or table file> NAME=<task> makes your data a task of its own on first use. None of it
+# writes params.yaml: a run's settings are composed into $(RUN_PARAMS) (flows/compose.py).
 NAME ?= $(TASK)
-# SET="key=value ..." passes --set for each: a task key is written into the task's file, any other is one run's.
+# SET="key=value ..." passes --set for each: settings for this run only.
 PRESET = $(if $(NAME),--task "$(NAME)") $(if $(DATA),--data "$(DATA)") $(foreach s,$(SET),--set "$(s)")
-TASKFILE = $(if $(NAME),--preset tasks/$(NAME).yaml)  # for the tools that take a partial params file
+TASKARG = $(if $(NAME),--task "$(NAME)")  # compare and curves: the task to run them on
+TASKFILE = $(if $(NAME),--preset tasks/$(NAME).yaml)  # for the bench tools that take a partial params file
+RUN_PARAMS := .headstart/params.yaml
 # requirements.lock records a hash of the dependency lists it was resolved from, so an edited
 # pyproject.toml cannot silently run on stale pins.
 DEPS_HASH = $(shell $(PYTHON) -c "import tomllib,hashlib,json; p=tomllib.load(open('pyproject.toml','rb'))['project']; print(hashlib.sha256(json.dumps([p['dependencies'], p.get('optional-dependencies')], sort_keys=True).encode()).hexdigest())")
@@ -23,7 +26,7 @@ DEPS_HASH = $(shell $(PYTHON) -c "import tomllib,hashlib,json; p=tomllib.load(op
 help:  ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
 
-setup: $(STAMP) data .dvc/config  ## create/refresh .venv from requirements.lock and install the default data
+setup: $(STAMP) data .dvc/config $(RUN_PARAMS)  ## create/refresh .venv from requirements.lock, install the default data, compose the settings
 
 .dvc/config:  # a checkout without DVC metadata (e.g. a tarball): initialise it, with git when there is one
 	if git rev-parse --git-dir >/dev/null 2>&1; then $(BIN)/dvc init -q; else $(BIN)/dvc init -q --no-scm; fi
@@ -33,7 +36,13 @@ $(STAMP): pyproject.toml requirements.lock
 	  { echo "pyproject.toml dependencies changed since requirements.lock was made: run 'make lock'" >&2; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $@
+
+# What dvc.yaml and the stages read: params.yaml with the current task's file applied. Composed again when
+# either changes (a run also composes its own, with its presets and --set values).
+$(RUN_PARAMS): params.yaml $(wildcard tasks/*.yaml) | $(STAMP)
+	$(BIN)/python -m flows.compose
 
 data: $(STAMP)  ## install the demo dataset the run will read (Debian) when it is missing
 	@src=$$($(BIN)/python -c 'import sys, yaml; from stages.params import Params; p = sys.argv[1:] and yaml.safe_load(open(sys.argv[1])) or {}; print(p.get("paths", {}).get("source") or Params.load().paths.source)' $(if $(NAME),$(wildcard tasks/$(NAME).yaml))); \
@@ -53,12 +62,12 @@ run: setup  ## run the pipeline (only what changed) and print the summary; NAME=
 	$(BIN)/python -m flows.pipeline $(PRESET)
 
 compare: setup  ## fine-tuning strategies side by side -> metrics/strategies.json, plots/strategies.png; TASK=text|image
-	$(BIN)/python -m flows.compare $(TASKFILE)
+	$(BIN)/python -m flows.compare $(TASKARG)
 
 curves: setup  ## label-efficiency curves, fine-tuned vs scratch -> metrics/label_efficiency.json, plots/label_efficiency.png
-	$(BIN)/python -m flows.curves $(TASKFILE)
+	$(BIN)/python -m flows.curves $(TASKARG)
 
-smoke: setup  ## the pipeline on presets/smoke.yaml (CI on pull requests; WRITES those settings into params.yaml)
+smoke: setup  ## the pipeline with presets/smoke.yaml applied for this run (CI on pull requests)
 	$(BIN)/python -m flows.pipeline --preset presets/smoke.yaml
 
 # BASE: a git revision (default HEAD), or with BASE_METRICS=<dir> (a run's metrics files and params.yaml at their

@@ -19,10 +19,11 @@ import numpy as np
 
 from prefect import flow, get_run_logger, task
 
-from flows.pipeline import TASKS, _repro, apply_presets
+from flows import compose
+from flows.pipeline import TASKS, _repro
 from flows.workspace import WorkspaceBusy, workspace_lock
 from stages.files import read_json, write_json
-from stages.params import Params
+from stages.params import RUN_PARAMS, Params
 
 COMPARE_DVC = "compare/dvc.yaml"
 
@@ -47,7 +48,7 @@ strategy_task = task(_repro, name="strategy")
 
 
 @flow(name="headstart-compare", log_prints=True)
-def compare(params_file: str = "params.yaml", only: list[str] | None = None) -> dict:
+def compare(params_file: str = str(RUN_PARAMS), only: list[str] | None = None) -> dict:
     log = get_run_logger()
     params = Params.load(Path(params_file))
     names = list(only or params.compare.strategies)
@@ -147,12 +148,18 @@ def _print_table(summary: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument("--params", default=str(RUN_PARAMS), help="params file (default: %(default)s, composed first)")
+    parser.add_argument("--task", "--name", dest="task", metavar="NAME", help="the task (default: the current one)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these compare.strategies entries")
     parser.add_argument("--preset", type=Path, action="append", default=[], metavar="FILE",
-                        help="apply a partial params file first (e.g. tasks/text.yaml), as flows.pipeline does")
+                        help="apply a partial params file for this run (e.g. presets/smoke.yaml), as flows.pipeline does")
     args = parser.parse_args(argv)
-    apply_presets(Path(args.params), args.preset)
+    if args.params == str(RUN_PARAMS):
+        try:
+            with workspace_lock():
+                compose.write(compose.compose(args.task or compose.current_task(), args.preset))
+        except (KeyError, ValueError, WorkspaceBusy) as e:
+            raise SystemExit("error: " + (str(e.args[0]) if isinstance(e, KeyError) else str(e))) from None
     params = Params.load(Path(args.params))  # fail on a bad params file before anything starts
     unknown = [n for n in args.only or [] if n not in params.compare.strategies]
     if unknown:

@@ -16,10 +16,11 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-from flows.pipeline import TASKS, _repro, apply_presets
+from flows import compose
+from flows.pipeline import TASKS, _repro
 from flows.workspace import WorkspaceBusy, workspace_lock
 from stages import curves as curves_stage
-from stages.params import Params
+from stages.params import RUN_PARAMS, Params
 
 CURVES_DVC = "curves/dvc.yaml"
 
@@ -43,7 +44,7 @@ point_task = task(_repro, name="point")
 
 
 @flow(name="headstart-curves", log_prints=True)
-def curves(params_file: str = "params.yaml") -> dict:
+def curves(params_file: str = str(RUN_PARAMS)) -> dict:
     log = get_run_logger()
     params = Params.load(Path(params_file))
     c = params.curves
@@ -67,11 +68,17 @@ def curves(params_file: str = "params.yaml") -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument("--params", default=str(RUN_PARAMS), help="params file (default: %(default)s, composed first)")
+    parser.add_argument("--task", "--name", dest="task", metavar="NAME", help="the task (default: the current one)")
     parser.add_argument("--preset", type=Path, action="append", default=[], metavar="FILE",
-                        help="apply a partial params file first (e.g. tasks/text.yaml), as flows.pipeline does")
+                        help="apply a partial params file for this run (e.g. presets/smoke.yaml), as flows.pipeline does")
     args = parser.parse_args(argv)
-    apply_presets(Path(args.params), args.preset)
+    if args.params == str(RUN_PARAMS):
+        try:
+            with workspace_lock():
+                compose.write(compose.compose(args.task or compose.current_task(), args.preset))
+        except (KeyError, ValueError, WorkspaceBusy) as e:
+            raise SystemExit("error: " + (str(e.args[0]) if isinstance(e, KeyError) else str(e))) from None
     Params.load(Path(args.params))  # fail on a bad params file before anything starts
     try:
         curves(params_file=args.params)

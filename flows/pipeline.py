@@ -1,11 +1,13 @@
 """The headstart pipeline as a Prefect flow: one task per DVC stage, each run through `dvc repro`, so DVC
 decides what is out of date and dvc.lock stays the record; Prefect adds retries, logs and schedules.
 
-Run:  python -m flows.pipeline                           (what `make run` does: the task params.yaml holds)
+Run:  python -m flows.pipeline                           (what `make run` does: the current task, image at first)
       python -m flows.pipeline --task text               (another task: tasks/text.yaml; make run NAME=text)
       python -m flows.pipeline --data ~/photos --task photos   (your data: creates tasks/photos.yaml once)
-      python -m flows.pipeline --set finetune.epochs=3   (a setting for this run only; task keys go to the task file)
-      python -m flows.pipeline --preset presets/smoke.yaml   (apply a preset: a partial params.yaml)
+      python -m flows.pipeline --set finetune.epochs=3   (a setting for this run only)
+      python -m flows.pipeline --preset presets/smoke.yaml   (a partial params file, for this run only)
+The run's settings are composed by flows/compose.py into .headstart/params.yaml (git-ignored), which the
+stages and dvc.yaml read; params.yaml, tasks/ and presets/ are read, never written (except a new task's file).
 With PREFECT_API_URL set, the run is recorded on that server; otherwise Prefect starts a temporary local
 one. When `dvc status` says nothing changed, the flow is not started at all: nothing would run, and
 starting Prefect costs more than checking.
@@ -14,7 +16,6 @@ starting Prefect costs more than checking.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -23,10 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger, task
 
-from flows import tasks
+from flows import compose, tasks
 from flows.summary import summary
 from flows.workspace import WorkspaceBusy, workspace_lock
 from stages.params import Params
@@ -157,20 +157,22 @@ def push_run_outputs(remote: str) -> int:
 
 
 @flow(name="headstart-pipeline", log_prints=True)
-def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None,
+def pipeline(task: str | None = None, presets: list[str] | None = None, overrides: dict[str, Any] | None = None,
              sync: bool = False) -> dict[str, str]:
-    """Run every out-of-date stage in order; `overrides` ({"finetune.epochs": 3}) are written to params.yaml
-    first, so DVC records them in dvc.lock like any other change. With `sync` (scheduled runs), data and
-    cache are pulled from the default DVC remote first and what the run made is pushed after it."""
+    """Run every out-of-date stage in order, on the settings of `task` (default: the current one) with
+    `presets` and `overrides` ({"finetune.epochs": 3}) applied: composed into stages.params.RUN_PARAMS,
+    which DVC reads, so dvc.lock records them like any other change; params.yaml is never written. With
+    `sync` (scheduled runs), data and cache are pulled from the default DVC remote first and what the run
+    made is pushed after it."""
     log = get_run_logger()
     with workspace_lock():
         remote = default_remote()
         if sync:
             sync_with_remote("pull", remote)
-        if overrides:
-            apply_overrides(Path(params_file), overrides)
-            log.info("params.yaml updated: %s", overrides)
-        params = Params.load(Path(params_file))
+        composed = compose.compose(task or compose.current_task(), [Path(p) for p in presets or []], overrides)
+        compose.write(composed)
+        log.info("settings: %s", " + ".join(composed["composed_from"]))
+        params = compose.settings(composed)
         stale = stale_stages(params)
         if not stale:
             log.info("dvc status: data, code and params unchanged; nothing to retrain")
@@ -187,113 +189,49 @@ def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None 
         return done
 
 
-def apply_overrides(params_file: Path, overrides: dict[str, Any], *, write: bool = True, validate: bool = True) -> None:
-    """Set dotted keys in params.yaml, keeping its comments; the result is validated before it is written.
-    `write=False` only checks; `validate=False` is for a partial params file (a task's)."""
-    from ruamel.yaml import YAML
-
-    from stages.files import atomic_path
-
-    rt = YAML()
-    rt.preserve_quotes = True  # the file should change only where a value does
-    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
-    doc = rt.load(params_file.read_text())
-    for dotted, value in overrides.items():
-        node = doc
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            if key not in node:
-                raise KeyError(f"--set {dotted}: {params_file.name} has no section {key!r}")
-            node = node[key]
-        if leaf not in node:
-            raise KeyError(f"--set {dotted}: {params_file.name} has no key {leaf!r} under "
-                           f"{'.'.join(parents) or 'the top'}")
-        if node[leaf] != value or isinstance(node[leaf], bool) != isinstance(value, bool):
-            node[leaf] = value  # an equal value keeps its written form (1.0e-3 stays 1.0e-3)
-    if validate:
-        Params.from_dict(json.loads(json.dumps(doc)), source=f"{params_file} with {overrides}")
-    if write:
-        with atomic_path(params_file) as tmp, open(tmp, "w") as f:
-            rt.dump(doc, f)
-
-
-def apply_presets(params_file: Path, presets: list[Path]) -> None:
-    """Apply partial params files to params_file in order (a later one wins), holding the workspace lock."""
-    if presets:
-        with workspace_lock():
-            apply_overrides(Path(params_file), {k: v for f in presets for k, v in read_preset(f).items()})
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value (e.g. finetune.epochs=3), got {item!r}")
-        overrides[key.strip()] = yaml.safe_load(value)  # "3" -> 3, "1.0e-3" -> 0.001, "true" -> True
-    return overrides
-
-
-def read_preset(path: Path) -> dict[str, Any]:
-    """A preset is a partial params.yaml; flattened to dotted keys ({"finetune.epochs": 1}) for apply_overrides."""
-    def flatten(node: Any, prefix: str) -> dict[str, Any]:
-        if isinstance(node, dict):
-            return {k: v for key, sub in node.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
-        return {prefix.rstrip("."): node}
-
-    from ruamel.yaml import YAML
-
-    # Round-trip loading keeps each value's written form (1.0e-3, [a, b]), so it lands in params.yaml as written.
-    raw = YAML().load(Path(path).read_text())
-    if not isinstance(raw, dict):
-        raise SystemExit(f"{path}: a preset is a mapping of params.yaml sections, e.g. 'finetune: {{epochs: 1}}'")
-    return flatten(raw, "")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument("--params", type=Path, default=compose.PARAMS, help="params file (default: %(default)s)")
     parser.add_argument("--task", "--name", dest="task", metavar="NAME",
-                        help="run this task (tasks/NAME.yaml): image, text, text-dapt, pretrain, or one of your own")
+                        help="run this task (tasks/NAME.yaml): image, text, text-dapt, pretrain, or one of your own; "
+                             "it stays the current task for later runs")
     parser.add_argument("--data", type=Path, metavar="PATH",
                         help="with --task: your data (an image folder, or a .csv/.jsonl/.parquet table); creates "
                              "tasks/NAME.yaml on first use")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="change a setting: a task key (e.g. prepare.per_class=50) is written into the task's "
-                             "file; any other (e.g. finetune.epochs=3) applies to this run only")
+                        help="change a setting for this run only (e.g. finetune.epochs=3); with --data on first use, "
+                             "task keys (e.g. prepare.label_column=topic) go into the new task's file")
     parser.add_argument("--preset", type=Path, action="append", default=[], metavar="FILE",
-                        help="apply a partial params file (e.g. presets/smoke.yaml) to params.yaml before running")
+                        help="apply a partial params file (e.g. presets/smoke.yaml) for this run only")
     args = parser.parse_args(argv)
     try:
-        run_only = prepare_run(Path(args.params), args.task, args.data, args.preset, parse_overrides(args.overrides))
+        overrides = compose.parse_overrides(args.overrides)
+        composed = prepare_run(args.params, args.task, args.data, args.preset, overrides)
+        with workspace_lock():
+            compose.write(composed)
+            params = compose.settings(composed)
+            if stale_stages(params):
+                pipeline(task=params.task, presets=[str(p) for p in args.preset], overrides=overrides)
+            else:
+                print("dvc status: data, code and params unchanged since the last run; nothing to retrain.")
+            print(summary(params))
     except (tasks.TaskError, KeyError, ValueError, WorkspaceBusy) as e:
         message = str(e.args[0]) if isinstance(e, KeyError) else str(e)  # KeyError's str() adds quotes
         raise SystemExit("error: " + " ".join(line.strip() for line in message.splitlines())) from None
-    params_file = Path(args.params)
-    try:
-        with workspace_lock(), one_run(params_file, run_only):
-            if stale_stages(Params.load(params_file)):
-                pipeline(params_file=str(params_file))
-            else:
-                print("dvc status: data, code and params unchanged since the last run; nothing to retrain.")
-            print(summary(Params.load(params_file)))
-    except WorkspaceBusy as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 def prepare_run(params_file: Path, task: str | None, data: Path | None, presets: list[Path],
                 overrides: dict[str, Any]) -> dict[str, Any]:
-    """Switch params.yaml to `task` (creating it from `data` first), apply presets, and write the overrides
-    that are task keys into the task's file. Returns the overrides that apply to this run only. Everything
-    is checked before anything is written."""
-    current = Params.load(params_file).task  # a bad params file fails here, before anything starts
+    """This run's composed settings (compose.compose): `task` (created from `data` first when new; default:
+    the current task) with presets and overrides. Everything is checked before tasks/NAME.yaml is created,
+    and nothing else is written: the caller writes the result to RUN_PARAMS."""
+    current = compose.current_task(params_file=params_file)
     name = task or current
     if data is not None and task is None:
         raise tasks.TaskError("DATA= needs NAME=<task name>, e.g. make run DATA=~/photos NAME=photos")
-    keys = tasks.task_keys()
-    for_task = {k: v for k, v in overrides.items() if k in keys}
-    run_only = {k: v for k, v in overrides.items() if k not in keys}
     path = tasks.task_file(name)
+    for_task = {k: v for k, v in overrides.items() if k in tasks.task_keys()}
+    compose.compose(None, (), overrides, params_file=params_file)  # every override checked before anything is written
     if data is not None:
         if not path.exists():  # refuse bad data before writing anything
             tasks.infer(data, for_task.get("prepare.label_column", "label"), for_task.get("prepare.text_column", "text"))
@@ -302,43 +240,18 @@ def prepare_run(params_file: Path, task: str | None, data: Path | None, presets:
                                   f"or edit paths.source in {path}")
     elif not path.exists():
         tasks.load(name)  # the "no such task" message
-    # every override checked now, task keys too: a typo or a bad value fails before anything is written
-    apply_overrides(params_file, overrides, write=False)
-    with workspace_lock():
-        if data is not None and not path.exists():
+    created = data is not None and not path.exists()
+    if created:
+        with workspace_lock():
             tasks.create(name, data, for_task)
-            print(f"created {path} ({tasks.load(name)['prepare.dataset']}): this task's settings; edit it freely")
-        elif for_task:
-            tasks.update(name, for_task)
-            print(f"{path}: " + ", ".join(f"{k}={v}" for k, v in for_task.items()) + " (this task's settings from now on)")
-        if task is not None or for_task:
-            apply_overrides(params_file, {**tasks.load(name), "task": name})
-            if name != current:
-                print(f"switched params.yaml from task {current} to {name} (tasks/{name}.yaml)")
-        for preset in presets:
-            apply_overrides(params_file, read_preset(preset))
-        if presets and for_task:  # --set wins over a preset, as over the task file
-            apply_overrides(params_file, for_task)
-    if run_only:
-        print("for this run only: " + ", ".join(f"{k}={v}" for k, v in run_only.items()))
-    return run_only
-
-
-@contextlib.contextmanager
-def one_run(params_file: Path, overrides: dict[str, Any]):
-    """`overrides` written into params.yaml for the run, and the file as it was afterwards: a one-off setting
-    never carries over into the next run or task (dvc.lock still records what this run used)."""
-    if not overrides:
-        yield
-        return
-    before = params_file.read_text()
-    apply_overrides(params_file, overrides)
-    try:
-        yield
-    finally:
-        from stages.files import write_text
-
-        write_text(params_file, before)
+        print(f"created {path} ({tasks.load(name)['prepare.dataset']}): this task's settings; edit it freely")
+    composed = compose.compose(name, presets, overrides, params_file=params_file)
+    if name != current:
+        print(f"task {name} ({path}); the last run's was {current}")
+    run_only = {k: v for k, v in overrides.items() if not (created and k in for_task)}  # the rest: in the new file
+    if presets or run_only:
+        print("for this run only: " + ", ".join([*(f"{k}={v}" for k, v in run_only.items()), *map(str, presets)]))
+    return composed
 
 
 if __name__ == "__main__":

@@ -212,7 +212,7 @@ def metrics_files(params: Params, dvc_yaml: Path = Path("dvc.yaml")) -> list[Pat
     for stage in stages.values():
         for entry in stage.get("metrics", []):
             path = next(iter(entry)) if isinstance(entry, dict) else entry
-            out.append(Path(re.sub(r"\$\{paths\.(\w+)\}", lambda m: str(getattr(params.paths, m.group(1))), path)))
+            out.append(Path(re.sub(r"\$\{(?:run\.)?paths\.(\w+)\}", lambda m: str(getattr(params.paths, m.group(1))), path)))
     return out
 
 

@@ -2,8 +2,9 @@
 
 tasks/<name>.yaml holds a task's values of every task key (TASK_KEYS: the keys tasks/image.yaml sets: the
 data, how it is split, the model, the baselines' settings that depend on the modality, the registered model
-name). Switching to a task writes exactly those keys into params.yaml, so nothing of the task before is left
-behind, and a task that ran before is found in DVC's run cache instead of retraining.
+name). A run composes the current task's file over params.yaml (flows/compose.py) without writing either, so
+nothing of the task before is left behind, and a task that ran before is found in DVC's run cache instead of
+retraining.
 
 `python -m flows.pipeline --data PATH --task NAME` (`make run DATA=PATH NAME=NAME`) creates tasks/NAME.yaml
 on first use: the modality is inferred from PATH (a folder of class folders: images; a .csv, .jsonl or
@@ -35,9 +36,9 @@ def task_file(name: str, tasks_dir: Path = TASKS_DIR) -> Path:
 
 def task_keys(tasks_dir: Path = TASKS_DIR) -> set[str]:
     """The keys every task file sets: those of the image demo's."""
-    from flows.pipeline import read_preset
+    from flows.compose import read_partial
 
-    return set(read_preset(tasks_dir / "image.yaml"))
+    return set(read_partial(tasks_dir / "image.yaml"))
 
 
 def registered_name(task: str, tasks_dir: Path = TASKS_DIR) -> str:
@@ -56,14 +57,14 @@ def registered_name(task: str, tasks_dir: Path = TASKS_DIR) -> str:
 
 def load(name: str, tasks_dir: Path = TASKS_DIR) -> dict[str, Any]:
     """A task's settings as dotted keys, checked to set exactly the task keys."""
-    from flows.pipeline import read_preset
+    from flows.compose import read_partial
 
     path = task_file(name, tasks_dir)
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in tasks_dir.glob("*.yaml")))
         raise TaskError(f"no task {name!r} ({path} does not exist); known tasks: {known}. A new one: "
                         f"make run DATA=<image folder or table file> NAME={name}")
-    values = read_preset(path)
+    values = read_partial(path)
     keys = task_keys(tasks_dir)
     missing, extra = sorted(keys - set(values)), sorted(set(values) - keys)
     if missing or extra:
@@ -140,15 +141,6 @@ def create(name: str, data: Path, settings: dict[str, Any] | None = None, tasks_
     return path
 
 
-def update(name: str, changes: dict[str, Any], tasks_dir: Path = TASKS_DIR) -> Path:
-    """Set task keys in tasks/<name>.yaml, keeping its comments (the values were checked against params.yaml)."""
-    from flows.pipeline import apply_overrides
-
-    path = task_file(name, tasks_dir)
-    apply_overrides(path, changes, validate=False)
-    return path
-
-
 def _result_paths(name: str) -> dict[str, str]:
     """Where make compare and make curves keep this task's results, beside the other tasks'."""
     return {"strategies": f"metrics/strategies-{name}", "strategies_summary": f"metrics/strategies-{name}.json",
@@ -170,8 +162,7 @@ def _write(path: Path, values: dict[str, Any], header: str) -> None:
             node = node.setdefault(key, {})
         node[leaf] = value
     class Dumper(yaml.SafeDumper):
-        """Sections and keys one per line; lists on one line, as params.yaml writes them, so switching tasks
-        rewrites a list in params.yaml in the form it had."""
+        """Sections and keys one per line; lists on one line, as params.yaml writes them."""
 
     Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
     path.parent.mkdir(parents=True, exist_ok=True)

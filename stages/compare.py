@@ -78,7 +78,7 @@ def run(params: Params, name: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("strategy", help="the compare.strategies entry to train and score")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
+    parser.add_argument("--params", type=Path, help="params file (default: the run's composed settings, else params.yaml)")
     args = parser.parse_args(argv)
     params = Params.load(args.params)
     if args.strategy not in params.compare.strategies:

@@ -267,7 +267,7 @@ def _print(r: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
+    parser.add_argument("--params", type=Path, help="params file (default: the run's composed settings, else params.yaml)")
     sub = parser.add_subparsers(dest="command", required=True)
     one = sub.add_parser("point", help="train and score one point of the curves")
     one.add_argument("model", choices=MODELS)

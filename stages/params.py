@@ -271,8 +271,14 @@ class Params:
     task: str = "image"  # the task these settings are for: tasks/<task>.yaml holds its own keys
 
     @classmethod
-    def load(cls, path: Path = Path("params.yaml")) -> Params:
-        return cls.from_dict(read_yaml(path), source=path)
+    def load(cls, path: Path | None = None) -> Params:
+        """`path`, or by default the settings of the current run (RUN_PARAMS, what dvc.yaml reads), else
+        params.yaml itself (a checkout where no run composed them yet)."""
+        path = path or (RUN_PARAMS if RUN_PARAMS.exists() else Path("params.yaml"))
+        raw = read_yaml(path)
+        if isinstance(raw, dict) and "composed_from" in raw:  # a composed file: the settings are under `run`
+            raw = raw.get("run")
+        return cls.from_dict(raw, source=path)
 
     @classmethod
     def from_dict(cls, raw: Any, source: Path | str = "params.yaml") -> Params:
@@ -397,6 +403,11 @@ def _check_bounds(v: Any, bounds: Any, path: str, errors: list[str]) -> None:
                 errors.append(f"{path}: must be {sign} {bound}, got {item}")
 
 
+# params.yaml with the current task's file, presets and --set values applied (flows/compose.py writes it,
+# git ignores it): committed settings are read, never rewritten, and DVC reads its `vars` and stage params here.
+RUN_PARAMS = Path(".headstart/params.yaml")
+
+
 def read_yaml(path: Path) -> Any:
     if not Path(path).exists():
         raise FileNotFoundError(f"{path} not found: run from the project root, or pass the params file")
@@ -407,5 +418,6 @@ def read_yaml(path: Path) -> Any:
 def cli(doc: str | None, argv: list[str] | None = None) -> Params:
     """The command line every stage shares: `python -m stages.<name> [--params FILE]`."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
+    parser.add_argument("--params", type=Path, help=f"params file (default: {RUN_PARAMS} when a run composed it, "
+                                                    "else params.yaml)")
     return Params.load(parser.parse_args(argv).params)

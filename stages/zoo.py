@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
     from stages.params import Params
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
+    parser.add_argument("--params", type=Path, help="params file (default: the run's composed settings, else params.yaml)")
     sub = parser.add_subparsers(dest="command", required=True)
     p_lock = sub.add_parser("lock", help="find a model's weights (as a run would) and record their sha256 in the lock")
     p_lock.add_argument("name", nargs="?", help="model name (default: model.name in the params file)")

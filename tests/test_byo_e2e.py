@@ -201,7 +201,7 @@ def test_csv_texts_through_the_flow_record_the_data_version(tmp_path):
     assert "for this run only: finetune.epochs=2" in res.stdout
     task = yaml.safe_load((project / "tasks/topics.yaml").read_text())
     assert task["prepare"]["per_class"] == 6 and task["model"]["name"] == "hf:sentence-transformers/all-MiniLM-L6-v2"
-    assert "epochs: auto" in (project / "params.yaml").read_text()  # the one-off setting is gone again
+    assert "epochs: auto" in (project / "params.yaml").read_text()  # params.yaml is never written
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     dvc_file = yaml.safe_load((data / "glosses.csv.dvc").read_text())
     dep = next(d for d in lock["stages"]["prepare"]["deps"] if d["path"] == "data/raw/glosses.csv")

@@ -73,4 +73,4 @@ def test_compare_flow_writes_results_chart_and_nested_runs_and_caches_per_strate
     ran = [n for n in ("full", "lp_ft", "lora") if f"Running stage 'compare/dvc.yaml:compare@{n}'" in again.stdout]
     assert ran == ["lp_ft"]
     lock = yaml.safe_load((project / "compare" / "dvc.lock").read_text())
-    assert lock["stages"]["compare@lp_ft"]["params"]["params.yaml"]["compare.strategies.lp_ft"]["layer_decay"] == 0.8
+    assert lock["stages"]["compare@lp_ft"]["params"][".headstart/params.yaml"]["run.compare.strategies.lp_ft"]["layer_decay"] == 0.8

@@ -7,7 +7,7 @@ import re
 import yaml
 
 from flows.pipeline import STAGES, TASKS
-from stages.params import Params
+from stages.params import RUN_PARAMS, Params
 
 from .conftest import ROOT
 
@@ -30,14 +30,22 @@ def test_each_dvc_stage_runs_its_own_module_and_depends_on_its_code():
         assert f"stages/{name}.py" in stage["deps"]
 
 
+def stage_params(stage: dict) -> list[str]:
+    """A stage's params keys, as params.yaml names them: DVC reads them under `run:` in the composed settings."""
+    [entry] = stage["params"]
+    [(path, keys)] = entry.items()
+    assert path == str(RUN_PARAMS) and all(k.startswith("run.") for k in keys), entry
+    return [k.removeprefix("run.") for k in keys]
+
+
 def test_dvc_paths_and_params_come_from_params_yaml():
     params = Params.load(ROOT / "params.yaml")
     sections = {f.name for f in dataclasses.fields(Params)} - {"paths"}
     text = (ROOT / "dvc.yaml").read_text()
-    for key in re.findall(r"\$\{paths\.(\w+)\}", text):
+    for key in re.findall(r"\$\{run\.paths\.(\w+)\}", text):
         assert hasattr(params.paths, key), key
     for name, stage in dvc_stages().items():
-        for entry in stage["params"]:  # a whole section, or one key of one (register.candidate)
+        for entry in stage_params(stage):  # a whole section, or one key of one (register.candidate)
             section, _, key = entry.partition(".")
             assert section in sections and (not key or hasattr(getattr(params, section), key)), (name, entry)
     # no literal output path may hide in dvc.yaml
@@ -45,7 +53,7 @@ def test_dvc_paths_and_params_come_from_params_yaml():
         for kind in ("outs", "metrics", "plots"):
             for entry in stage.get(kind, []):
                 path = entry if isinstance(entry, str) else next(iter(entry))
-                assert path.startswith("${paths."), path
+                assert path.startswith("${run.paths."), path
 
 
 def test_the_compare_pipeline_runs_its_module_with_the_same_dependencies_as_finetune():
@@ -53,9 +61,9 @@ def test_the_compare_pipeline_runs_its_module_with_the_same_dependencies_as_fine
     assert stage["cmd"] == "python -m stages.compare ${key}" and stage["wdir"] == ".."
     needed = {f"stages/{m}.py" for m in _imported_stage_modules("compare") - {"params", "files"}}
     assert needed | {"stages/compare.py"} <= set(stage["deps"])
-    assert set(dvc_stages()["finetune"]["deps"]) - {"${paths.source}"} <= set(stage["deps"]) | {"stages/finetune.py"}
+    assert set(dvc_stages()["finetune"]["deps"]) - {"${run.paths.source}"} <= set(stage["deps"]) | {"stages/finetune.py"}
     params = Params.load(ROOT / "params.yaml")
-    for key in re.findall(r"\$\{paths\.(\w+)\}", (ROOT / "compare" / "dvc.yaml").read_text()):
+    for key in re.findall(r"\$\{run\.paths\.(\w+)\}", (ROOT / "compare" / "dvc.yaml").read_text()):
         assert hasattr(params.paths, key), key
 
 
@@ -148,14 +156,14 @@ def test_entry_points_run_main_last():
 def test_the_curves_pipeline_runs_a_point_per_model_budget_and_seed_with_its_code_as_deps():
     stage = yaml.safe_load((ROOT / "curves" / "dvc.yaml").read_text())["stages"]["curve"]
     assert stage["cmd"] == "python -m stages.curves point ${item.model} ${item.budget} ${item.seed}"
-    assert stage["matrix"] == {"model": ["finetuned", "scratch"], "budget": "${curves.budgets}",
-                               "seed": "${curves.seeds}"}
+    assert stage["matrix"] == {"model": ["finetuned", "scratch"], "budget": "${run.curves.budgets}",
+                               "seed": "${run.curves.seeds}"}
     needed = {f"stages/{m}.py" for m in _imported_stage_modules("curves") - {"params", "files"}}
     assert needed | {"stages/curves.py"} <= set(stage["deps"])
     # which points exist is not a setting of any point: extending the ladder must not retrain the rest
-    assert not {"curves", "curves.budgets", "curves.seeds"} & set(stage["params"])
+    assert not {"curves", "curves.budgets", "curves.seeds"} & set(stage_params(stage))
     params = Params.load(ROOT / "params.yaml")
-    for key in re.findall(r"\$\{paths\.(\w+)\}", (ROOT / "curves" / "dvc.yaml").read_text()):
+    for key in re.findall(r"\$\{run\.paths\.(\w+)\}", (ROOT / "curves" / "dvc.yaml").read_text()):
         assert hasattr(params.paths, key), key
 
 
@@ -170,6 +178,6 @@ def test_the_pretrain_pipeline_runs_each_module_with_its_code_as_deps():
         needed = {f"stages/{m}.py" for m in _imported_stage_modules(name) - {"params", "files"}}
         assert needed | {f"stages/{name}.py"} <= set(stage["deps"]), name
         # it writes the weights lock, so depending on it would make it stale after every run of its own
-        assert "${paths.weights_lock}" not in stage["deps"], name
+        assert "${run.paths.weights_lock}" not in stage["deps"], name
         out = next(iter(stage["outs"]))
-        assert out.startswith("${paths.") and hasattr(params.paths, out[len("${paths."):-1]), name
+        assert out.startswith("${run.paths.") and hasattr(params.paths, out[len("${run.paths."):-1]), name

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from flows.pipeline import apply_overrides, read_preset
+from flows import compose
 from stages import hyperrule
 from stages.params import BaselineParams, FinetuneParams, Params
 from stages.train import TrainConfig, augment, fit
@@ -89,10 +89,7 @@ def test_training_refuses_settings_that_were_not_resolved():
 ])
 def test_each_demo_gets_the_settings_it_was_tuned_with(tmp_path, preset, n, expected):
     """The rule reproduces the hand-tuned values the demos' measured results were obtained with."""
-    params = tmp_path / "params.yaml"
-    params.write_text((ROOT / "params.yaml").read_text())
-    apply_overrides(params, read_preset(ROOT / f"tasks/{preset}.yaml"))
-    p = Params.load(params)
+    p = compose.settings(compose.compose(preset, params_file=ROOT / "params.yaml", tasks_dir=ROOT / "tasks"))
     classes = len(p.prepare.classes or range(10))
     assert p.prepare.per_class * classes == n
     r, _ = hyperrule.resolve(p.finetune, n, "text" if p.prepare.dataset == "wordnet" else "image")

@@ -56,9 +56,9 @@ def test_flow_runs_every_stage_and_writes_every_declared_output(project, first_r
 def test_overrides_are_recorded_by_dvc_and_nothing_is_left_stale(project, first_run):
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert list(lock["stages"]) == ["prepare", "select", "finetune", "baseline", "evaluate", "export", "register"]
-    assert lock["stages"]["finetune"]["params"]["params.yaml"]["finetune"]["epochs"] == 5
-    assert "epochs: 5" in (project / "params.yaml").read_text()
-    assert "# labelled training examples per class" in (project / "params.yaml").read_text()  # comments kept
+    assert lock["stages"]["finetune"]["params"][".headstart/params.yaml"]["run.finetune"]["epochs"] == 5
+    assert (project / "params.yaml").read_text() == (ROOT / "params.yaml").read_text()  # read, never written
+    assert sh(["git", "status", "--porcelain", "--", "params.yaml", "tasks", "presets", ".headstart"], project).stdout == ""
     status = sh([sys.executable, "-m", "dvc", "status", "--json", "dvc.yaml"], project)  # not compare/
     assert json.loads(status.stdout) == {}  # `dvc repro` alone would now do nothing: same record
 
@@ -157,7 +157,7 @@ def test_second_run_with_nothing_changed_retrains_nothing(project, first_run):
     model = project / "models/finetuned/model.safetensors"
     before = model.stat().st_mtime_ns, (project / "reports/registered.json").read_text()
     start = time.perf_counter()
-    res = sh([sys.executable, "-m", "flows.pipeline"], project, flow_env(project))
+    res = sh([sys.executable, "-m", "flows.pipeline", "--preset", "presets/smoke.yaml"], project, flow_env(project))
     seconds = time.perf_counter() - start
     assert "nothing to retrain" in res.stdout
     assert "Running stage" not in res.stdout
@@ -266,3 +266,4 @@ def test_switching_to_the_text_demo_and_back_retrains_nothing(project, first_run
     assert {p: (project / p).read_bytes() for p in image_outputs} == image_outputs
     status = sh([sys.executable, "-m", "dvc", "status", "--json", "dvc.yaml"], project)  # not compare/
     assert json.loads(status.stdout) == {}
+    assert sh(["git", "status", "--porcelain", "--", "params.yaml", "tasks", "presets", ".headstart"], project).stdout == ""

@@ -3,63 +3,68 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
-from flows.pipeline import apply_overrides, read_preset
+from flows import compose
 from stages.data import FASHION_MNIST_CLASSES
 from stages.params import Params
 
 from .conftest import ROOT, flow_env, sh
 
 
-def test_smoke_preset_flattens_to_valid_overrides(tmp_path):
-    overrides = read_preset(ROOT / "presets/smoke.yaml")
+def composed(task: str | None, *presets: Path) -> Params:
+    return compose.settings(compose.compose(task, presets, params_file=ROOT / "params.yaml", tasks_dir=ROOT / "tasks"))
+
+
+def test_smoke_preset_applies_over_params_yaml_without_writing_it():
+    overrides = compose.read_partial(ROOT / "presets/smoke.yaml")
     assert overrides["finetune.epochs"] == 5 and overrides["finetune.probe_c"] == [1.0]
-    params = tmp_path / "params.yaml"
-    params.write_text((ROOT / "params.yaml").read_text())
-    apply_overrides(params, overrides)
-    p = Params.load(params)
+    before = (ROOT / "params.yaml").read_text()
+    p = composed("image", ROOT / "presets/smoke.yaml")
     assert (p.finetune.epochs, p.model.image_size, p.prepare.per_class) == (5, 48, 20)
-    assert "# labelled training examples per class" in params.read_text()  # the file keeps its comments
+    assert (ROOT / "params.yaml").read_text() == before
 
 
 OTHERS = ("text", "text-dapt", "pretrain")
 
 
 @pytest.mark.parametrize("other", OTHERS)
-def test_the_image_preset_resets_everything_the_other_presets_set(tmp_path, other):
+def test_the_image_task_is_exactly_the_committed_settings(other):
     """`make run TASK=text` (or pretrain) then `make run TASK=image` must land on exactly the committed image
     settings, or DVC's run cache would not recognise them and the image models would retrain."""
-    text, image = read_preset(ROOT / f"tasks/{other}.yaml"), read_preset(ROOT / "tasks/image.yaml")
-    assert set(text) == set(image)  # every task preset sets the same keys: switching leaves nothing behind
-    params = tmp_path / "params.yaml"
-    params.write_text((ROOT / "params.yaml").read_text())
-    committed = Params.load(params)
-    apply_overrides(params, image)
-    assert Params.load(params) == committed  # image.yaml holds the committed values
-    apply_overrides(params, text)
-    p = Params.load(params)
+    text, image = compose.read_partial(ROOT / f"tasks/{other}.yaml"), compose.read_partial(ROOT / "tasks/image.yaml")
+    assert set(text) == set(image)  # every task file sets the same keys: switching leaves nothing behind
+    committed = Params.load(ROOT / "params.yaml")
+    assert composed("image") == committed == composed(None)  # params.yaml is the image task's settings
+    own = compose.flatten(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    assert {k: own[k] for k in image} == image  # and image.yaml holds the committed values
+    p = composed(other)
     if other.startswith("text"):
         assert (p.prepare.dataset, p.model.name, p.prepare.test_per_class) == (
             "wordnet", "hf:models/dapt" if other == "text-dapt" else "hf:sentence-transformers/all-MiniLM-L6-v2", 200)
     else:
         assert (p.model.name, p.prepare.classes) == ("local:models/pretrained", list(FASHION_MNIST_CLASSES[5:]))
-    apply_overrides(params, image)
-    assert Params.load(params) == committed
-    assert params.read_text() == (ROOT / "params.yaml").read_text()  # byte for byte: comments, 1.0e-3, [a, b]
+    assert p.task == other
 
 
 def test_a_preset_with_an_unknown_key_is_refused_naming_it(tmp_path):
     preset = tmp_path / "bad.yaml"
     preset.write_text("finetune:\n  epoch: 1\n")
-    params = tmp_path / "params.yaml"
-    params.write_text((ROOT / "params.yaml").read_text())
     with pytest.raises(KeyError, match="no key 'epoch' under finetune"):
-        apply_overrides(params, read_preset(preset))
+        composed("image", preset)
     preset.write_text("- just a list\n")
-    with pytest.raises(SystemExit, match="a preset is a mapping"):
-        read_preset(preset)
+    with pytest.raises(ValueError, match="a preset is a mapping"):
+        compose.read_partial(preset)
+
+
+def test_the_composed_file_is_what_params_load_reads(tmp_path):
+    out = compose.write(compose.compose("text", [ROOT / "presets/smoke.yaml"], {"finetune.epochs": 2},
+                                        params_file=ROOT / "params.yaml", tasks_dir=ROOT / "tasks"), tmp_path / "run.yaml")
+    p = Params.load(out)
+    assert (p.task, p.finetune.epochs, p.prepare.dataset) == ("text", 2, "wordnet")
 
 
 def test_deploy_without_a_prefect_server_says_how_to_start_one(tmp_path):

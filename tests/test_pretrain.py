@@ -91,13 +91,11 @@ def test_keep_classes_renumbers_and_names_unknown_classes(tiny_source):
 @pytest.mark.parametrize(("preset", "stages"), [(None, []), ("pretrain", ["pretrain/dvc.yaml:pretrain"]),
                                                 ("text-dapt", ["pretrain/dvc.yaml:dapt"]), ("text", [])])
 def test_the_flow_runs_the_pre_training_stages_a_task_uses_and_only_those(tmp_path, preset, stages):
-    from flows.pipeline import apply_overrides, pretrain_stages, read_preset
+    from flows import compose
+    from flows.pipeline import pretrain_stages
 
-    path = tmp_path / "params.yaml"
-    shutil.copy(ROOT / "params.yaml", path)
-    if preset:
-        apply_overrides(path, read_preset(ROOT / "tasks" / f"{preset}.yaml"))
-    assert pretrain_stages(Params.load(path)) == stages
+    composed = compose.compose(preset, params_file=ROOT / "params.yaml", tasks_dir=ROOT / "tasks")
+    assert pretrain_stages(compose.settings(composed)) == stages
 
 
 def test_the_summary_warns_of_negative_transfer_only_when_the_shift_is_large_and_the_verdict_not_positive(

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.pipeline import apply_overrides, read_preset
+from flows import compose
 from stages.data import FASHION_MNIST_FILES, read_idx
 from stages.params import Params
 
@@ -58,8 +58,9 @@ def origin(tmp_path_factory, s3) -> Path:
     sh(["git", "branch", "-M", "main"], proj)
     workdir = proj.parent / "worker-runs"
     workdir.mkdir()  # on the worker's machine; `make worker` makes it
-    apply_overrides(proj / "params.yaml", {**read_preset(ROOT / "presets/smoke.yaml"), "paths.source": RAW,
-                                           "schedule.workdir": str(workdir)})
+    raw = compose.with_overrides(yaml.safe_load((proj / "params.yaml").read_text()), {
+        **compose.read_partial(ROOT / "presets/smoke.yaml"), "paths.source": RAW, "schedule.workdir": str(workdir)})
+    (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))  # the team's own settings, committed
     sh(DVC + ["remote", "add", "-d", "storage", f"s3://{s3.bucket}/dvc-{uuid.uuid4().hex[:8]}"], proj)
     sh(DVC + ["remote", "modify", "storage", "endpointurl", s3.endpoint], proj)
     write_raw_subset(proj, n_train=1500)

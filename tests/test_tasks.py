@@ -1,6 +1,6 @@
-"""Each dataset is a task of its own: `--data PATH --task NAME` makes tasks/NAME.yaml once, switching writes
-exactly the task keys, task settings go to the task's file, one-off settings to one run only, and bad input
-is a one-line error that writes nothing."""
+"""Each dataset is a task of its own: `--data PATH --task NAME` makes tasks/NAME.yaml once, a run composes
+exactly the task keys over params.yaml without writing it, one-off settings apply to one run only, and bad
+input is a one-line error that writes nothing."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows import tasks
-from flows.pipeline import one_run, prepare_run
+from flows import compose, tasks
+from flows.pipeline import prepare_run
 from stages.params import Params
 
 from .conftest import ROOT, sh
@@ -50,18 +50,24 @@ def table(path: Path, per_class=20, label="label") -> Path:
     return path
 
 
+def run(params: Path, task: str | None, data: Path | None = None, overrides: dict | None = None) -> Params:
+    """What `python -m flows.pipeline` composes and writes before it runs anything."""
+    composed = prepare_run(params, task, data, [], overrides or {})
+    compose.write(composed)
+    return compose.settings(composed)
+
+
 def test_a_task_is_created_from_the_data_and_owns_its_name_and_experiment(project, tmp_path):
-    prepare_run(project / "params.yaml", "photos", image_folder(tmp_path / "photos"), [], {})
-    p = Params.load(project / "params.yaml")
+    p = run(project / "params.yaml", "photos", image_folder(tmp_path / "photos"))
     assert p.task == "photos" and p.prepare.dataset == "image-folder" and p.paths.source == tmp_path / "photos"
     # split sizes from the smallest class (15): 9 training, 3 validation, the rest tested
     assert (p.prepare.per_class, p.prepare.val_per_class, p.prepare.test_per_class) == (9, 3, None)
     assert (p.register.model_name, p.register.experiment, p.register.min_accuracy) == (
         "headstart-photos", "headstart-photos", None)
     assert set(tasks.load("photos")) == tasks.task_keys()
+    assert Params.load() == p  # what the stages read
 
-    prepare_run(project / "params.yaml", "notes", table(tmp_path / "notes.csv"), [], {})
-    q = Params.load(project / "params.yaml")
+    q = run(project / "params.yaml", "notes", table(tmp_path / "notes.csv"))
     assert (q.task, q.prepare.dataset, q.register.model_name) == ("notes", "text-table", "headstart-notes")
     text = Params.load(ROOT / "params.yaml")
     # modality-dependent settings come from the text demo's task, not from the image task before it
@@ -69,32 +75,33 @@ def test_a_task_is_created_from_the_data_and_owns_its_name_and_experiment(projec
     assert q.baseline.scratch_lr != text.baseline.scratch_lr
 
 
-def test_settings_never_leak_from_one_task_to_the_next(project, tmp_path):
+def test_settings_never_leak_from_one_task_to_the_next_and_params_yaml_is_never_written(project, tmp_path):
     params = project / "params.yaml"
-    prepare_run(params, "photos", image_folder(tmp_path / "photos"), [], {"prepare.per_class": 5})
-    assert Params.load(params).prepare.per_class == 5 and "per_class: 5" in (project / "tasks/photos.yaml").read_text()
-    prepare_run(params, "notes", table(tmp_path / "notes.csv"), [], {})
-    p = Params.load(params)
+    p = run(params, "photos", image_folder(tmp_path / "photos"), {"prepare.per_class": 5})
+    assert p.prepare.per_class == 5 and "per_class: 5" in (project / "tasks/photos.yaml").read_text()
+    p = run(params, "notes", table(tmp_path / "notes.csv"))
     assert p.prepare.per_class == 12 and p.register.model_name == "headstart-notes"
-    assert (project / "tasks/image.yaml").read_text() == (ROOT / "tasks/image.yaml").read_text()
-    # back to the demo: params.yaml holds exactly the committed settings again, byte for byte (git status clean)
-    prepare_run(params, "image", None, [], {})
+    assert run(params, None).task == "notes"  # the current task stays until another is named
+    # back to the demo: exactly the committed settings; params.yaml and tasks/ as committed (git status clean)
+    assert run(params, "image") == Params.load(ROOT / "params.yaml")
     assert params.read_text() == (ROOT / "params.yaml").read_text()
+    assert all((project / "tasks" / f.name).read_text() == f.read_text() for f in (ROOT / "tasks").glob("*.yaml"))
 
 
 def test_a_one_off_setting_applies_to_one_run_and_is_gone_after_it(project):
     params = project / "params.yaml"
-    run_only = prepare_run(params, None, None, [], {"finetune.epochs": 3})
-    assert run_only == {"finetune.epochs": 3} and params.read_text() == (ROOT / "params.yaml").read_text()
-    with one_run(params, run_only):
-        assert Params.load(params).finetune.epochs == 3
+    assert run(params, None, None, {"finetune.epochs": 3}).finetune.epochs == 3
     assert params.read_text() == (ROOT / "params.yaml").read_text()
+    assert run(params, None).finetune.epochs == Params.load(ROOT / "params.yaml").finetune.epochs
+    # a task key too: for this run, not written into the task's file
+    assert run(params, "text", None, {"prepare.per_class": 7}).prepare.per_class == 7
+    assert (project / "tasks/text.yaml").read_text() == (ROOT / "tasks/text.yaml").read_text()
 
 
 def test_the_same_name_for_other_data_is_refused(project, tmp_path):
-    prepare_run(project / "params.yaml", "photos", image_folder(tmp_path / "photos"), [], {})
+    run(project / "params.yaml", "photos", image_folder(tmp_path / "photos"))
     with pytest.raises(tasks.TaskError, match="already reads"):
-        prepare_run(project / "params.yaml", "photos", image_folder(tmp_path / "other"), [], {})
+        run(project / "params.yaml", "photos", image_folder(tmp_path / "other"))
 
 
 @pytest.mark.parametrize(("args", "says"), [
