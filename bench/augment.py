@@ -12,20 +12,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from stages import baseline, finetune, zoo  # noqa: E402
-from stages.data import load_split  # noqa: E402
-from stages.files import read_json  # noqa: E402
-from stages.params import AUGMENTS, Params  # noqa: E402
-from stages.stats import bootstrap_ci  # noqa: E402
-from stages.train import predict  # noqa: E402
+from stages import baseline, finetune, zoo
+from stages.data import load_split
+from stages.files import read_json
+from stages.params import AUGMENTS, Params
+from stages.stats import bootstrap_ci
+from stages.train import predict
 
 
 def score(folder: Path, test, n_boot: int) -> tuple[float, list[float]]:
@@ -40,7 +38,7 @@ def main() -> None:
     parser.add_argument("--crop-min-area", nargs="+", type=float, default=None,
                         help="crop: the smallest crop areas to try (default: finetune.crop_min_area)")
     args = parser.parse_args()
-    params = Params.load(ROOT / "params.yaml")
+    params = Params.load()  # the last run's settings (its task, presets and --set values)
     paths = params.paths
     manifest = read_json(paths.prepared / "manifest.json")
     classes = manifest["classes"]

@@ -14,7 +14,6 @@ import json
 import math
 import platform
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -22,12 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stages import zoo  # noqa: E402
-from stages.data import Split, to_model_input  # noqa: E402
-from stages.strategy import Plan  # noqa: E402
-from stages.train import TrainConfig, device, fit  # noqa: E402
+from stages import zoo
+from stages.data import Split, to_model_input
+from stages.strategy import Plan
+from stages.train import TrainConfig, device, fit
 
 
 def synthetic(n: int, side: int, classes: int, seed: int) -> Split:

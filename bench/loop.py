@@ -18,20 +18,18 @@ import json
 import platform
 import pstats
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu import plain_loop, synthetic  # noqa: E402  (the same bare loop bench/gpu.py uses on CUDA)
+# bench/gpu.py beside this script (Python puts a script's folder first on sys.path): the same bare loop it uses on CUDA
+from gpu import plain_loop, synthetic
 
-from stages import zoo  # noqa: E402
-from stages.strategy import Plan  # noqa: E402
-from stages.train import TrainConfig, fit  # noqa: E402
+from stages import zoo
+from stages.strategy import Plan
+from stages.train import TrainConfig, fit
 
 OUT = Path(__file__).parent / "results" / "loop.json"
 

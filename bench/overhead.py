@@ -21,15 +21,16 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from flows import compose
+from flows.pipeline import STAGES
+from stages.params import RUN_PARAMS
 
-from flows.pipeline import STAGES, apply_overrides, read_preset  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 PROJECT = ["stages", "flows", "presets", "tasks", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config",
            ".dvcignore", "weights.lock"]
 TRAINING = ("finetune", "baseline")
-TASKS = {"image": None, "text": "tasks/text.yaml"}  # image: params.yaml as committed (the default task)
+TASKS = ("image", "text")
 
 
 def timed(cmd: list[str], cwd: Path, env: dict) -> float:
@@ -47,9 +48,9 @@ def measure(task: str, preset: str | None) -> dict:
             src, dst = ROOT / name, proj / name
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copytree(src, dst) if src.is_dir() else shutil.copy(src, dst)
-        for overrides in (TASKS[task], preset):
-            if overrides:
-                apply_overrides(proj / "params.yaml", read_preset(ROOT / overrides))
+        presets = [ROOT / preset] if preset else []
+        compose.write(compose.compose(task, presets, params_file=proj / "params.yaml", tasks_dir=proj / "tasks"),
+                      proj / RUN_PARAMS)  # what the stages read, as a run would compose it
         subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
         env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
         env.update(PREFECT_HOME=str(proj / ".prefect"), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
@@ -60,7 +61,8 @@ def measure(task: str, preset: str | None) -> dict:
         # DVC records the outputs the direct runs left (no stage reruns), so the flow finds nothing to do:
         # what it takes is orchestration alone (Prefect's start-up, DVC's check of every stage).
         timed([sys.executable, "-m", "dvc", "commit", "--force", "--quiet"], proj, env)
-        orchestration = round(timed([sys.executable, "-m", "flows.pipeline"], proj, env), 1)
+        orchestration = round(timed([sys.executable, "-m", "flows.pipeline", "--task", task,
+                                     *(f"--preset={p}" for p in presets)], proj, env), 1)
     training = sum(stages[s] for s in TRAINING)
     rest = sum(s for name, s in stages.items() if name not in TRAINING) + orchestration
     return {"stages": stages, "orchestration": orchestration, "training": round(training, 1),

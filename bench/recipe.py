@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,16 +27,14 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from bench.selection import params_with, with_settings  # noqa: E402
-from flows.pipeline import parse_overrides  # noqa: E402
-from stages import baseline, datasets, finetune, prepare, zoo  # noqa: E402
-from stages.data import Split, load_split, stratified_indices  # noqa: E402
-from stages.files import read_json  # noqa: E402
-from stages.params import Params  # noqa: E402
-from stages.stats import bootstrap_ci  # noqa: E402
-from stages.train import predict  # noqa: E402
+from flows import compose
+from stages import baseline, datasets, finetune, prepare, zoo
+from stages.data import Split, load_split, stratified_indices
+from stages.files import read_json
+from stages.params import Params
+from stages.stats import bootstrap_ci
+from stages.train import predict
 
 
 def development_split(params: Params, prepared: Path, per_class: int) -> Split:
@@ -63,7 +60,12 @@ def development_split(params: Params, prepared: Path, per_class: int) -> Split:
 
 
 def variant_params(base: Params, settings: list[str]) -> Params:
-    return with_settings(base, parse_overrides(settings))  # key=value parsed as `--set` is
+    """`base` with `settings` ("finetune.lr=5.0e-5", parsed as `--set` is) applied, checked like params.yaml."""
+    try:
+        overrides = compose.parse_overrides(settings)
+        return compose.with_settings(base, overrides)
+    except KeyError as e:  # an unknown key or a missing "=": one line (a bad value stays a ValueError naming it)
+        raise SystemExit(str(e.args[0])) from None
 
 
 def train_and_score(params: Params, kind: str, seed: int, dev: Split, tmp: Path) -> dict:
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dev-per-class", type=int, default=150)
     parser.add_argument("--n-bootstrap", type=int, default=2000)
     args = parser.parse_args(argv)
-    base = params_with(args.preset)
+    base = compose.settings(compose.compose(compose.current_task(), [args.preset] if args.preset else []))
     variants = [("reference", [])] + [(v, v.split()) for v in args.variant]
     checked = [(name, variant_params(base, s)) for name, s in variants]  # a typo fails before any training
     rows = []

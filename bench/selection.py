@@ -15,44 +15,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from scipy.stats import kendalltau  # noqa: E402
+from scipy.stats import kendalltau
 
-from flows.pipeline import read_preset  # noqa: E402
-from stages import baseline, finetune, select, zoo  # noqa: E402
-from stages.data import load_split  # noqa: E402
-from stages.files import read_json  # noqa: E402
-from stages.params import Params  # noqa: E402
-from stages.train import predict  # noqa: E402
+from flows import compose
+from stages import baseline, finetune, select, zoo
+from stages.data import load_split
+from stages.files import read_json
+from stages.params import Params
+from stages.train import predict
 
 
 def params_with(preset: Path | None) -> Params:
-    base = Params.load(ROOT / "params.yaml")
-    return with_settings(base, read_preset(preset)) if preset is not None else base
-
-
-def with_settings(base: Params, settings: dict[str, Any]) -> Params:
-    """`base` with dotted keys set ({"finetune.lr": 5e-5}), in memory, validated like params.yaml."""
-    raw = json.loads(json.dumps(base.to_dict()))
-    for dotted, value in settings.items():
-        *parents, leaf = dotted.split(".")
-        node = raw
-        for key in parents:
-            node = node.get(key, {})
-        if leaf not in node:
-            raise SystemExit(f"{dotted}: params.yaml has no {dotted}")
-        node[leaf] = json.loads(json.dumps(value))
-    return Params.from_dict(raw)
+    """The current task's settings, with `preset` (a partial params file) applied in memory."""
+    return compose.settings(compose.compose(compose.current_task(), [preset] if preset is not None else []))
 
 
 def trained_accuracy(name: str, params: Params, tmp: Path, text_files: Path | None) -> tuple[float, float]:

@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -25,12 +24,11 @@ import numpy as np
 # ONNX Runtime's spinning pool) would steal the CPU from whichever engine runs next and make the
 # interleaved timings measure each other; both are told to sleep when idle instead.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from stages import zoo  # noqa: E402
-from stages.data import load_split  # noqa: E402
-from stages.export import input_names, onnx_feed  # noqa: E402
-from stages.params import Params  # noqa: E402
+from stages import zoo
+from stages.data import load_split
+from stages.export import input_names, onnx_feed
+from stages.params import Params
 
 
 def serve_key(meta: dict) -> str:

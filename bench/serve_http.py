@@ -31,11 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from stages import servable  # noqa: E402
-from stages.data import load_split  # noqa: E402
-from stages.params import Params  # noqa: E402
+from stages import servable
+from stages.data import load_split
+from stages.params import Params
 
 
 def serve_key(contract: dict) -> str:
