@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from stages.files import sha256_file
-from stages.params import Params
+from stages.params import RUN_PARAMS, Params
 
 from .conftest import ROOT, copy_project, flow_env, http_server, sh
 
@@ -90,7 +90,7 @@ def test_evaluate_metrics_contract(project, first_run):
     assert summary["best"] == ev["best"] and summary["verdict"] == ev["verdict"]
     assert summary["models"]["floor"]["val_accuracy"] == ev["floor"]["val_accuracy"]
     # smoke ships the fine-tuned network whatever wins (presets/smoke.yaml); the answer still names the winner
-    assert Params.load(project / "params.yaml").register.candidate == "finetuned"
+    assert Params.load(project / RUN_PARAMS).register.candidate == "finetuned"  # the run's composed settings
     assert summary["registered"]["candidate"] == "finetuned" and summary["best"] == ev["best"]
     assert ev["n_test"] == 200
     assert ev["finetuned"]["accuracy"] > 0.3  # even the smoke settings learn (chance is 0.1)
@@ -124,7 +124,7 @@ def test_registered_version_lineage_and_alias_rule(project, first_run):
     prepared_md5 = lock["stages"]["prepare"]["outs"][0]["md5"]
     assert version.tags["git_commit"].startswith(head)
     assert version.tags["data_dvc_md5"] == prepared_md5
-    assert version.tags["params_sha256"] == Params.load(project / "params.yaml").digest()
+    assert version.tags["params_sha256"] == Params.load(project / RUN_PARAMS).digest()
     assert version.tags["verdict"] == ev["verdict"]
     assert float(version.tags["transfer_gain"]) == pytest.approx(ev["transfer_gain"], abs=1e-6)
     # the candidate the params name is what was registered (smoke: finetuned), and the run's best is recorded
