@@ -155,7 +155,7 @@ def _write(path: Path, values: dict[str, Any], header: str) -> None:
     from stages.files import write_text
 
     nested: dict[str, Any] = {}
-    for dotted, value in json.loads(json.dumps(values)).items():  # plain values, not ruamel's round-trip types
+    for dotted, value in json.loads(json.dumps(values)).items():  # plain values: lists, numbers, None
         node = nested
         *parents, leaf = dotted.split(".")
         for key in parents:
