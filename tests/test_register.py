@@ -176,15 +176,15 @@ def test_promotion_needs_a_passed_gate_or_a_recorded_reason(tmp_path, mlflow_sto
     assert client.get_model_version(name, good).description.splitlines()[0].endswith(": finetuned, gate passed")
 
 
-    # The README's UI steps and tables name exactly the aliases and tags the code writes.
-    readme = (ROOT / "README.md").read_text()
+    # The registry docs' UI steps and tables name exactly the aliases and tags the code writes.
+    readme = (ROOT / "docs" / "operations.md").read_text()
     written = set(client.get_model_version(name, bad).tags) | set(client.get_model_version(name, good).tags)
     for tag in sorted(t for t in written if t.startswith(("gate.", "champion.", "challenger"))):
         parts = tag.split(".")
         if len(parts) == 3 and parts[0] == "gate":  # gate.<check>.value / .passed: the generic name + the check
             assert f"`gate.<check>.{parts[2]}`" in readme and f"`{parts[1]}`" in readme, tag
         else:
-            assert f"`{tag}`" in readme, f"README does not mention the tag {tag}"
+            assert f"`{tag}`" in readme, f"docs/operations.md does not mention the tag {tag}"
     for alias in (CHALLENGER, CHAMPION):
         assert f"`{alias}`" in readme
     assert f"Models → `{name}`" in readme
