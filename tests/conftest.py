@@ -220,7 +220,7 @@ def assert_same_accuracy(one: dict, other: dict, what: str) -> None:
 
 @pytest.fixture(scope="session")
 def mlflow_store(tmp_path_factory):
-    from stages.register import Store
+    from stages.registry import Store
 
     root = tmp_path_factory.mktemp("mlflow")
     return Store(db=root / "mlflow.db", artifacts=root / "artifacts")

@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 from stages import zoo
 from stages.files import write_json
 from stages.params import RegisterParams
-from stages.register import Store, gate, run
+from stages.register import gate, run
+from stages.registry import Store
 
 
 EXPORT = {"max_abs_diff": 1e-5, "worst_tolerance_use": 0.1, "top1_agreement": 1.0, "fp32_accuracy": 0.8,
@@ -131,7 +132,7 @@ def test_promotion_needs_a_passed_gate_or_a_recorded_reason(tmp_path, mlflow_sto
 
     from stages.params import Params
     from stages.promotion import PromotionRefused, promote_version
-    from stages.register import CHALLENGER, CHAMPION
+    from stages.registry import CHALLENGER, CHAMPION
 
     from .conftest import ROOT
 

@@ -264,7 +264,7 @@ def test_a_promotion_while_requests_flow_fails_none_and_swaps_in_order(tmp_path,
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from stages.register import connect
+    from stages.tracking import connect
 
     experiment = connect(mlflow_store, "serve-promotion")  # artifacts in the test's store
     client, name = MlflowClient(), "serve-promotion"
