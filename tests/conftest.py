@@ -25,7 +25,7 @@ from stages.data import FASHION_MNIST_FILES
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a fresh clone of the project needs to run the pipeline (end-to-end tests work in such a copy).
-PROJECT_FILES = ["stages", "flows", "presets", "tasks", "dvc.yaml", "compare/dvc.yaml", "curves/dvc.yaml", "pretrain/dvc.yaml",
+PROJECT_FILES = ["stages", "flows", "ops", "presets", "tasks", "dvc.yaml", "compare/dvc.yaml", "curves/dvc.yaml", "pretrain/dvc.yaml",
                  "params.yaml", "weights.lock", "pyproject.toml", ".dvc/config", ".dvcignore", ".gitignore"]
 
 
