@@ -244,9 +244,9 @@ class ScheduleParams:
 
 @dataclass(frozen=True)
 class PromotionParams:
-    alias: str = "champion"  # the alias whose moves the webhook receiver (flows/hooks.py) checks
+    alias: str = "champion"  # the alias whose moves the webhook receiver (ops/hooks.py) checks
     enforce: bool = False  # move the alias back when the rule (stages/promotion.py) finds problems
-    servers: list[str] = _f([])  # model servers (flows/serve.py) told to reload at once: base URLs
+    servers: list[str] = _f([])  # model servers (ops/serve.py) told to reload at once: base URLs
     log: Path = Path("reports/promotions.jsonl")  # the receiver's audit log, one JSON object per event
     replay_window: float = _f(300.0, gt=0, le=3600)  # seconds: older signed deliveries are refused
 

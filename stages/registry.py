@@ -1,7 +1,7 @@
 """The MLflow registry, read side: where the tracking store is, which version an alias names, and fetching a
 version's servable (its ONNX file and serving contract, each checked against the sha256 recorded on the
-version at registration). MLflow, never torch: the model server imports this. Writing (registering,
-gating, promoting) is stages/register.py."""
+version at registration). MLflow, never torch: the model server imports this. Writing is elsewhere:
+runs and versions in stages/tracking.py, the gate in stages/register.py, promotion in stages/promotion.py."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def fetch_servable(store: Store, name: str, alias: str, dst: Path, int8: bool = 
         raise servable.NotServable(
             f"{name} version {version['version']} holds {alias!r} but did not pass its promotion gate"
             f" ({', '.join(failed) or 'no gate recorded'}); a version that failed is served only when promoted with "
-            f"a reason: python -m flows.promote {version['version']} --model {name} --alias {alias} --force "
+            f"a reason: python -m ops.promote {version['version']} --model {name} --alias {alias} --force "
             "--reason '...'")
     folder = Path(dst) / f"v{version['version']}"
     try:

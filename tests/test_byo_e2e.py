@@ -127,7 +127,7 @@ def served_labels(project: Path, model_name: str, version: int, requests: list) 
     passed = receipt["challenger_reason"].startswith("all gate checks passed")
     promote_version(Store(project / "mlflow.db", project / "mlartifacts"), model_name, version, force=not passed,
                     reason="" if passed else "end-to-end test of serving a tiny model")
-    cmd = [sys.executable, "-m", "flows.serve", "--model", model_name, "--alias", "champion", "--port", "{port}"]
+    cmd = [sys.executable, "-m", "ops.serve", "--model", model_name, "--alias", "champion", "--port", "{port}"]
     labels = []
     with http_server(cmd, "/health", project, flow_env(project)) as (base, health):
         assert health["version"] == str(version)

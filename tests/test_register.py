@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 from stages import zoo
 from stages.files import write_json
 from stages.params import RegisterParams
-from stages.register import Store, gate, run
+from stages.register import gate, run
+from stages.registry import Store
 
 
 EXPORT = {"max_abs_diff": 1e-5, "worst_tolerance_use": 0.1, "top1_agreement": 1.0, "fp32_accuracy": 0.8,
@@ -131,7 +132,7 @@ def test_promotion_needs_a_passed_gate_or_a_recorded_reason(tmp_path, mlflow_sto
 
     from stages.params import Params
     from stages.promotion import PromotionRefused, promote_version
-    from stages.register import CHALLENGER, CHAMPION
+    from stages.registry import CHALLENGER, CHAMPION
 
     from .conftest import ROOT
 
@@ -143,7 +144,7 @@ def test_promotion_needs_a_passed_gate_or_a_recorded_reason(tmp_path, mlflow_sto
 
     # the CLI, as a person runs it: refused, exit status 1, the failing check named
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store.uri(), "PREFECT_HOME": str(tmp_path / "prefect")}
-    res = subprocess.run([sys.executable, "-m", "flows.promote", str(bad), "--model", name], cwd=ROOT, env=env,
+    res = subprocess.run([sys.executable, "-m", "ops.promote", str(bad), "--model", name], cwd=ROOT, env=env,
                          capture_output=True, text=True)  # --model: the same as params.yaml's, by name
     assert res.returncode == 1, res.stdout + res.stderr
     assert "gate.beats_alternatives.passed is false" in res.stderr
@@ -155,7 +156,7 @@ def test_promotion_needs_a_passed_gate_or_a_recorded_reason(tmp_path, mlflow_sto
     with pytest.raises(PromotionRefused):
         promote_version(mlflow_store, name, bad)
 
-    res = subprocess.run([sys.executable, "-m", "flows.promote", str(good)], cwd=ROOT, env=env,
+    res = subprocess.run([sys.executable, "-m", "ops.promote", str(good)], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
     assert client.get_model_version_by_alias(name, "champion").version == good

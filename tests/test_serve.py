@@ -90,11 +90,11 @@ def get(url: str) -> tuple[int, bytes]:
 
 @contextlib.contextmanager
 def server(args: list[str], env: dict | None = None, timeout: float = 90):
-    """`python -m flows.serve ARGS` on a free port; yields (base URL, the process) once /health answers."""
+    """`python -m ops.serve ARGS` on a free port; yields (base URL, the process) once /health answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "flows.serve", *args, "--port", str(port)]
+    cmd = [sys.executable, "-m", "ops.serve", *args, "--port", str(port)]
     with background(cmd, ROOT, {**os.environ, **(env or {})}) as proc:
         deadline = time.monotonic() + timeout
         while True:
@@ -264,7 +264,7 @@ def test_a_promotion_while_requests_flow_fails_none_and_swaps_in_order(tmp_path,
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from stages.register import connect
+    from stages.tracking import connect
 
     experiment = connect(mlflow_store, "serve-promotion")  # artifacts in the test's store
     client, name = MlflowClient(), "serve-promotion"
