@@ -55,16 +55,8 @@ def png(image: np.ndarray) -> bytes:
 
 def raw(model: servable.Servable, requests: list, seconds: float) -> dict[str, float]:
     """Batch-1 throughput in this process: the model call alone, and with decoding and preprocessing."""
-    from stages.inputs import encode_texts, image_array
-
     text = model.modality == "text"
-    feeds = []
-    for r in requests[:200]:
-        if text:
-            ids, mask = encode_texts(model.tokenizer, [r])
-            feeds.append({"input_ids": ids, "attention_mask": mask})
-        else:
-            feeds.append({"input": image_array(model.decode(r)[None], model.contract["input"])})
+    feeds = [model.feed([r] if text else model.decode(r)[None]) for r in requests[:200]]
     out = {}
     for name, call in (("raw_model", lambda i: model.session.run(["logits"], feeds[i % len(feeds)])),
                        ("raw_pipeline", lambda i: model.predict([requests[i % len(requests)]] if text else

@@ -12,13 +12,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from stages import hyperrule, zoo
 from stages.data import load_split
-from stages.inputs import image_array
 from stages.files import atomic_path, read_json
+from stages.inputs import image_array
+from stages.modality import adapter
 from stages.params import BaselineParams, FinetuneParams, ModelParams, cli
 from stages.strategy import Plan, best_logreg, linear_probe, load_linear
 from stages.train import TrainConfig, fit, seed_everything, write_history
@@ -74,25 +74,27 @@ def _linear_probe(train, val, classes, out, loaded: zoo.Loaded, cs: list[float])
 
 def _floor(train, val, classes, out, model_pre: dict, p) -> float:
     start = time.perf_counter()
-    if zoo.modality(model_pre) == "text":
-        model, pre, acc, c = _tfidf_floor(train, val, classes, model_pre, p)
-        arch = zoo.TFIDF_LINEAR
-    else:
-        size, channels = int(train.x.shape[1]), 3 if train.x.ndim == 4 else 1
-        pre = zoo.preprocessing(zoo.PIXEL_LINEAR, size, channels)
-        # The features are exactly what the saved module's Flatten sees at evaluation and serving: the same
-        # preprocessing (channels first), so RGB pixels are not scrambled between fitting and predicting.
-        flat = lambda s: image_array(s.x, pre).reshape(len(s.x), -1)  # noqa: E731
-        clf, c, acc = best_logreg(flat(train), train, flat(val), val, [p.floor_c])
-        model = zoo.build(zoo.PIXEL_LINEAR, len(classes), pre)
-        load_linear(model[1], clf)
-        arch = zoo.PIXEL_LINEAR
+    arch = adapter(model_pre).FLOOR
+    model, pre, c, acc = FLOORS[arch](train, val, classes, model_pre, [p.floor_c])
     zoo.save_checkpoint(out, model, _meta("floor", arch, "logistic_regression", None, classes, pre, {
         "C": c, "val_accuracy": acc, "seconds": round(time.perf_counter() - start, 2)}))
     return acc
 
 
-def _tfidf_floor(train, val, classes, model_pre: dict, p):
+def _pixel_floor(train, val, classes, model_pre: dict, cs: list[float]):
+    """Logistic regression on raw pixels, moved into a Flatten + Linear module."""
+    size, channels = int(train.x.shape[1]), 3 if train.x.ndim == 4 else 1
+    pre = zoo.preprocessing(zoo.PIXEL_LINEAR, size, channels)
+    # The features are exactly what the saved module's Flatten sees at evaluation and serving: the same
+    # preprocessing (channels first), so RGB pixels are not scrambled between fitting and predicting.
+    flat = lambda s: image_array(s.x, pre).reshape(len(s.x), -1)  # noqa: E731
+    clf, c, acc = best_logreg(flat(train), train, flat(val), val, cs)
+    model = zoo.build(zoo.PIXEL_LINEAR, len(classes), pre)
+    load_linear(model[1], clf)
+    return model, pre, c, acc
+
+
+def _tfidf_floor(train, val, classes, model_pre: dict, cs: list[float]):
     """TF-IDF of the model's own tokens + logistic regression, moved into a TfidfLinear module."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -101,7 +103,7 @@ def _tfidf_floor(train, val, classes, model_pre: dict, p):
     pre = {"modality": "text", "files": model_pre["files"], "max_length": model_pre["max_length"]}
     vec = TfidfVectorizer(analyzer=lambda row: row, lowercase=False)  # rows are already token ids
     x_train = vec.fit_transform(word_piece_ids(train.x, pre))
-    clf, c, acc = best_logreg(x_train, train, vec.transform(word_piece_ids(val.x, pre)), val, [p.floor_c])
+    clf, c, acc = best_logreg(x_train, train, vec.transform(word_piece_ids(val.x, pre)), val, cs)
     model = zoo.build(zoo.TFIDF_LINEAR, len(classes), pre)
     columns = torch.tensor([int(t) for t in vec.get_feature_names_out()])
     with torch.no_grad():
@@ -110,7 +112,11 @@ def _tfidf_floor(train, val, classes, model_pre: dict, p):
         model.linear.weight.zero_()
         model.linear.weight[:, columns] = torch.from_numpy(clf.coef_).float()
         model.linear.bias.copy_(torch.from_numpy(clf.intercept_).float())
-    return model, pre, acc, c
+    return model, pre, c, acc
+
+
+# Each modality's floor (its adapter's FLOOR), fitted on the prepared examples: (model, preprocessing, C, val accuracy)
+FLOORS = {zoo.PIXEL_LINEAR: _pixel_floor, zoo.TFIDF_LINEAR: _tfidf_floor}
 
 
 def _meta(kind, arch, init, sha, classes, pre, train) -> dict:

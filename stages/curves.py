@@ -99,7 +99,7 @@ def point(params: Params, model: str, budget: int, seed: int) -> dict[str, Any]:
         "model": model, "budget": budget, "seed": seed, "name": model_p.name,
         "accuracy": float(correct.mean()), "val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
         "epochs": epochs, "n_train": int(len(train.y)), "n_test": int(len(test.y)),
-        "image_size": c.image_size if zoo.modality(loaded.pre) == "image" else None,
+        "image_size": loaded.pre.get("image_size"),  # curves.image_size, for image models
         "seconds": round(time.perf_counter() - began, 2),
     }
     write_json(params.paths.curves / f"{model}-{budget}-{seed}.json", out)

@@ -24,13 +24,14 @@ import torch
 from stages import datasets, zoo
 from stages.data import load_split
 from stages.files import atomic_path, write_json
+from stages.modality import adapter
 from stages.params import DaptParams, Params, cli
 
 
 def texts_for(source: Path, prepare_p: Any, prepared: Path) -> np.ndarray:
     """The source's texts minus the prepared validation and test texts (no peeking at what is scored)."""
     src = datasets.keep_classes(datasets.read(prepare_p.dataset, Path(source), prepare_p), prepare_p.classes)
-    if src.modality != "text":
+    if adapter(src.modality).PRETRAINING != "masked_lm":
         raise ValueError(f"dapt: {prepare_p.dataset} is {src.modality} data; domain-adaptive pre-training continues "
                          "a text encoder's masked-language-model training on text")
     held = {str(t) for name in ("val", "test") for t in load_split(prepared, name).x}

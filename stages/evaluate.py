@@ -25,6 +25,7 @@ import torch
 from stages import zoo
 from stages.data import load_split
 from stages.files import atomic_path, read_json, write_json, write_text
+from stages.modality import adapter
 from stages.params import EvaluateParams, ModelParams, cli
 from stages.stats import bootstrap_ci, macro_f1, mcnemar_p, verdict
 from stages.train import predict
@@ -90,10 +91,9 @@ def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path
         lost = forgetting(tuned, zoo.find_weights(model_p.name, model_p.weights).path, p.n_bootstrap, p.seed)
         if lost is not None:
             report["forgetting"] = lost
-    if zoo.modality(pres["finetuned"]) == "text":
-        from stages.text import truncated_count
-
-        report["truncated_test_texts"] = truncated_count(test.x, pres["finetuned"])  # cut at model.max_length tokens
+    cut = adapter(pres["finetuned"]).truncated(test.x, pres["finetuned"])  # texts cut at model.max_length tokens
+    if cut is not None:
+        report["truncated_test_texts"] = cut
     write_json(out, report)
     if test_logits is not None:
         write_logits(test_logits, logits, manifest["test_sha256"])

@@ -21,6 +21,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from stages import hyperrule, strategy, zoo
 from stages.data import load_split
 from stages.files import read_json
+from stages.modality import adapter
 from stages.params import FinetuneParams, ModelParams, cli
 from stages.train import FitResult, TrainConfig, device, distributed, fit, seed_everything, write_history
 
@@ -43,14 +44,10 @@ def _run(prepared, out, history, model_p, p, weights_lock, rank: int, world: int
     if rank == 0:
         print(f"fine-tuning {model_p.name} (pre-trained, {loaded.weights_sha256[:12]}) on {len(train.y)} examples, "
               f"device {device()}" + (f", {world} data-parallel processes" if world > 1 else ""))
-    truncated = None
-    if zoo.modality(pre) == "text":  # said once, and kept in model.json: long texts lose their end
-        from stages.text import truncated_count
-
-        truncated = truncated_count(train.x, pre)
-        if rank == 0 and truncated:
-            print(f"{truncated} of {len(train.y)} training texts are longer than model.max_length "
-                  f"({pre['max_length']} tokens) and are truncated")
+    truncated = adapter(pre).truncated(train.x, pre)  # said once, and kept in model.json: long texts lose their end
+    if rank == 0 and truncated:
+        print(f"{truncated} of {len(train.y)} training texts are longer than model.max_length "
+              f"({pre['max_length']} tokens) and are truncated")
     p, auto = hyperrule.resolve(p, len(train.y), zoo.modality(pre))
     if rank == 0 and auto:
         print(hyperrule.describe(auto))

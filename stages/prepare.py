@@ -63,9 +63,8 @@ def run(source: Path, out: Path, p: PrepareParams, quarantine: Path | None = Non
             "train_indices_sha256": _hash_indices(tr),
         }
         write_json(tmp / "manifest.json", manifest)
-    kind = "images" if src.modality == "image" else "texts"
     print(
-        f"prepared {len(tr)} train / {len(va)} val / {len(test.y)} test {kind} of {len(classes)} classes "
+        f"prepared {len(tr)} train / {len(va)} val / {len(test.y)} test {src.modality}s of {len(classes)} classes "
         f"({p.per_class}+{p.val_per_class} per class, seed {p.seed}) -> {out}"
     )
     return manifest

@@ -25,6 +25,7 @@ import numpy as np
 from stages import datasets, zoo
 from stages.data import Split, save_split, stratified_indices
 from stages.files import atomic_path, write_json
+from stages.modality import adapter
 from stages.params import Params, PretrainParams, cli
 
 def run(source: Path, dataset_p: Any, p: PretrainParams, out: Path, metrics: Path, weights_lock: Path,
@@ -35,7 +36,7 @@ def run(source: Path, dataset_p: Any, p: PretrainParams, out: Path, metrics: Pat
 
     began = time.perf_counter()
     src = datasets.keep_classes(datasets.read(dataset_p.dataset, Path(source), dataset_p), p.classes)
-    if src.modality != "image":
+    if adapter(src.modality).PRETRAINING != "supervised":
         raise ValueError(f"pretrain: {dataset_p.dataset} is {src.modality} data; supervised pre-training here is for "
                          "image backbones (text models come pre-trained: hf:...)")
     tr, va = stratified_indices(src.pool.y, p.per_class, p.val_per_class, p.seed, 0, src.classes)
