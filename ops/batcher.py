@@ -8,8 +8,6 @@ import queue
 import threading
 from typing import Any
 
-import numpy as np
-
 from stages.servable import Servable
 
 
@@ -48,8 +46,7 @@ class Batcher:
                 n += len(job[1])
             model = group[0][0]
             try:
-                batch = ([t for job in group for t in job[1]] if model.modality == "text"
-                         else np.concatenate([job[1] for job in group]))
+                batch = model.adapter.join([job[1] for job in group])
                 answers, start = model.predict(batch), 0
                 for _, examples, future, loop in group:
                     loop.call_soon_threadsafe(_settle, future, answers[start : start + len(examples)], None)

@@ -265,8 +265,9 @@ async def _run(pool: ThreadPoolExecutor, fn: Any, *args: Any) -> Any:
 async def _multipart_files(request: Request, model: Servable, max_batch: int) -> list[tuple[str, bytes]]:
     from starlette.datastructures import UploadFile
 
-    if model.modality != "image":
-        raise HTTPException(422, "this is a text model: send JSON {\"texts\": [...]}, not files")
+    if not model.adapter.ACCEPTS_FILES:
+        field = model.adapter.REQUEST_FIELDS[0]
+        raise HTTPException(422, f'this is a {model.modality} model: send JSON {{"{field}": [...]}}, not files')
     try:
         form = await request.form(max_files=max_batch + 1, max_fields=max_batch + 1)
     except Exception as e:  # the multipart parser's own errors: a broken body, too many parts
@@ -306,7 +307,7 @@ async def _json_examples(body: bytes, model: Servable, max_batch: int, pool: Thr
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors()[:5])
         raise HTTPException(422, f"invalid JSON request: {problems}") from None
     given = {k: v for k, v in req.model_dump().items() if v is not None}
-    wanted = ("texts",) if model.modality == "text" else ("images_b64", "images")
+    wanted = model.adapter.REQUEST_FIELDS
     if len(given) != 1 or next(iter(given)) not in wanted:
         raise HTTPException(422, f"send exactly one of {' or '.join(wanted)} (this is {model.modality} model)"
                             + (f"; got {', '.join(given)}" if given else ""))

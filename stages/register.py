@@ -26,6 +26,7 @@ from stages import tracking, zoo
 from stages.data import load_split
 from stages.evaluate import answer, candidate
 from stages.files import read_json, write_json
+from stages.modality import adapter
 from stages.params import RegisterParams, cli
 from stages.registry import CHALLENGER, Store
 from stages.stats import bootstrap_ci
@@ -210,9 +211,7 @@ def dvc_cached_split(dir_md5: str, split: str, repo: Path = Path(".")) -> Any:
 
 
 def _inputs(pre: dict) -> str:
-    if zoo.modality(pre) == "text":
-        return f"texts of up to {pre['max_length']} tokens ({pre.get('pooling', 'tf-idf')} pooling)"
-    return f"images at {pre['image_size']} px"
+    return adapter(pre).describe(pre)
 
 
 def model_card(

@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from stages import zoo
 from stages.data import load_split
 from stages.files import read_json, sha256_file
+from stages.modality import adapter
 from stages.registry import CHAMPION, FILE_TAGS, Store, use
 from stages.train import predict
 
@@ -212,8 +213,7 @@ def log_model_run(experiment_id: str, name: str, path: Path, history: Path | Non
 
 
 def _input_params(pre: dict) -> dict[str, Any]:
-    keys = ("max_length", "pooling") if zoo.modality(pre) == "text" else ("image_size",)
-    return {k: pre[k] for k in keys if k in pre}
+    return adapter(pre).input_params(pre)
 
 
 def register_model(client: MlflowClient, run_id: str, model_dir: Path, name: str, report: dict, lineage: dict,
@@ -222,18 +222,9 @@ def register_model(client: MlflowClient, run_id: str, model_dir: Path, name: str
     checkpoint, register it under `name` and tag the version with its lineage and results. Returns the version."""
     model, meta = zoo.load_checkpoint(model_dir)
     pre = meta["preprocessing"]
-    if zoo.modality(pre) == "text":
-        # Tokens in, logits out (the tokenizer rides along in the checkpoint artifacts). Two texts of
-        # different lengths so neither the batch nor the sequence axis is pinned by the example.
-        from stages.data import to_model_input
-
-        ids, mask = to_model_input(np.array(["a short text", "a somewhat longer text to read"], dtype=object), pre)
-        example = (ids.numpy(), mask.numpy())
-        output = model(ids, mask)
-    else:
-        size = pre["image_size"]
-        example = np.zeros((2, pre["channels"], size, size), dtype=np.float32)
-        output = model(torch.from_numpy(example))
+    inputs = adapter(pre).example_inputs(pre)
+    output = model(*inputs)
+    example = tuple(x.numpy() for x in inputs) if len(inputs) > 1 else inputs[0].numpy()
     # A batch of 2: MLflow stores the model as a torch.export graph (pt2, no pickle) traced on this example,
     # and a batch of 1 would pin the batch axis to 1 (../shared/ENVIRONMENT.md). The signature records the
     # batch axis as -1 (any size).
@@ -242,9 +233,8 @@ def register_model(client: MlflowClient, run_id: str, model_dir: Path, name: str
     if isinstance(example, tuple):  # batch and sequence length both free (-1): torch.export keeps them dynamic
         from mlflow.types.schema import Schema, TensorSpec
 
-        from stages.text import INPUTS
-
-        signature.inputs = Schema([TensorSpec(np.dtype(np.int64), (-1, -1), name) for name in INPUTS])
+        signature.inputs = Schema([TensorSpec(np.dtype(np.int64), (-1, -1), name)
+                                   for name in adapter(pre).input_names(pre)])
     with mlflow.start_run(run_id=run_id, nested=True):
         # Our own checkpoint format rides along, so later runs can re-score this version with headstart's
         # preprocessing (the champion comparison below) without unpickling anything.
