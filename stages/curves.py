@@ -78,7 +78,7 @@ def _take(s: Split, rows: np.ndarray) -> Split:
 def point(params: Params, model: str, budget: int, seed: int) -> dict[str, Any]:
     """Train one point of the curve and score it on the test set; writes paths.curves/<model>-<budget>-<seed>.json."""
     from stages.strategy import Plan
-    from stages.train import TrainConfig, fit, predict, seed_everything
+    from stages.train import fit, predict, seed_everything
 
     began = time.perf_counter()
     c, ft = params.curves, params.finetune
@@ -90,7 +90,8 @@ def point(params: Params, model: str, budget: int, seed: int) -> dict[str, Any]:
     if model == "scratch":  # the baseline's own lr and augmentation
         ft = hyperrule.scratch(ft, params.baseline)
     ft, _ = hyperrule.resolve(ft, len(train.y), zoo.modality(loaded.pre))  # lr and augmentation (epochs: above)
-    cfg = TrainConfig.of(ft, epochs=epochs, seed=seed, patience=epochs, compile=False)
+    # a point's own budget and seed, every epoch run, no checkpoints kept
+    cfg = dataclasses.replace(ft, epochs=epochs, seed=seed, patience=epochs, compile=False, checkpoint_every_steps=0)
     print(f"{model} {model_p.name}, {budget} per class ({len(train.y)} examples), seed {seed}: "
           f"{epochs} epochs of {math.ceil(len(train.y) / ft.batch_size)} steps")
     result = fit(loaded.model, train, val, loaded.pre, cfg, Plan.of(loaded.model), desc=f"{model}-{budget}-{seed}")
