@@ -21,7 +21,7 @@ from stages.inputs import image_array
 from stages.modality import adapter
 from stages.params import BaselineParams, FinetuneParams, ModelParams, cli
 from stages.strategy import Plan, best_logreg, linear_probe, load_linear
-from stages.train import TrainConfig, fit, seed_everything, write_history
+from stages.train import fit, loop_settings, seed_everything, write_history
 
 
 def run(
@@ -47,19 +47,24 @@ def _scratch(train, val, classes, out, history, model_p, ft, p, weights_lock, ch
     seed_everything(p.seed)
     loaded = zoo.load(model_p, len(classes), weights_lock, pretrained=False)
     model, pre = loaded.model, loaded.pre
-    # Same budget as finetune (epochs, batch, schedule, early stopping) by the same rule; its own peak lr and
-    # augmentation; every layer trains from the first step (finetune.strategy is about protecting
-    # pre-trained weights: none here).
-    ft, auto = hyperrule.resolve(hyperrule.scratch(ft, p), len(train.y), zoo.modality(pre))
-    cfg = TrainConfig.of(ft, seed=p.seed)
+    # every layer trains from the first step (Plan.of(model)): finetune.strategy is about protecting
+    # pre-trained weights, none here
+    cfg, auto = scratch_settings(ft, p, len(train.y), zoo.modality(pre))
     print(f"training {model_p.name} from random weights on {len(train.y)} examples"
           + (f"; {hyperrule.describe(auto)}" if auto else ""))
     result = fit(model, train, val, pre, cfg, Plan.of(model), desc="scratch", checkpoints=checkpoints)
     write_history(history, result.history)
     zoo.save_checkpoint(out, model, _meta("scratch", loaded.architecture, "random", None, classes, pre, {
-        **cfg.__dict__, **({"auto": auto} if auto else {}), "best_epoch": result.best_epoch,
+        **loop_settings(cfg), **({"auto": auto} if auto else {}), "best_epoch": result.best_epoch,
         "best_val_accuracy": result.best_val_accuracy, "seconds": result.seconds}))
     return result.best_val_accuracy
+
+
+def scratch_settings(ft: FinetuneParams, p: BaselineParams, n: int, modality: str) -> tuple[FinetuneParams, dict]:
+    """What the scratch model trains with: finetune's budget (epochs, batch, schedule, early stopping) by the
+    same rule, its own peak lr, seed and augmentation (hyperrule.scratch). With finetune.probe_c (the linear
+    probe's), the finetune keys this stage reads: dvc.yaml lists them (tests/test_stage_params.py)."""
+    return hyperrule.resolve(hyperrule.scratch(ft, p), n, modality)
 
 
 def _linear_probe(train, val, classes, out, loaded: zoo.Loaded, cs: list[float]) -> float:

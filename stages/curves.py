@@ -42,7 +42,7 @@ import numpy as np
 from stages import datasets, hyperrule, zoo
 from stages.data import Split, stratified_indices
 from stages.files import atomic_path, read_json, write_json
-from stages.params import Params
+from stages.params import FinetuneParams, Params
 
 MODELS = ("finetuned", "scratch")
 TEST_SEED = 12345  # the test draw is one for every point, whatever the seeds
@@ -75,24 +75,34 @@ def _take(s: Split, rows: np.ndarray) -> Split:
     return Split(s.x[rows], s.y[rows])
 
 
+def settings(params: Params, model: str, n: int, modality: str, seed: int) -> FinetuneParams:
+    """What a point trains with: curves.steps optimizer steps (epochs = steps * batch / examples, at least 1),
+    every epoch run, its own seed, no checkpoints kept; lr and augmentation by finetune's rule, or the
+    baseline's own for scratch. The finetune and baseline keys this reads are the curve stage's params in
+    curves/dvc.yaml (tests/test_stage_params.py)."""
+    ft = params.finetune
+    epochs = max(1, round(params.curves.steps * ft.batch_size / n))
+    if model == "scratch":  # the baseline's own lr and augmentation
+        ft = hyperrule.scratch(ft, params.baseline)
+    ft, _ = hyperrule.resolve(ft, n, modality)  # lr and augmentation (epochs: above)
+    return dataclasses.replace(ft, epochs=epochs, seed=seed, patience=epochs, compile=False, checkpoint_every_steps=0)
+
+
 def point(params: Params, model: str, budget: int, seed: int) -> dict[str, Any]:
     """Train one point of the curve and score it on the test set; writes paths.curves/<model>-<budget>-<seed>.json."""
     from stages.strategy import Plan
-    from stages.train import TrainConfig, fit, predict, seed_everything
+    from stages.train import fit, predict, seed_everything
 
     began = time.perf_counter()
-    c, ft = params.curves, params.finetune
+    c = params.curves
     train, val, test, classes = data(params, budget, seed)
     model_p = dataclasses.replace(zoo.resolve(params.model, params.paths.chosen_model), image_size=c.image_size)
-    epochs = max(1, round(c.steps * ft.batch_size / len(train.y)))
     seed_everything(seed)
     loaded = zoo.load(model_p, len(classes), params.paths.weights_lock, pretrained=model == "finetuned")
-    if model == "scratch":  # the baseline's own lr and augmentation
-        ft = hyperrule.scratch(ft, params.baseline)
-    ft, _ = hyperrule.resolve(ft, len(train.y), zoo.modality(loaded.pre))  # lr and augmentation (epochs: above)
-    cfg = TrainConfig.of(ft, epochs=epochs, seed=seed, patience=epochs, compile=False)
+    cfg = settings(params, model, len(train.y), zoo.modality(loaded.pre), seed)
+    epochs = cfg.epochs
     print(f"{model} {model_p.name}, {budget} per class ({len(train.y)} examples), seed {seed}: "
-          f"{epochs} epochs of {math.ceil(len(train.y) / ft.batch_size)} steps")
+          f"{epochs} epochs of {math.ceil(len(train.y) / cfg.batch_size)} steps")
     result = fit(loaded.model, train, val, loaded.pre, cfg, Plan.of(loaded.model), desc=f"{model}-{budget}-{seed}")
     correct = predict(loaded.model, test.x, loaded.pre, desc="test").argmax(1) == test.y
     out = {

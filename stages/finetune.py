@@ -23,7 +23,7 @@ from stages.data import load_split
 from stages.files import read_json
 from stages.modality import adapter
 from stages.params import FinetuneParams, ModelParams, cli
-from stages.train import FitResult, TrainConfig, device, distributed, fit, seed_everything, write_history
+from stages.train import FitResult, device, distributed, fit, loop_settings, seed_everything, write_history
 
 
 def run(
@@ -51,7 +51,6 @@ def _run(prepared, out, history, model_p, p, weights_lock, rank: int, world: int
     p, auto = hyperrule.resolve(p, len(train.y), zoo.modality(pre))
     if rank == 0 and auto:
         print(hyperrule.describe(auto))
-    cfg = TrainConfig.of(p)
     # what the rule and the strategy's own steps chose, kept in model.json
     done: dict = {"strategy": p.strategy, **({"auto": auto} if auto else {})}
     if p.strategy in ("linear_probe", "lp_ft"):
@@ -62,7 +61,7 @@ def _run(prepared, out, history, model_p, p, weights_lock, rank: int, world: int
     if p.strategy == "lora":
         strategy.add_lora(model, p.lora_rank, p.lora_alpha, p.lora_dropout, p.lora_targets)
     plan = strategy.Plan.of(model, p)
-    epochs = 1 if p.strategy == "linear_probe" else cfg.epochs
+    epochs = 1 if p.strategy == "linear_probe" else p.epochs
     done["trainable_params"] = plan.trainable_count(model, epochs)
     done["total_params"] = sum(t.numel() for t in model.parameters())
     if rank == 0:
@@ -71,7 +70,7 @@ def _run(prepared, out, history, model_p, p, weights_lock, rank: int, world: int
         result = FitResult(best_epoch=0, best_val_accuracy=done["probe_val_accuracy"], seconds=0.0,
                            history=[{"epoch": 0, "val_accuracy": done["probe_val_accuracy"]}])
     else:
-        result = fit(model, train, val, pre, cfg, plan, desc="finetune",
+        result = fit(model, train, val, pre, p, plan, desc="finetune",
                      checkpoints=checkpoints / "finetune" if checkpoints else None)
     strategy.merge_lora(model)
     if start is not None:
@@ -88,7 +87,7 @@ def _run(prepared, out, history, model_p, p, weights_lock, rank: int, world: int
         "pretrained_sha256": loaded.weights_sha256,
         "classes": classes,
         "preprocessing": pre,
-        "train": {**cfg.__dict__, **dataclasses.asdict(plan), "groups": len(plan.groups), "head": list(plan.head),
+        "train": {**loop_settings(p), **dataclasses.asdict(plan), "groups": len(plan.groups), "head": list(plan.head),
                   **done, "best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
                   "seconds": result.seconds, "n_train": int(len(train.y)), "processes": world,
                   **({"truncated_texts": truncated} if truncated is not None else {})},
@@ -97,7 +96,7 @@ def _run(prepared, out, history, model_p, p, weights_lock, rank: int, world: int
         return result
     zoo.save_checkpoint(out, model, meta)
     write_history(history, result.history)
-    kept = "best validation accuracy" if cfg.keep == "best" else "validation accuracy of the last epoch,"
+    kept = "best validation accuracy" if p.keep == "best" else "validation accuracy of the last epoch,"
     print(f"{kept} {result.best_val_accuracy:.4f} at epoch {result.best_epoch} -> {out}")
     return result
 

@@ -137,6 +137,13 @@ class FinetuneParams:
     peer_timeout_s: float = _f(600.0, gt=0)
     checkpoint_every_steps: int = _f(0, ge=0)
 
+    def require_resolved(self) -> None:
+        """The training loop takes these settings once nothing is left `auto` (stages/hyperrule.py decides)."""
+        for k in ("epochs", "lr", "augment"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or v == "auto":
+                raise ValueError(f"finetune.{k} is {v!r}: pass the settings through stages.hyperrule.resolve first")
+
 
 @dataclass(frozen=True)
 class BaselineParams:

@@ -26,13 +26,14 @@ from stages import datasets, zoo
 from stages.data import Split, save_split, stratified_indices
 from stages.files import atomic_path, write_json
 from stages.modality import adapter
-from stages.params import Params, PretrainParams, cli
+from stages.params import FinetuneParams, Params, PretrainParams, cli
+
 
 def run(source: Path, dataset_p: Any, p: PretrainParams, out: Path, metrics: Path, weights_lock: Path,
         history: Path | None = None) -> dict[str, Any]:
     """Train on the source classes, score on their held-out test examples, write the checkpoint and lock it."""
     from stages.strategy import Plan
-    from stages.train import TrainConfig, fit, predict, seed_everything, write_history
+    from stages.train import fit, loop_settings, predict, seed_everything, write_history
 
     began = time.perf_counter()
     src = datasets.keep_classes(datasets.read(dataset_p.dataset, Path(source), dataset_p), p.classes)
@@ -51,8 +52,9 @@ def run(source: Path, dataset_p: Any, p: PretrainParams, out: Path, metrics: Pat
     seed_everything(p.seed)
     pre = zoo.preprocessing(p.architecture, p.image_size)
     model = zoo.build(p.architecture, len(src.classes), pre)
-    cfg = TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
-                      patience=p.epochs, seed=p.seed, augment="flip_shift", label_smoothing=0.1)
+    # the training loop's settings: the pretrain section's budget, every epoch run, light augmentation
+    cfg = FinetuneParams(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
+                         patience=p.epochs, seed=p.seed, augment="flip_shift", label_smoothing=0.1)
     print(f"pre-training {p.architecture} from random weights on {len(train.y)} source images of "
           f"{len(src.classes)} classes ({', '.join(src.classes)}), {p.image_size} px")
     result = fit(model, train, val, pre, cfg, Plan.of(model), desc="pretrain")
@@ -60,7 +62,7 @@ def run(source: Path, dataset_p: Any, p: PretrainParams, out: Path, metrics: Pat
     meta = {
         "kind": "pretrained", "architecture": zoo.canonical(p.architecture), "init": "random",
         "pretrained_sha256": None, "classes": src.classes, "preprocessing": pre,
-        "train": {**cfg.__dict__, "best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
+        "train": {**loop_settings(cfg), "best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
                   "seconds": result.seconds, "n_train": int(len(train.y))},
         "source": {"dataset": dataset_p.dataset, "path": str(source), "classes": src.classes,
                    "files_sha256": src.files, "test_accuracy": test_acc, "n_test": int(len(test.y))},

@@ -37,34 +37,18 @@ from stages.data import Split, batches, to_model_input
 from stages.params import AUGMENTS
 
 if TYPE_CHECKING:
+    from stages.params import FinetuneParams
     from stages.strategy import Plan
 
+# The settings `fit` reads (of FinetuneParams, which also holds the strategy's settings, read by a Plan, and
+# the launcher's), in the order model.json records them; tests/test_consistency.py checks the list against fit.
+LOOP_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "patience", "seed", "augment", "crop_min_area",
+                 "label_smoothing", "grad_clip", "compile", "checkpoint_every_steps", "keep")
 
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    patience: int
-    seed: int
-    augment: str = "none"  # one of AUGMENTS (images only; texts are never augmented)
-    crop_min_area: float = 0.35  # augment "crop": the smallest share of the image a crop keeps
-    label_smoothing: float = 0.0
-    grad_clip: float = 0.0  # clip the gradient's global norm to this; 0 = off
-    compile: bool = False  # torch.compile the model for training (pays off on GPU for long runs)
-    checkpoint_every_steps: int = 0  # with a checkpoint folder: also save mid-epoch every this many steps
-    keep: str = "best"  # "best": the best validation epoch's weights (ties: the later); "last": the last epoch's
 
-    @classmethod
-    def of(cls, settings: Any, **changes: Any) -> TrainConfig:
-        """The training fields of a params section (e.g. FinetuneParams), with `changes` applied."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        for k in ("epochs", "lr", "augment"):
-            v = changes.get(k, getattr(settings, k, None))
-            if isinstance(v, bool) or v == "auto":
-                raise ValueError(f"{k} is {v!r}: pass the settings through stages.hyperrule.resolve first")
-        return cls(**{**{k: v for k, v in dataclasses.asdict(settings).items() if k in names}, **changes})
+def loop_settings(cfg: FinetuneParams) -> dict[str, Any]:
+    """What a trained model's model.json records of the settings its training ran with."""
+    return {k: getattr(cfg, k) for k in LOOP_SETTINGS}
 
 
 @dataclass
@@ -133,19 +117,21 @@ def fit(
     train: Split,
     val: Split,
     pre: dict,
-    cfg: TrainConfig,
+    cfg: FinetuneParams,
     plan: Plan,
     desc: str = "train",
     checkpoints: Path | None = None,
 ) -> FitResult:
     """Train `model` in place; on return it holds the weights of the best validation epoch (on every rank),
-    or of the last epoch with `cfg.keep == "last"` (which also never stops early).
-    `plan` (stages/strategy.py) says which parameters train in which epoch, at which learning rate.
+    or of the last epoch with `cfg.keep == "last"` (which also never stops early). `cfg` is resolved
+    (stages/hyperrule.py: no `auto` left); `plan` (stages/strategy.py) says which parameters train in which
+    epoch, at which learning rate.
 
     With `checkpoints` (a folder), the whole training state is saved there after every epoch and every
     `cfg.checkpoint_every_steps` steps, and a run that finds a complete checkpoint of the same training
     (same settings, data and model) resumes from it: killed and restarted, it ends with the weights an
     uninterrupted run ends with (CPU, deterministic ops). The folder is emptied when training completes."""
+    cfg.require_resolved()
     rank, world = rank_and_world()
     # Each process its own random stream (dropout, where a model has it); DDP copies rank 0's weights.
     seed_everything(cfg.seed + rank)
@@ -337,9 +323,9 @@ def _state(model, opt, sched, gen, best: FitResult, best_state) -> dict[str, Any
             "best_epoch": best.best_epoch, "best_val_accuracy": best.best_val_accuracy}
 
 
-def fingerprint(model: nn.Module, train: Split, cfg: TrainConfig, plan: Plan, desc: str) -> str:
+def fingerprint(model: nn.Module, train: Split, cfg: FinetuneParams, plan: Plan, desc: str) -> str:
     """What must match for a checkpoint to be resumed: the settings, the training data and the model's shape."""
-    h = hashlib.sha256(json.dumps([desc, dataclasses.asdict(cfg), dataclasses.asdict(plan)], sort_keys=True,
+    h = hashlib.sha256(json.dumps([desc, loop_settings(cfg), dataclasses.asdict(plan)], sort_keys=True,
                                   default=str).encode())
     h.update(json.dumps(train.x.tolist()).encode() if train.x.dtype == object else np.ascontiguousarray(train.x).tobytes())
     h.update(np.ascontiguousarray(train.y).tobytes())
