@@ -33,6 +33,8 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING
 
+from stages.modality import adapter
+
 if TYPE_CHECKING:
     from stages.params import BaselineParams, FinetuneParams
 
@@ -63,8 +65,8 @@ def lr(modality: str, batch_size: int) -> tuple[float, str]:
 
 
 def augment(n: int, modality: str) -> tuple[str, str]:
-    if modality == "text":
-        return "none", "texts are not augmented"
+    if not adapter(modality).AUGMENTS:
+        return "none", f"{modality}s are not augmented"
     if n < SMALL:
         return "flip_shift", f"{n:,} examples < {SMALL:,}: light augmentation for a short schedule"
     return "crop", f"{n:,} examples >= {SMALL:,}: random resized crop for a long schedule"
