@@ -25,10 +25,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from stages import zoo
-from stages.data import load_split
 from stages.files import read_json, sha256_file
+from stages.predict import predict
 from stages.registry import CHAMPION, FILE_TAGS, Store, use
-from stages.train import predict
+from stages.splits import load_split
 
 RUN_KEY = "headstart.run_key"
 
@@ -225,7 +225,7 @@ def register_model(client: MlflowClient, run_id: str, model_dir: Path, name: str
     if zoo.modality(pre) == "text":
         # Tokens in, logits out (the tokenizer rides along in the checkpoint artifacts). Two texts of
         # different lengths so neither the batch nor the sequence axis is pinned by the example.
-        from stages.data import to_model_input
+        from stages.splits import to_model_input
 
         ids, mask = to_model_input(np.array(["a short text", "a somewhat longer text to read"], dtype=object), pre)
         example = (ids.numpy(), mask.numpy())

@@ -11,8 +11,9 @@ import torch
 
 from flows.pipeline import apply_overrides, read_preset
 from stages import hyperrule
+from stages.augment import augment
 from stages.params import BaselineParams, FinetuneParams, Params
-from stages.train import TrainConfig, augment, fit
+from stages.train import TrainConfig, fit
 
 from .conftest import ROOT
 from .test_strategy import small_cnn, tiny_images
