@@ -24,6 +24,7 @@ import torch
 from stages.files import sha256_file, write_json
 
 FAMILIES = ("timm", "torchvision", "hf", "local")
+AUTO = "auto"  # model.name: the select stage's choice among select.candidates
 HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
             "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")  # + every *.safetensors
 
@@ -66,6 +67,14 @@ def canonical(name: str) -> str:
         raise ValueError(f"model.name {name!r}: expected <family>:<name> with family one of {', '.join(FAMILIES)} "
                          "(e.g. timm:resnet18, torchvision:resnet50, hf:bert-base-uncased, local:models/pretrained)")
     return name
+
+
+def chosen_model(chosen: Path) -> str:
+    """The model the select stage chose (paths.chosen_model), which model.name auto stands for."""
+    if not Path(chosen).exists():
+        raise FileNotFoundError(f"model.name is auto but {chosen} does not exist: run the select stage first "
+                                f"(dvc repro select, or python -m stages.select)")
+    return json.loads(Path(chosen).read_text())["model"]
 
 
 def family_of(name: str) -> str:
@@ -199,7 +208,6 @@ def lock(w: Weights, lock_path: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     from stages.params import Params
-    from stages.zoo import resolve  # model.name auto, as a run reads it (zoo imports this module, not the reverse)
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
@@ -215,12 +223,13 @@ def main(argv: list[str] | None = None) -> None:
         for name, entry in read_lock(lock_path).items():
             print(f"{name}\n  source: {entry['source']}\n" + "".join(f"  {f}: {h}\n" for f, h in entry["files"].items()))
         return
+    m = params.model
     try:
-        m = resolve(params.model, params.paths.chosen_model)  # model.name auto: the select stage's choice
+        chosen = chosen_model(params.paths.chosen_model) if m.name == AUTO else m.name
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
-    name = canonical(getattr(args, "name", None) or m.name)
-    weights = m.weights if name == canonical(m.name) else None
+    name = canonical(getattr(args, "name", None) or chosen)
+    weights = m.weights if name == canonical(chosen) else None
     try:
         w = find_weights(name, weights, m.allow_download, m.revision)
         if args.command == "check":

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stages.weights import PACKAGED, canonical, family_of, find_weights, verify
+from stages.weights import AUTO, PACKAGED, canonical, chosen_model, family_of, find_weights, verify
 
 PIXEL_LINEAR = "pixel_linear"  # logistic regression on raw pixels, kept as a torch module like the rest
 TFIDF_LINEAR = "tfidf_linear"  # logistic regression on TF-IDF of token ids (stages/text.py)
@@ -35,17 +35,11 @@ def modality(pre: dict) -> str:
     return pre.get("modality", "image")
 
 
-AUTO = "auto"
-
-
 def resolve(model_p: Any, chosen: Path) -> Any:
     """`model_p` with `auto` replaced by the select stage's choice (paths.chosen_model)."""
     if model_p.name != AUTO:
         return model_p
-    if not Path(chosen).exists():
-        raise FileNotFoundError(f"model.name is auto but {chosen} does not exist: run the select stage first "
-                                f"(dvc repro select, or python -m stages.select)")
-    return dataclasses.replace(model_p, name=json.loads(Path(chosen).read_text())["model"])
+    return dataclasses.replace(model_p, name=chosen_model(chosen))
 
 
 @dataclass
