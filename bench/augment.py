@@ -21,11 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from stages import baseline, finetune, zoo  # noqa: E402
-from stages.data import load_split  # noqa: E402
 from stages.files import read_json  # noqa: E402
 from stages.params import AUGMENTS, Params  # noqa: E402
+from stages.predict import predict  # noqa: E402
+from stages.splits import load_split  # noqa: E402
 from stages.stats import bootstrap_ci  # noqa: E402
-from stages.train import predict  # noqa: E402
 
 
 def score(folder: Path, test, n_boot: int) -> tuple[float, list[float]]:

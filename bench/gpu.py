@@ -26,10 +26,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stages import zoo  # noqa: E402
-from stages.data import Split, to_model_input  # noqa: E402
+from stages.predict import device  # noqa: E402
+from stages.splits import Split, to_model_input  # noqa: E402
 from stages.strategy import Plan  # noqa: E402
 from stages.params import FinetuneParams  # noqa: E402
-from stages.train import device, fit  # noqa: E402
+from stages.predict import device  # noqa: E402
+from stages.train import fit  # noqa: E402
 
 
 def synthetic(n: int, side: int, classes: int, seed: int) -> Split:

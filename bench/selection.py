@@ -30,10 +30,10 @@ from scipy.stats import kendalltau  # noqa: E402
 
 from flows.pipeline import read_preset  # noqa: E402
 from stages import baseline, finetune, select, zoo  # noqa: E402
-from stages.data import load_split  # noqa: E402
 from stages.files import read_json  # noqa: E402
 from stages.params import Params  # noqa: E402
-from stages.train import predict  # noqa: E402
+from stages.predict import predict  # noqa: E402
+from stages.splits import load_split  # noqa: E402
 
 
 def params_with(preset: Path | None) -> Params:

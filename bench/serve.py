@@ -28,9 +28,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from stages import zoo  # noqa: E402
-from stages.data import load_split  # noqa: E402
 from stages.export import input_names, onnx_feed  # noqa: E402
 from stages.params import Params  # noqa: E402
+from stages.splits import load_split  # noqa: E402
 
 
 def serve_key(meta: dict) -> str:

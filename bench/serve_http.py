@@ -34,8 +34,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from stages import servable  # noqa: E402
-from stages.data import load_split  # noqa: E402
 from stages.params import Params  # noqa: E402
+from stages.splits import load_split  # noqa: E402
 
 
 def serve_key(contract: dict) -> str:

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from stages import hyperrule, zoo
-from stages.data import load_split
+from stages import checkpoint, hyperrule, zoo
 from stages.files import atomic_path, read_json
 from stages.inputs import image_array
 from stages.modality import adapter
 from stages.params import BaselineParams, FinetuneParams, ModelParams, cli
+from stages.splits import load_split
 from stages.strategy import Plan, best_logreg, linear_probe, load_linear
 from stages.train import fit, loop_settings, seed_everything, write_history
 
@@ -54,7 +54,7 @@ def _scratch(train, val, classes, out, history, model_p, ft, p, weights_lock, ch
           + (f"; {hyperrule.describe(auto)}" if auto else ""))
     result = fit(model, train, val, pre, cfg, Plan.of(model), desc="scratch", checkpoints=checkpoints)
     write_history(history, result.history)
-    zoo.save_checkpoint(out, model, _meta("scratch", loaded.architecture, "random", None, classes, pre, {
+    checkpoint.save_checkpoint(out, model, _meta("scratch", loaded.architecture, "random", None, classes, pre, {
         **loop_settings(cfg), **({"auto": auto} if auto else {}), "best_epoch": result.best_epoch,
         "best_val_accuracy": result.best_val_accuracy, "seconds": result.seconds}))
     return result.best_val_accuracy
@@ -71,7 +71,7 @@ def _linear_probe(train, val, classes, out, loaded: zoo.Loaded, cs: list[float])
     start = time.perf_counter()
     model, pre = loaded.model, loaded.pre
     c, acc = linear_probe(model, train, val, pre, cs)
-    zoo.save_checkpoint(out, model, _meta("linear_probe", loaded.architecture, "pretrained",
+    checkpoint.save_checkpoint(out, model, _meta("linear_probe", loaded.architecture, "pretrained",
                                           loaded.weights_sha256, classes, pre, {
         "C": c, "val_accuracy": acc, "seconds": round(time.perf_counter() - start, 2)}))
     return acc
@@ -81,7 +81,7 @@ def _floor(train, val, classes, out, model_pre: dict, p) -> float:
     start = time.perf_counter()
     arch = adapter(model_pre).FLOOR
     model, pre, c, acc = FLOORS[arch](train, val, classes, model_pre, [p.floor_c])
-    zoo.save_checkpoint(out, model, _meta("floor", arch, "logistic_regression", None, classes, pre, {
+    checkpoint.save_checkpoint(out, model, _meta("floor", arch, "logistic_regression", None, classes, pre, {
         "C": c, "val_accuracy": acc, "seconds": round(time.perf_counter() - start, 2)}))
     return acc
 

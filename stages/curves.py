@@ -39,10 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from stages import datasets, hyperrule, zoo
-from stages.data import Split, stratified_indices
+from stages import hyperrule, sources, zoo
 from stages.files import atomic_path, read_json, write_json
 from stages.params import FinetuneParams, Params
+from stages.splits import Split, draw
 
 MODELS = ("finetuned", "scratch")
 TEST_SEED = 12345  # the test draw is one for every point, whatever the seeds
@@ -51,28 +51,19 @@ TEST_SEED = 12345  # the test draw is one for every point, whatever the seeds
 def data(params: Params, budget: int, seed: int) -> tuple[Split, Split, Split, list[str]]:
     """Train (`budget` per class), validation and test splits for one point (see the module docstring)."""
     c = params.curves
-    src = datasets.keep_classes(datasets.read(params.prepare.dataset, params.paths.source, params.prepare),
-                                params.prepare.classes)
-    pool = src.pool
-    if src.test is not None:
-        test = src.test
-        if c.test_per_class is not None:
-            test = _take(test, stratified_indices(test.y, c.test_per_class, 0, TEST_SEED, 0, src.classes)[0])
-    else:  # no test split of its own: a stratified draw first, and the rest is the pool
-        need = c.test_per_class or 100
-        te = stratified_indices(pool.y, need, 0, TEST_SEED, 0, src.classes)[0]
-        test = _take(pool, te)
-        pool = _take(pool, np.setdiff1d(np.arange(len(pool.y)), te))
+    src = sources.keep_classes(sources.read(params.prepare.dataset, params.paths.source, params.prepare),
+                               params.prepare.classes)
+    # the test split first, with its own seed; a source without one gives a stratified draw of its pool
+    test_per_class = c.test_per_class if src.test is not None else c.test_per_class or 100
+    tested = draw(src, per_class=0, val_per_class=0, test_per_class=test_per_class, seed=TEST_SEED,
+                  settings="curves")
     try:  # validation first, so it is the same at every budget and smaller budgets nest in larger ones
-        va, tr = stratified_indices(pool.y, c.val_per_class, budget, seed, 0, src.classes)
+        drawn = draw(dataclasses.replace(src, pool=tested.rest, test=None), per_class=budget,
+                     val_per_class=c.val_per_class, test_per_class=0, seed=seed, val_first=True, settings="curves")
     except ValueError as e:
         raise ValueError(f"budget {budget} per class: {e} (here: curves.val_per_class + the budget; lower "
                          "curves.budgets)") from None
-    return _take(pool, tr), _take(pool, va), test, src.classes
-
-
-def _take(s: Split, rows: np.ndarray) -> Split:
-    return Split(s.x[rows], s.y[rows])
+    return drawn.train, drawn.val, tested.test, src.classes
 
 
 def settings(params: Params, model: str, n: int, modality: str, seed: int) -> FinetuneParams:
@@ -90,8 +81,9 @@ def settings(params: Params, model: str, n: int, modality: str, seed: int) -> Fi
 
 def point(params: Params, model: str, budget: int, seed: int) -> dict[str, Any]:
     """Train one point of the curve and score it on the test set; writes paths.curves/<model>-<budget>-<seed>.json."""
+    from stages.predict import predict
     from stages.strategy import Plan
-    from stages.train import fit, predict, seed_everything
+    from stages.train import fit, seed_everything
 
     began = time.perf_counter()
     c = params.curves

@@ -21,16 +21,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages import datasets, zoo
-from stages.data import load_split
+from stages import sources, weights
 from stages.files import atomic_path, write_json
 from stages.modality import adapter
 from stages.params import DaptParams, Params, cli
+from stages.splits import load_split
 
 
 def texts_for(source: Path, prepare_p: Any, prepared: Path) -> np.ndarray:
     """The source's texts minus the prepared validation and test texts (no peeking at what is scored)."""
-    src = datasets.keep_classes(datasets.read(prepare_p.dataset, Path(source), prepare_p), prepare_p.classes)
+    src = sources.keep_classes(sources.read(prepare_p.dataset, Path(source), prepare_p), prepare_p.classes)
     if adapter(src.modality).PRETRAINING != "masked_lm":
         raise ValueError(f"dapt: {prepare_p.dataset} is {src.modality} data; domain-adaptive pre-training continues "
                          "a text encoder's masked-language-model training on text")
@@ -44,12 +44,13 @@ def run(source: Path, prepare_p: Any, prepared: Path, p: DaptParams, out: Path, 
     from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
     from transformers import logging as hf_logging
 
-    from stages.train import device, seed_everything
+    from stages.predict import device
+    from stages.train import seed_everything
 
     began = time.perf_counter()
     texts = texts_for(source, prepare_p, prepared)
-    base = zoo.find_weights(p.base)
-    zoo.verify(base, weights_lock)
+    base = weights.find_weights(p.base)
+    weights.verify(base, weights_lock)
     hf_logging.set_verbosity_error()  # "some weights were not initialised" is expected: the MLM head is new
     logging.getLogger("transformers").setLevel(logging.ERROR)
     tok = AutoTokenizer.from_pretrained(base.path)
@@ -132,8 +133,8 @@ def run(source: Path, prepare_p: Any, prepared: Path, p: DaptParams, out: Path, 
         encoder.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
     name = f"hf:{out}"
-    entry = zoo.lock(zoo.find_weights(name), weights_lock)
-    report = {"base": p.base, "model": name, "weights_sha256": zoo.digest(entry["files"]),
+    entry = weights.lock(weights.find_weights(name), weights_lock)
+    report = {"base": p.base, "model": name, "weights_sha256": weights.digest(entry["files"]),
               "n_texts": int(len(pool)), "n_held_out": int(len(held)), "head_steps": p.head_steps, "steps": p.steps,
               "batch_size": p.batch_size,
               "held_out_mlm_loss_before": round(before, 4), "held_out_mlm_loss_after": round(after, 4),

@@ -23,14 +23,14 @@ import numpy as np
 import onnx
 import torch
 
-from stages import zoo
-from stages.data import batches, load_split, to_model_input
+from stages import checkpoint, zoo
 from stages.evaluate import candidate, read_logits
 from stages.files import atomic_path, read_json, sha256_file, write_json
 from stages.modality import adapter
 from stages.params import ExportParams, cli
+from stages.predict import predict
 from stages.servable import safe_session
-from stages.train import predict
+from stages.splits import batches, load_split, to_model_input
 
 
 def input_names(pre: dict) -> tuple[str, ...]:
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     params = cli(__doc__, argv)
     paths = params.paths
     name = candidate(read_json(paths.evaluate_metrics), params.register.candidate)
-    model_dir = zoo.model_dirs(paths.finetuned, paths.baselines)[name]
+    model_dir = checkpoint.model_dirs(paths.finetuned, paths.baselines)[name]
     run(model_dir, paths.prepared, paths.onnx, paths.onnx_int8, paths.export_metrics, params.export, name,
         paths.serving, params.prepare.max_pixels, paths.test_logits)
 

@@ -18,12 +18,14 @@ from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from stages import hyperrule, strategy, zoo
-from stages.data import load_split
+from stages import checkpoint, hyperrule, strategy, zoo
+from stages.distributed import distributed
 from stages.files import read_json
 from stages.modality import adapter
 from stages.params import FinetuneParams, ModelParams, cli
-from stages.train import FitResult, device, distributed, fit, loop_settings, seed_everything, write_history
+from stages.predict import device
+from stages.splits import load_split
+from stages.train import FitResult, fit, loop_settings, seed_everything, write_history
 
 
 def run(
@@ -94,7 +96,7 @@ def _run(prepared, out, history, model_p, p, weights_lock, rank: int, world: int
     }
     if rank != 0:  # every rank holds the same weights; one writes
         return result
-    zoo.save_checkpoint(out, model, meta)
+    checkpoint.save_checkpoint(out, model, meta)
     write_history(history, result.history)
     kept = "best validation accuracy" if p.keep == "best" else "validation accuracy of the last epoch,"
     print(f"{kept} {result.best_val_accuracy:.4f} at epoch {result.best_epoch} -> {out}")

@@ -70,7 +70,7 @@ STRATEGIES = ("full", "linear_probe", "partial", "gradual_unfreeze", "lp_ft", "l
 
 DATASETS = ("fashion-mnist", "wordnet", "image-folder", "text-table")
 
-# finetune.augment: what happens to each training batch of images (stages/train.py, augment)
+# finetune.augment: what happens to each training batch of images (stages/augment.py)
 AUGMENTS = ("none", "flip", "flip_shift", "crop")
 
 

@@ -22,15 +22,15 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from stages import tracking, zoo
-from stages.data import load_split
+from stages import checkpoint, tracking, zoo
 from stages.evaluate import answer, candidate
 from stages.files import read_json, write_json
 from stages.modality import adapter
 from stages.params import RegisterParams, cli
+from stages.predict import predict
 from stages.registry import CHALLENGER, Store
+from stages.splits import load_split
 from stages.stats import bootstrap_ci
-from stages.train import predict
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def run(
     if export.get("model", "finetuned") != name:
         raise ValueError(f"{exported} holds the ONNX export of {export.get('model', 'finetuned')}, but the candidate "
                          f"is {name}: run the export stage first (dvc repro export)")
-    model_dir = zoo.model_dirs(finetuned, baselines)[name]
+    model_dir = checkpoint.model_dirs(finetuned, baselines)[name]
     experiment_id = tracking.connect(store, p.experiment)
     client = MlflowClient()
     key = tracking.run_key(model_dir, evaluation, exported, lineage)
@@ -100,7 +100,7 @@ def run(
     if earlier is None:
         with tracking.pipeline_run(experiment_id, report, evaluation, lineage) as parent_id:
             runs = {model: tracking.log_model_run(experiment_id, model, path, histories.get(model), report[model], plots)
-                    for model, path in zoo.model_dirs(finetuned, baselines).items()}
+                    for model, path in checkpoint.model_dirs(finetuned, baselines).items()}
             # Marks the run before the version exists: a rerun after a failure past this point finds the
             # version by it and completes that one instead of registering the same model twice.
             client.set_tag(runs[name], tracking.RUN_KEY, key)
@@ -191,7 +191,7 @@ def dvc_cached_split(dir_md5: str, split: str, repo: Path = Path(".")) -> Any:
     (any data version DVC has seen here, current or not); None when the cache no longer holds it."""
     from dvc.repo import Repo
 
-    from stages.data import Split
+    from stages.splits import Split
 
     cache = Repo(str(repo)).cache.local
     listing = Path(cache.oid_to_path(dir_md5))

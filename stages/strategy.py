@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from stages import zoo
-from stages.data import Split
-from stages.train import accuracy, predict
+from stages.predict import accuracy, predict
+from stages.splits import Split
 
 if TYPE_CHECKING:  # scikit-learn is imported where a probe is fitted: GPU nodes may lack it (../shared)
     from sklearn.linear_model import LogisticRegression

@@ -25,11 +25,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from stages import zoo
-from stages.data import load_split
 from stages.files import read_json, sha256_file
 from stages.modality import adapter
+from stages.predict import predict
 from stages.registry import CHAMPION, FILE_TAGS, Store, use
-from stages.train import predict
+from stages.splits import load_split
 
 RUN_KEY = "headstart.run_key"
 

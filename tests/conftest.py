@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.data import FASHION_MNIST_FILES
+from stages.sources import FASHION_MNIST_FILES
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a fresh clone of the project needs to run the pipeline (end-to-end tests work in such a copy).
@@ -233,7 +233,7 @@ def tiny_hf_model(folder: Path, model_type: str) -> Path:
     import torch
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    from stages.zoo import PACKAGED
+    from stages.weights import PACKAGED
 
     tok = AutoTokenizer.from_pretrained(PACKAGED["hf:sentence-transformers/all-MiniLM-L6-v2"].path())
     sizes = {

@@ -11,8 +11,10 @@ import torch
 
 from flows.pipeline import apply_overrides, read_preset
 from stages import hyperrule
+from stages.augment import augment
 from stages.params import BaselineParams, FinetuneParams, Params
-from stages.train import augment, fit
+from stages.augment import augment
+from stages.train import fit
 
 from .conftest import ROOT
 from .test_strategy import small_cnn, tiny_images

@@ -190,7 +190,7 @@ def test_server_resolves_an_alias_and_answers_image_files_as_evaluate_did(projec
 
     from mlflow.tracking import MlflowClient
 
-    from stages.data import load_split
+    from stages.splits import load_split
 
     from .test_serve import multipart, png, post
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from flows.pipeline import apply_overrides, read_preset
-from stages.data import FASHION_MNIST_CLASSES
 from stages.params import Params
+from stages.sources import FASHION_MNIST_CLASSES
 
 from .conftest import ROOT, flow_env, sh
 

@@ -8,7 +8,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from stages import zoo
+from stages import checkpoint, zoo
 from stages.files import write_json
 from stages.params import RegisterParams
 from stages.register import gate, run
@@ -64,7 +64,7 @@ def _workspace(tmp_path, verdict: str, accuracy: float, n_classes: int = 10):
     for path in ("finetuned", "baselines/scratch", "baselines/linear_probe", "baselines/floor"):
         meta = {"kind": path, "architecture": zoo.PIXEL_LINEAR, "init": "random", "pretrained_sha256": None,
                 "classes": classes, "preprocessing": pre, "train": {"epochs": 1}}
-        zoo.save_checkpoint(tmp_path / path, zoo.build(zoo.PIXEL_LINEAR, n_classes, pre), meta)
+        checkpoint.save_checkpoint(tmp_path / path, zoo.build(zoo.PIXEL_LINEAR, n_classes, pre), meta)
     gain_ci = [0.05, 0.15] if verdict == "positive" else [-0.02, 0.1]
     report = _report(accuracy, gain_ci, accuracy_ci95=[accuracy - 0.01, accuracy + 0.01], macro_f1=accuracy)
     report.update({"test_sha256": "t" * 64, "n_test": 100})
@@ -201,7 +201,7 @@ def _constant_model(folder, predicts: int) -> None:
         model[1].bias[predicts] = 5.0
     meta = {"kind": "finetuned", "architecture": zoo.PIXEL_LINEAR, "init": "random", "pretrained_sha256": None,
             "classes": [str(i) for i in range(10)], "preprocessing": pre, "train": {"epochs": 1}}
-    zoo.save_checkpoint(folder, model, meta)
+    checkpoint.save_checkpoint(folder, model, meta)
 
 
 @pytest.mark.slow
@@ -215,7 +215,7 @@ def test_a_retrained_model_that_forgets_the_previous_data_version_is_refused_cha
     import numpy as np
     import yaml
 
-    from stages.data import Split, save_split
+    from stages.splits import Split, save_split
 
     from .conftest import sh
 

@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from flows.pipeline import apply_overrides, read_preset
-from stages.data import FASHION_MNIST_FILES, read_idx
 from stages.params import Params
+from stages.sources import FASHION_MNIST_FILES, read_idx
 
 from .conftest import GIT, ROOT, background, copy_project, flow_env, http_server, sh, write_idx
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages import servable, text, zoo
+from stages import checkpoint, servable, text, zoo
 from stages.export import export_onnx, onnx_logits, serving_contract
 from stages.inputs import decode_image
 from stages.registry import FILE_TAGS
@@ -346,14 +346,14 @@ def test_serve_bench_times_a_text_model_and_keeps_other_models_results(tmp_path)
 
     import yaml
 
-    from stages.data import Split, save_split
     from stages.export import quantize_int8
+    from stages.splits import Split, save_split
 
     hf = tiny_hf_model(tmp_path / "bert", "bert")
     torch.manual_seed(0)
     model = text.TextClassifier(text.encoder(hf, pretrained=True), "mean", 3).eval()
     pre = zoo.text_preprocessing(hf, 16, "mean")
-    zoo.save_checkpoint(tmp_path / "ckpt", model, {"architecture": f"hf:{hf}", "classes": ["a", "b", "c"],
+    checkpoint.save_checkpoint(tmp_path / "ckpt", model, {"architecture": f"hf:{hf}", "classes": ["a", "b", "c"],
                                                    "preprocessing": pre})
     export_onnx(model, pre, tmp_path / "model.onnx", opset=17)
     words = np.array(["dog", "bread", "sad", "a", "the", "barks", "warm", "loaf", "joy", "cat"])

@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from stages.data import FASHION_MNIST_FILES
 from stages.params import PrepareParams
 from stages.prepare import run as prepare
+from stages.sources import FASHION_MNIST_FILES
 
 from ..conftest import ROOT, write_idx
 
