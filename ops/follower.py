@@ -67,7 +67,7 @@ class Follower:
                     raise NotServable(
                         f"it is another task ({switch}) than version {serving}, "
                         f"which clients of {self.name}@{self.alias} send their inputs for; to switch tasks, promote "
-                        f"it with a reason: python -m ops.promote {found['version']} --model {self.name} "
+                        f"it with a reason: python -m flows.promote {found['version']} --model {self.name} "
                         f"--alias {self.alias} --force --reason '...'")
                 model.warm_up()
             except (NotServable, LookupError, OSError, ValueError) as e:

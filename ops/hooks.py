@@ -1,5 +1,5 @@
 """Receive the MLflow registry's webhooks for alias moves, so that setting `champion` in the MLflow UI has
-the consequences a checked promotion (ops.promote) has: an audit trail on the version, the rule of
+the consequences a checked promotion (flows.promote) has: an audit trail on the version, the rule of
 stages/promotion.py applied (gate passed, same task as the version replaced), a loud flag when it fails,
 the move undone when promotion.enforce is true, and the model servers told to swap at once.
 
@@ -12,7 +12,7 @@ SQL backend with MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY set (else each server proc
 a key of its own) and, to deliver to a loopback or private address, MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https
 and MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true.
 
-Who promoted: MLflow's webhook carries no user. A move made by ops.promote has just written
+Who promoted: MLflow's webhook carries no user. A move made by flows.promote has just written
 <alias>.promoted_by on the version, which is used; any other move is recorded as made in the MLflow UI
 or API by an unknown user (`promotion.by` = "mlflow-ui-or-api"). Each event is handled in order by one
 thread and appended to promotion.log as one JSON object; a flagged move is also logged at ERROR and its
@@ -43,7 +43,7 @@ from fastapi.responses import JSONResponse
 
 SECRET_ENV, TOKEN_ENV = "HEADSTART_WEBHOOK_SECRET", "HEADSTART_ADMIN_TOKEN"
 UNKNOWN_USER = "mlflow-ui-or-api"
-FRESH_SECONDS = 120  # an <alias>.promoted_at this recent was written by the ops.promote that moved the alias
+FRESH_SECONDS = 120  # an <alias>.promoted_at this recent was written by the flows.promote that moved the alias
 log = logging.getLogger("headstart.hooks")
 
 
@@ -129,7 +129,7 @@ class Receiver:
         if not found["problems"]:
             record["result"] = "accepted"
         elif found["forced"] and by != UNKNOWN_USER:
-            record["result"] = "forced"  # ops.promote --force: a person gave a reason, recorded on the version
+            record["result"] = "forced"  # flows.promote --force: a person gave a reason, recorded on the version
             log.warning("%s version %s holds %s although %s (forced)", name, version, alias, "; ".join(found["problems"]))
         else:
             record["result"] = "flagged"
@@ -152,7 +152,7 @@ class Receiver:
         tags = held["tags"] if held and held["version"] == version else {}
         stamp = tags.get(f"{self.alias}.promoted_at")
         if stamp and time.time() - calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")) < FRESH_SECONDS:
-            return f"{tags.get(f'{self.alias}.promoted_by', 'unknown')} (ops.promote)"
+            return f"{tags.get(f'{self.alias}.promoted_by', 'unknown')} (flows.promote)"
         return UNKNOWN_USER
 
     def _reload(self) -> list[dict[str, Any]]:

@@ -13,7 +13,8 @@ from typing import Any
 from torch import nn
 
 from stages.files import atomic_path
-from stages.zoo import BASELINES, modality
+from stages.modality import adapter
+from stages.zoo import BASELINES
 
 
 def model_dirs(finetuned: Path, baselines: Path) -> dict[str, Path]:
@@ -29,12 +30,8 @@ def save_checkpoint(out: Path, model: nn.Module, meta: dict[str, Any]) -> None:
     with atomic_path(out) as tmp:
         tmp.mkdir()
         save_model(model, str(tmp / "model.safetensors"))
-        pre = meta.get("preprocessing", {})
-        if modality(pre) == "text":
-            from stages.text import save_files
-
-            save_files(model, pre, tmp)
-            meta = {**meta, "preprocessing": {**pre, "files": "."}}
+        if "preprocessing" in meta:  # a text model's tokenizer and encoder config, say
+            meta = {**meta, "preprocessing": adapter(meta["preprocessing"]).save_files(model, meta["preprocessing"], tmp)}
         (tmp / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 

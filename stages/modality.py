@@ -21,6 +21,7 @@ class Adapter(Protocol):
     and constants, no classes to instantiate."""
 
     NAME: str  # model.json's preprocessing["modality"], serving.json's "modality"
+    EXAMPLE_MODEL: str  # a pre-trained model of this modality, suggested when none is named
     REQUEST_FIELDS: tuple[str, ...]  # the JSON fields the model server accepts for it
     ACCEPTS_FILES: bool  # whether the server takes multipart file uploads of it
     AUGMENTS: bool  # whether training augments it (hyperrule's `auto`)

@@ -85,7 +85,7 @@ def fetch_servable(store: Store, name: str, alias: str, dst: Path, int8: bool = 
         raise servable.NotServable(
             f"{name} version {version['version']} holds {alias!r} but did not pass its promotion gate"
             f" ({', '.join(failed) or 'no gate recorded'}); a version that failed is served only when promoted with "
-            f"a reason: python -m ops.promote {version['version']} --model {name} --alias {alias} --force "
+            f"a reason: python -m flows.promote {version['version']} --model {name} --alias {alias} --force "
             "--reason '...'")
     folder = Path(dst) / f"v{version['version']}"
     try:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from stages.files import read_json, write_json
+from stages.modality import adapter
 from stages.params import ModelParams, SelectParams, cli
 from stages.splits import Split, load_split
 
@@ -210,7 +211,7 @@ def run(prepared: Path, out: Path, model_p: ModelParams, p: SelectParams, weight
     if not eligible and model_p.name == AUTO:
         raise ValueError(f"model.name is auto but select.candidates has no pre-trained {data_modality} model to "
                          f"choose (random: and tfidf entries are references): add one, e.g. "
-                         f"{'hf:sentence-transformers/all-MiniLM-L6-v2' if data_modality == 'text' else 'timm:efficientnet_lite0'}")
+                         f"{adapter(data_modality).EXAMPLE_MODEL}")
     chosen = max(eligible, key=lambda n: scores[n]["logme"]) if eligible else None
     result = {"candidates": scores, "chosen": chosen, "chosen_by": "logme",
               "ranking": sorted(scored, key=lambda n: -scores[n]["logme"]),

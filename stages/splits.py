@@ -126,15 +126,9 @@ def to_model_input(x: np.ndarray, pre: dict):
     tensor (N, C, S, S); for texts the tuple (input_ids, attention_mask). The same function feeds
     training, evaluation and ONNX parity, and the model server calls the same numpy code beneath it
     (stages.inputs), so they cannot drift apart."""
-    if pre.get("modality") == "text":
-        from stages.text import tokenize
+    from stages.modality import adapter
 
-        return tokenize(x, pre)
-    import torch
-
-    from stages.inputs import image_array
-
-    return torch.from_numpy(image_array(x, pre))
+    return adapter(pre).model_input(x, pre)
 
 
 def batches(n: int, batch_size: int) -> Iterator[slice]:

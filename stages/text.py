@@ -21,6 +21,7 @@ import numpy as np
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer is called from forked workers too
 NAME = "text"
+EXAMPLE_MODEL = "hf:sentence-transformers/all-MiniLM-L6-v2"  # a pre-trained model to suggest when none is named
 REQUEST_FIELDS = ("texts",)
 ACCEPTS_FILES = False
 AUGMENTS = False

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from stages.modality import adapter
 from stages.weights import AUTO, PACKAGED, canonical, chosen_model, family_of, find_weights, verify
 
 PIXEL_LINEAR = "pixel_linear"  # logistic regression on raw pixels, kept as a torch module like the rest
@@ -94,8 +95,7 @@ def load(m: Any, num_classes: int, lock_path: Path, pretrained: bool = True) -> 
     if family == "local":
         source, meta = load_checkpoint(w.path, weights=pretrained)
         pre = meta["preprocessing"]
-        if modality(pre) == "image":
-            pre = {**pre, "image_size": m.image_size}
+        pre = adapter(pre).configure(pre, m)
         reset_head(source, num_classes)
         return Loaded(source, pre, meta["architecture"], sha if pretrained else None)
     if family == "hf":

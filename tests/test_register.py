@@ -144,7 +144,7 @@ def test_promotion_needs_a_passed_gate_or_a_recorded_reason(tmp_path, mlflow_sto
 
     # the CLI, as a person runs it: refused, exit status 1, the failing check named
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store.uri(), "PREFECT_HOME": str(tmp_path / "prefect")}
-    res = subprocess.run([sys.executable, "-m", "ops.promote", str(bad), "--model", name], cwd=ROOT, env=env,
+    res = subprocess.run([sys.executable, "-m", "flows.promote", str(bad), "--model", name], cwd=ROOT, env=env,
                          capture_output=True, text=True)  # --model: the same as params.yaml's, by name
     assert res.returncode == 1, res.stdout + res.stderr
     assert "gate.beats_alternatives.passed is false" in res.stderr
@@ -156,7 +156,7 @@ def test_promotion_needs_a_passed_gate_or_a_recorded_reason(tmp_path, mlflow_sto
     with pytest.raises(PromotionRefused):
         promote_version(mlflow_store, name, bad)
 
-    res = subprocess.run([sys.executable, "-m", "ops.promote", str(good)], cwd=ROOT, env=env,
+    res = subprocess.run([sys.executable, "-m", "flows.promote", str(good)], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
     assert client.get_model_version_by_alias(name, "champion").version == good

@@ -2,11 +2,11 @@
 checked: the version's promotion gate (tags gate.<check>.passed, written by the register stage) must
 have passed, or the promotion must be forced with a reason, which is recorded on the version.
 
-Run:  python -m ops.promote 3                          # version 3 of params.yaml's task's model: champion
-      python -m ops.promote 3 --task text              # of another task's registered model
-      python -m ops.promote 3 --model headstart-my-photos
-      python -m ops.promote 3 --force --reason "..."   # despite a failed gate; the reason is kept
-      python -m ops.promote 2                          # rollback: point champion back at version 2
+Run:  python -m flows.promote 3                          # version 3 of params.yaml's task's model: champion
+      python -m flows.promote 3 --task text              # of another task's registered model
+      python -m flows.promote 3 --model headstart-my-photos
+      python -m flows.promote 3 --force --reason "..."   # despite a failed gate; the reason is kept
+      python -m flows.promote 2                          # rollback: point champion back at version 2
 Exit status 1 and the failing checks when refused."""
 
 from __future__ import annotations
