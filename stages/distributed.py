@@ -39,7 +39,8 @@ def distributed(timeout_s: float | None = None) -> Iterator[tuple[int, int]]:
     except RuntimeError as e:
         # gloo reports a lost peer ("Connection closed by peer") or a timeout as a plain RuntimeError
         # naming its own source file; NCCL and the store raise DistError.
-        if not (isinstance(e, dist.DistError) or "/gloo/" in str(e)):
+        # A collective's wait that times out says only "Application timeout caused pair closure".
+        if not (isinstance(e, dist.DistError) or any(s in str(e) for s in ("/gloo/", "pair closure"))):
             raise
         waited = f"the peer timeout ({timeout_s:g} s)" if timeout_s else "torch's default timeout"
         raise RuntimeError(

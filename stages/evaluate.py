@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from stages import checkpoint, weights, zoo
+from stages.checkpoint import source_test
 from stages.files import atomic_path, read_json, write_json, write_text
 from stages.modality import adapter
 from stages.params import EvaluateParams, ModelParams, cli
@@ -176,7 +177,7 @@ def forgetting(tuned: torch.nn.Module, checkpoint: Path, n_bootstrap: int, seed:
     fine-tuning, and after: the fine-tuned backbone under the same source head. `forgetting` is before -
     after, with a paired-bootstrap 95% interval. None when the checkpoint has no source task with data
     (e.g. ImageNet weights; stages/pretrain.py keeps one with the checkpoints it makes)."""
-    held = checkpoint.source_test(checkpoint)
+    held = source_test(checkpoint)
     if held is None:
         return None
     source, meta = zoo.load_checkpoint(checkpoint)
