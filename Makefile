@@ -74,7 +74,7 @@ smoke: setup  ## the pipeline with presets/smoke.yaml applied for this run (CI o
 # workspace paths, e.g. main's smoke run downloaded by CI) only the base's name. In GitHub Actions the report is
 # also the job's summary page.
 report: setup  ## report of the last run vs BASE (git rev) or BASE_METRICS=<dir>, and the champion -> reports/report.md
-	$(BIN)/python -m flows.report --base "$(or $(BASE),HEAD)" $(if $(BASE_METRICS),--base-metrics "$(BASE_METRICS)") \
+	$(BIN)/python -m ops.report --base "$(or $(BASE),HEAD)" $(if $(BASE_METRICS),--base-metrics "$(BASE_METRICS)") \
 	  $(if $(GITHUB_STEP_SUMMARY),--summary "$(GITHUB_STEP_SUMMARY)")
 
 # The remote is DVC_REMOTE (a remote named in .dvc/config), else DVC's default remote (core.remote). With neither,
@@ -146,10 +146,10 @@ ui:  ## open the MLflow UI on the project's tracking store
 	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$$($(BIN)/python -c 'from stages.params import Params; print(Params.load().paths.mlflow_db)')" --port 5000
 
 serve: setup  ## serve a task's registered model over HTTP: NAME=<task> (default image) ALIAS=champion PORT=8000
-	$(BIN)/python -m flows.serve --task "$(or $(NAME),image)" --alias "$(or $(ALIAS),champion)" --port "$(or $(PORT),8000)"
+	$(BIN)/python -m ops.serve --task "$(or $(NAME),image)" --alias "$(or $(ALIAS),champion)" --port "$(or $(PORT),8000)"
 
 promotion-hook: setup  ## receive the registry's alias-move webhooks (audit, flag, enforce, tell servers): PORT=8100, secret in HEADSTART_WEBHOOK_SECRET
-	$(BIN)/python -m flows.hooks serve --port "$(or $(PORT),8100)"
+	$(BIN)/python -m ops.hooks serve --port "$(or $(PORT),8100)"
 
 bench: setup  ## measure serving latency: PyTorch vs ONNX Runtime fp32 vs int8 (after make run)
 	$(BIN)/python bench/serve.py

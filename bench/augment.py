@@ -19,11 +19,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 from stages import baseline, finetune, zoo
-from stages.data import load_split
 from stages.files import read_json
 from stages.params import AUGMENTS, Params
+from stages.predict import predict
+from stages.splits import load_split
 from stages.stats import bootstrap_ci
-from stages.train import predict
 
 
 def score(folder: Path, test, n_boot: int) -> tuple[float, list[float]]:

@@ -10,6 +10,7 @@ The text model is not measured yet: headstart's text path comes with the text-mo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -23,9 +24,11 @@ from torch import nn
 
 
 from stages import zoo
-from stages.data import Split, to_model_input
+from stages.predict import device
+from stages.splits import Split, to_model_input
 from stages.strategy import Plan
-from stages.train import TrainConfig, device, fit
+from stages.params import FinetuneParams
+from stages.train import fit
 
 
 def synthetic(n: int, side: int, classes: int, seed: int) -> Split:
@@ -45,7 +48,7 @@ def reset_peak(dev: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(dev)
 
 
-def plain_loop(model: nn.Module, train: Split, pre: dict, cfg: TrainConfig, dev: torch.device) -> float:
+def plain_loop(model: nn.Module, train: Split, pre: dict, cfg: FinetuneParams, dev: torch.device) -> float:
     """The loop a person would write by hand: same optimiser, schedule, precision and memory format;
     no validation, no early stopping, no progress bar. Returns seconds for cfg.epochs epochs."""
     cuda = dev.type == "cuda"
@@ -79,14 +82,14 @@ def measure(name: str, side: int, image_size: int, n_train: int, batch: int, epo
     dev = device()
     pre = zoo.preprocessing(name, image_size)
     train, val = synthetic(n_train, side, 10, seed), synthetic(10, side, 10, seed + 1)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch, lr=1e-3, weight_decay=0.01,
-                      patience=epochs + 1, seed=seed, augment="none", label_smoothing=0.1)
+    cfg = FinetuneParams(epochs=epochs, batch_size=batch, lr=1e-3, weight_decay=0.01,
+                         patience=epochs + 1, seed=seed, augment="none", label_smoothing=0.1)
     steps = epochs * math.ceil(n_train / batch)
     rows = []
     for loop in ("plain PyTorch", "headstart fit"):
         torch.manual_seed(seed)
         model = zoo.build(name, 10, pre)
-        warm = TrainConfig(**{**cfg.__dict__, "epochs": 1})
+        warm = dataclasses.replace(cfg, epochs=1)
         plain_loop(model, synthetic(8 * batch, side, 10, 9), pre, warm, dev)  # warm-up: kernels, allocator
         reset_peak(dev)
         if loop == "plain PyTorch":

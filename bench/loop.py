@@ -29,7 +29,8 @@ from gpu import plain_loop, synthetic
 
 from stages import zoo
 from stages.strategy import Plan
-from stages.train import TrainConfig, fit
+from stages.params import FinetuneParams
+from stages.train import fit
 
 OUT = Path(__file__).parent / "results" / "loop.json"
 
@@ -38,8 +39,8 @@ def one_pair(name: str, side: int, image_size: int, n_train: int, batch: int, ep
              profile: bool) -> dict:
     pre = zoo.preprocessing(name, image_size)
     train, val = synthetic(n_train, side, 10, 0), synthetic(max(10, n_train // 10), side, 10, 1)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch, lr=1e-3, weight_decay=0.01, patience=epochs + 1, seed=0,
-                      augment="none", label_smoothing=0.1)
+    cfg = FinetuneParams(epochs=epochs, batch_size=batch, lr=1e-3, weight_decay=0.01, patience=epochs + 1, seed=0,
+                         augment="none", label_smoothing=0.1)
     out: dict = {}
     for loop in ((first, "fit" if first == "bare" else "bare")):
         torch.manual_seed(0)

@@ -33,9 +33,9 @@ def worker(model_dir: Path, onnx_path: Path, prepared: Path, n: int, threads: in
     import torch
 
     from stages import zoo
-    from stages.data import load_split
     from stages.export import exact_logits, onnx_logits
-    from stages.train import predict
+    from stages.predict import predict
+    from stages.splits import load_split
 
     torch.set_num_threads(threads)
     model, meta = zoo.load_checkpoint(model_dir)

@@ -29,18 +29,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 from flows import compose
-from stages import baseline, datasets, finetune, prepare, zoo
-from stages.data import Split, load_split, stratified_indices
+from stages import baseline, finetune, prepare, sources, zoo
 from stages.files import read_json
 from stages.params import Params
+from stages.predict import predict
+from stages.splits import Split, draw, load_split
 from stages.stats import bootstrap_ci
-from stages.train import predict
 
 
 def development_split(params: Params, prepared: Path, per_class: int) -> Split:
     """`per_class` examples per class that prepare did not draw: the next ones in each class's shuffle."""
     p = params.prepare
-    src = datasets.keep_classes(datasets.read(p.dataset, params.paths.source, p), p.classes)
+    src = sources.keep_classes(sources.read(p.dataset, params.paths.source, p), p.classes)
     if src.test is None and p.test_per_class is None:
         raise SystemExit("prepare.test_per_class is null: the test split took every example left, none remain")
     used = p.per_class + p.val_per_class + (p.test_per_class if src.test is None else 0)
@@ -48,10 +48,9 @@ def development_split(params: Params, prepared: Path, per_class: int) -> Split:
              if n - used < per_class]
     if short:
         raise SystemExit(f"--dev-per-class {per_class}: too few unused examples ({', '.join(short)}); ask for fewer")
-    # drawn exactly as prepare draws (stratified_indices shuffles each class with its own (seed, class)
-    # generator): the first `used` of each class are prepare's train/val/test, the next `per_class` ours
-    _, dev = stratified_indices(src.pool.y, used, per_class, p.seed, 0, src.classes)
-    dev = Split(src.pool.x[dev], src.pool.y[dev])
+    # drawn exactly as prepare draws (splits.draw shuffles each class with its own (seed, class) generator):
+    # the first `used` of each class are prepare's train/val/test, the next `per_class` ours
+    dev = draw(src, per_class=used, val_per_class=per_class, test_per_class=0, seed=p.seed).val
     keys = prepare.duplicate_keys(dev.x, p.near_duplicate_bits)
     copies = {i for name in ("train", "val", "test") for i, _, _ in prepare._matches(
         keys, prepare.duplicate_keys(load_split(prepared, name).x, p.near_duplicate_bits), p.near_duplicate_bits)}

@@ -27,10 +27,10 @@ from scipy.stats import kendalltau
 
 from flows import compose
 from stages import baseline, finetune, select, zoo
-from stages.data import load_split
 from stages.files import read_json
 from stages.params import Params
-from stages.train import predict
+from stages.predict import predict
+from stages.splits import load_split
 
 
 def params_with(preset: Path | None) -> Params:

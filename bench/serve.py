@@ -26,9 +26,9 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from stages import zoo
-from stages.data import load_split
 from stages.export import input_names, onnx_feed
 from stages.params import Params
+from stages.splits import load_split
 
 
 def serve_key(meta: dict) -> str:

@@ -1,4 +1,4 @@
-"""The model server under load: the real HTTP server (python -m flows.serve, as a separate process) driven
+"""The model server under load: the real HTTP server (python -m ops.serve, as a separate process) driven
 by concurrent clients, next to raw in-process ONNX Runtime on the same examples, measured in one run.
 
 Run after `make run` (it serves what the export stage wrote, models/onnx, without the registry):
@@ -33,8 +33,8 @@ import numpy as np
 
 
 from stages import servable
-from stages.data import load_split
 from stages.params import Params
+from stages.splits import load_split
 
 
 def serve_key(contract: dict) -> str:
@@ -54,16 +54,8 @@ def png(image: np.ndarray) -> bytes:
 
 def raw(model: servable.Servable, requests: list, seconds: float) -> dict[str, float]:
     """Batch-1 throughput in this process: the model call alone, and with decoding and preprocessing."""
-    from stages.inputs import encode_texts, image_array
-
     text = model.modality == "text"
-    feeds = []
-    for r in requests[:200]:
-        if text:
-            ids, mask = encode_texts(model.tokenizer, [r])
-            feeds.append({"input_ids": ids, "attention_mask": mask})
-        else:
-            feeds.append({"input": image_array(model.decode(r)[None], model.contract["input"])})
+    feeds = [model.feed([r] if text else model.decode(r)[None]) for r in requests[:200]]
     out = {}
     for name, call in (("raw_model", lambda i: model.session.run(["logits"], feeds[i % len(feeds)])),
                        ("raw_pipeline", lambda i: model.predict([requests[i % len(requests)]] if text else
@@ -183,7 +175,7 @@ def main() -> None:
     ap.add_argument("--client", choices=("wrk", "python"), default="wrk" if shutil.which("wrk") else "python",
                     help="Debian's wrk (default when installed: apt-get install wrk) or an aiohttp client")
     ap.add_argument("--out", type=Path, default=Path("bench/results/serve_http.json"))
-    ap.add_argument("server_args", nargs="*", help="after --: more options for python -m flows.serve")
+    ap.add_argument("server_args", nargs="*", help="after --: more options for python -m ops.serve")
     args = ap.parse_args()
 
     paths = Params.load(args.params).paths
@@ -197,7 +189,7 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "flows.serve", "--folder", str(folder), "--port", str(port), *args.server_args,
+    cmd = [sys.executable, "-m", "ops.serve", "--folder", str(folder), "--port", str(port), *args.server_args,
            "--max-inflight", str(max(args.concurrency) * 2)]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -238,7 +230,7 @@ def main() -> None:
     result = {key: {"raw": baseline, "http": {str(c): r for c, r in rows.items()},
                     "settings": {"seconds": args.seconds, "warmup": args.warmup, "examples": len(requests),
                                  "cores": os.cpu_count(), "client": args.client, "cpu": platform.processor() or platform.machine(),
-                                 "server": "python -m flows.serve defaults (one batching inference thread, all cores per call; 2 decoding threads)"}}}
+                                 "server": "python -m ops.serve defaults (one batching inference thread, all cores per call; 2 decoding threads)"}}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     kept = json.loads(args.out.read_text()) if args.out.exists() else {}
     args.out.write_text(json.dumps({**kept, **result}, indent=2) + "\n")

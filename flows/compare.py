@@ -35,7 +35,8 @@ def _summarise(params_file: str) -> dict:
 
 @task(name="log-to-mlflow", retries=2, retry_delay_seconds=10)
 def _log(params_file: str) -> str:
-    from stages.register import Store, lineage, log_comparison
+    from stages.registry import Store
+    from stages.tracking import lineage, log_comparison
 
     params = Params.load(Path(params_file))
     paths = params.paths

@@ -32,7 +32,8 @@ def _summary(params_file: str) -> dict:
 
 @task(name="log-to-mlflow", retries=2, retry_delay_seconds=10)
 def _log(params_file: str) -> str:
-    from stages.register import Store, log_curves
+    from stages.registry import Store
+    from stages.tracking import log_curves
 
     params = Params.load(Path(params_file))
     paths = params.paths

@@ -78,22 +78,22 @@ def load(name: str, tasks_dir: Path = TASKS_DIR) -> dict[str, Any]:
 def infer(data: Path, label_column: str = "label", text_column: str = "text") -> tuple[str, dict[str, int]]:
     """(prepare.dataset, examples per class) for the data at `data`, checked enough that a task made from it
     can run: a folder of class folders of files, or a table with its text and label columns."""
-    from stages import datasets
+    from stages import sources
 
     if not data.exists():
         raise TaskError(f"DATA={data}: no such file or folder. Give an image folder (one sub-folder of images per "
                         "class) or a table file (.csv, .jsonl, .parquet with 'text' and 'label' columns)")
     try:
-        if data.is_dir() and not any((data / f"train{s}").exists() for s in datasets.TABLE_SUFFIXES):
+        if data.is_dir() and not any((data / f"train{s}").exists() for s in sources.TABLE_SUFFIXES):
             root = data / "train" if (data / "train").is_dir() and (data / "test").is_dir() else data
             counts = {c: sum(1 for f in (root / c).rglob("*") if f.is_file() and not f.name.startswith("."))
-                      for c in datasets.class_folders(root)}
+                      for c in sources.class_folders(root)}
             return "image-folder", counts
         from types import SimpleNamespace
 
-        train = datasets._fixed_test(data, "file")[0]
+        train = sources._fixed_test(data, "file")[0]
         p = SimpleNamespace(text_column=text_column, label_column=label_column, encoding="utf-8")
-        _, labels = datasets._read_table(train, p, [])
+        _, labels = sources._read_table(train, p, [])
     except (ValueError, FileNotFoundError) as e:
         hint = ("; name your columns: make run ... SET='prepare.text_column=<column> prepare.label_column=<column>' "
                 "(or --set each)"

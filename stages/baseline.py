@@ -12,16 +12,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from stages import hyperrule, zoo
-from stages.data import load_split
-from stages.inputs import image_array
+from stages import checkpoint, hyperrule, zoo
 from stages.files import atomic_path, read_json
+from stages.inputs import image_array
+from stages.modality import adapter
 from stages.params import BaselineParams, FinetuneParams, ModelParams, cli
+from stages.splits import load_split
 from stages.strategy import Plan, best_logreg, linear_probe, load_linear
-from stages.train import TrainConfig, fit, seed_everything, write_history
+from stages.train import fit, loop_settings, seed_everything, write_history
 
 
 def run(
@@ -47,26 +47,31 @@ def _scratch(train, val, classes, out, history, model_p, ft, p, weights_lock, ch
     seed_everything(p.seed)
     loaded = zoo.load(model_p, len(classes), weights_lock, pretrained=False)
     model, pre = loaded.model, loaded.pre
-    # Same budget as finetune (epochs, batch, schedule, early stopping) by the same rule; its own peak lr and
-    # augmentation; every layer trains from the first step (finetune.strategy is about protecting
-    # pre-trained weights: none here).
-    ft, auto = hyperrule.resolve(hyperrule.scratch(ft, p), len(train.y), zoo.modality(pre))
-    cfg = TrainConfig.of(ft, seed=p.seed)
+    # every layer trains from the first step (Plan.of(model)): finetune.strategy is about protecting
+    # pre-trained weights, none here
+    cfg, auto = scratch_settings(ft, p, len(train.y), zoo.modality(pre))
     print(f"training {model_p.name} from random weights on {len(train.y)} examples"
           + (f"; {hyperrule.describe(auto)}" if auto else ""))
     result = fit(model, train, val, pre, cfg, Plan.of(model), desc="scratch", checkpoints=checkpoints)
     write_history(history, result.history)
-    zoo.save_checkpoint(out, model, _meta("scratch", loaded.architecture, "random", None, classes, pre, {
-        **cfg.__dict__, **({"auto": auto} if auto else {}), "best_epoch": result.best_epoch,
+    checkpoint.save_checkpoint(out, model, _meta("scratch", loaded.architecture, "random", None, classes, pre, {
+        **loop_settings(cfg), **({"auto": auto} if auto else {}), "best_epoch": result.best_epoch,
         "best_val_accuracy": result.best_val_accuracy, "seconds": result.seconds}))
     return result.best_val_accuracy
+
+
+def scratch_settings(ft: FinetuneParams, p: BaselineParams, n: int, modality: str) -> tuple[FinetuneParams, dict]:
+    """What the scratch model trains with: finetune's budget (epochs, batch, schedule, early stopping) by the
+    same rule, its own peak lr, seed and augmentation (hyperrule.scratch). With finetune.probe_c (the linear
+    probe's), the finetune keys this stage reads: dvc.yaml lists them (tests/test_stage_params.py)."""
+    return hyperrule.resolve(hyperrule.scratch(ft, p), n, modality)
 
 
 def _linear_probe(train, val, classes, out, loaded: zoo.Loaded, cs: list[float]) -> float:
     start = time.perf_counter()
     model, pre = loaded.model, loaded.pre
     c, acc = linear_probe(model, train, val, pre, cs)
-    zoo.save_checkpoint(out, model, _meta("linear_probe", loaded.architecture, "pretrained",
+    checkpoint.save_checkpoint(out, model, _meta("linear_probe", loaded.architecture, "pretrained",
                                           loaded.weights_sha256, classes, pre, {
         "C": c, "val_accuracy": acc, "seconds": round(time.perf_counter() - start, 2)}))
     return acc
@@ -74,25 +79,27 @@ def _linear_probe(train, val, classes, out, loaded: zoo.Loaded, cs: list[float])
 
 def _floor(train, val, classes, out, model_pre: dict, p) -> float:
     start = time.perf_counter()
-    if zoo.modality(model_pre) == "text":
-        model, pre, acc, c = _tfidf_floor(train, val, classes, model_pre, p)
-        arch = zoo.TFIDF_LINEAR
-    else:
-        size, channels = int(train.x.shape[1]), 3 if train.x.ndim == 4 else 1
-        pre = zoo.preprocessing(zoo.PIXEL_LINEAR, size, channels)
-        # The features are exactly what the saved module's Flatten sees at evaluation and serving: the same
-        # preprocessing (channels first), so RGB pixels are not scrambled between fitting and predicting.
-        flat = lambda s: image_array(s.x, pre).reshape(len(s.x), -1)  # noqa: E731
-        clf, c, acc = best_logreg(flat(train), train, flat(val), val, [p.floor_c])
-        model = zoo.build(zoo.PIXEL_LINEAR, len(classes), pre)
-        load_linear(model[1], clf)
-        arch = zoo.PIXEL_LINEAR
-    zoo.save_checkpoint(out, model, _meta("floor", arch, "logistic_regression", None, classes, pre, {
+    arch = adapter(model_pre).FLOOR
+    model, pre, c, acc = FLOORS[arch](train, val, classes, model_pre, [p.floor_c])
+    checkpoint.save_checkpoint(out, model, _meta("floor", arch, "logistic_regression", None, classes, pre, {
         "C": c, "val_accuracy": acc, "seconds": round(time.perf_counter() - start, 2)}))
     return acc
 
 
-def _tfidf_floor(train, val, classes, model_pre: dict, p):
+def _pixel_floor(train, val, classes, model_pre: dict, cs: list[float]):
+    """Logistic regression on raw pixels, moved into a Flatten + Linear module."""
+    size, channels = int(train.x.shape[1]), 3 if train.x.ndim == 4 else 1
+    pre = zoo.preprocessing(zoo.PIXEL_LINEAR, size, channels)
+    # The features are exactly what the saved module's Flatten sees at evaluation and serving: the same
+    # preprocessing (channels first), so RGB pixels are not scrambled between fitting and predicting.
+    flat = lambda s: image_array(s.x, pre).reshape(len(s.x), -1)  # noqa: E731
+    clf, c, acc = best_logreg(flat(train), train, flat(val), val, cs)
+    model = zoo.build(zoo.PIXEL_LINEAR, len(classes), pre)
+    load_linear(model[1], clf)
+    return model, pre, c, acc
+
+
+def _tfidf_floor(train, val, classes, model_pre: dict, cs: list[float]):
     """TF-IDF of the model's own tokens + logistic regression, moved into a TfidfLinear module."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -101,7 +108,7 @@ def _tfidf_floor(train, val, classes, model_pre: dict, p):
     pre = {"modality": "text", "files": model_pre["files"], "max_length": model_pre["max_length"]}
     vec = TfidfVectorizer(analyzer=lambda row: row, lowercase=False)  # rows are already token ids
     x_train = vec.fit_transform(word_piece_ids(train.x, pre))
-    clf, c, acc = best_logreg(x_train, train, vec.transform(word_piece_ids(val.x, pre)), val, [p.floor_c])
+    clf, c, acc = best_logreg(x_train, train, vec.transform(word_piece_ids(val.x, pre)), val, cs)
     model = zoo.build(zoo.TFIDF_LINEAR, len(classes), pre)
     columns = torch.tensor([int(t) for t in vec.get_feature_names_out()])
     with torch.no_grad():
@@ -110,7 +117,11 @@ def _tfidf_floor(train, val, classes, model_pre: dict, p):
         model.linear.weight.zero_()
         model.linear.weight[:, columns] = torch.from_numpy(clf.coef_).float()
         model.linear.bias.copy_(torch.from_numpy(clf.intercept_).float())
-    return model, pre, acc, c
+    return model, pre, c, acc
+
+
+# Each modality's floor (its adapter's FLOOR), fitted on the prepared examples: (model, preprocessing, C, val accuracy)
+FLOORS = {zoo.PIXEL_LINEAR: _pixel_floor, zoo.TFIDF_LINEAR: _tfidf_floor}
 
 
 def _meta(kind, arch, init, sha, classes, pre, train) -> dict:

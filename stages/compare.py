@@ -18,12 +18,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from stages import evaluate, finetune, zoo
-from stages.data import load_split
+from stages import evaluate, finetune, weights, zoo
 from stages.files import write_json
 from stages.params import Params
+from stages.predict import predict
+from stages.splits import load_split
 from stages.stats import bootstrap_ci
-from stages.train import predict
 
 
 def run(params: Params, name: str) -> dict[str, Any]:
@@ -51,7 +51,7 @@ def run(params: Params, name: str) -> dict[str, Any]:
     n_boot, seed = params.evaluate.n_bootstrap, params.evaluate.seed
     lost = None  # a backbone headstart pre-trained itself has a source task: how much of it each strategy keeps
     if zoo.family_of(model_p.name) == "local":
-        lost = evaluate.forgetting(model, zoo.find_weights(model_p.name, model_p.weights).path, n_boot, seed)
+        lost = evaluate.forgetting(model, weights.find_weights(model_p.name, model_p.weights).path, n_boot, seed)
     result = {
         "strategy": name,
         "settings": params.compare.strategies[name],

@@ -39,10 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from stages import datasets, hyperrule, zoo
-from stages.data import Split, stratified_indices
+from stages import hyperrule, sources, zoo
 from stages.files import atomic_path, read_json, write_json
-from stages.params import Params
+from stages.params import FinetuneParams, Params
+from stages.splits import Split, draw
 
 MODELS = ("finetuned", "scratch")
 TEST_SEED = 12345  # the test draw is one for every point, whatever the seeds
@@ -51,55 +51,57 @@ TEST_SEED = 12345  # the test draw is one for every point, whatever the seeds
 def data(params: Params, budget: int, seed: int) -> tuple[Split, Split, Split, list[str]]:
     """Train (`budget` per class), validation and test splits for one point (see the module docstring)."""
     c = params.curves
-    src = datasets.keep_classes(datasets.read(params.prepare.dataset, params.paths.source, params.prepare),
-                                params.prepare.classes)
-    pool = src.pool
-    if src.test is not None:
-        test = src.test
-        if c.test_per_class is not None:
-            test = _take(test, stratified_indices(test.y, c.test_per_class, 0, TEST_SEED, 0, src.classes)[0])
-    else:  # no test split of its own: a stratified draw first, and the rest is the pool
-        need = c.test_per_class or 100
-        te = stratified_indices(pool.y, need, 0, TEST_SEED, 0, src.classes)[0]
-        test = _take(pool, te)
-        pool = _take(pool, np.setdiff1d(np.arange(len(pool.y)), te))
+    src = sources.keep_classes(sources.read(params.prepare.dataset, params.paths.source, params.prepare),
+                               params.prepare.classes)
+    # the test split first, with its own seed; a source without one gives a stratified draw of its pool
+    test_per_class = c.test_per_class if src.test is not None else c.test_per_class or 100
+    tested = draw(src, per_class=0, val_per_class=0, test_per_class=test_per_class, seed=TEST_SEED,
+                  settings="curves")
     try:  # validation first, so it is the same at every budget and smaller budgets nest in larger ones
-        va, tr = stratified_indices(pool.y, c.val_per_class, budget, seed, 0, src.classes)
+        drawn = draw(dataclasses.replace(src, pool=tested.rest, test=None), per_class=budget,
+                     val_per_class=c.val_per_class, test_per_class=0, seed=seed, val_first=True, settings="curves")
     except ValueError as e:
         raise ValueError(f"budget {budget} per class: {e} (here: curves.val_per_class + the budget; lower "
                          "curves.budgets)") from None
-    return _take(pool, tr), _take(pool, va), test, src.classes
+    return drawn.train, drawn.val, tested.test, src.classes
 
 
-def _take(s: Split, rows: np.ndarray) -> Split:
-    return Split(s.x[rows], s.y[rows])
+def settings(params: Params, model: str, n: int, modality: str, seed: int) -> FinetuneParams:
+    """What a point trains with: curves.steps optimizer steps (epochs = steps * batch / examples, at least 1),
+    every epoch run, its own seed, no checkpoints kept; lr and augmentation by finetune's rule, or the
+    baseline's own for scratch. The finetune and baseline keys this reads are the curve stage's params in
+    curves/dvc.yaml (tests/test_stage_params.py)."""
+    ft = params.finetune
+    epochs = max(1, round(params.curves.steps * ft.batch_size / n))
+    if model == "scratch":  # the baseline's own lr and augmentation
+        ft = hyperrule.scratch(ft, params.baseline)
+    ft, _ = hyperrule.resolve(ft, n, modality)  # lr and augmentation (epochs: above)
+    return dataclasses.replace(ft, epochs=epochs, seed=seed, patience=epochs, compile=False, checkpoint_every_steps=0)
 
 
 def point(params: Params, model: str, budget: int, seed: int) -> dict[str, Any]:
     """Train one point of the curve and score it on the test set; writes paths.curves/<model>-<budget>-<seed>.json."""
+    from stages.predict import predict
     from stages.strategy import Plan
-    from stages.train import TrainConfig, fit, predict, seed_everything
+    from stages.train import fit, seed_everything
 
     began = time.perf_counter()
-    c, ft = params.curves, params.finetune
+    c = params.curves
     train, val, test, classes = data(params, budget, seed)
     model_p = dataclasses.replace(zoo.resolve(params.model, params.paths.chosen_model), image_size=c.image_size)
-    epochs = max(1, round(c.steps * ft.batch_size / len(train.y)))
     seed_everything(seed)
     loaded = zoo.load(model_p, len(classes), params.paths.weights_lock, pretrained=model == "finetuned")
-    if model == "scratch":  # the baseline's own lr and augmentation
-        ft = hyperrule.scratch(ft, params.baseline)
-    ft, _ = hyperrule.resolve(ft, len(train.y), zoo.modality(loaded.pre))  # lr and augmentation (epochs: above)
-    cfg = TrainConfig.of(ft, epochs=epochs, seed=seed, patience=epochs, compile=False)
+    cfg = settings(params, model, len(train.y), zoo.modality(loaded.pre), seed)
+    epochs = cfg.epochs
     print(f"{model} {model_p.name}, {budget} per class ({len(train.y)} examples), seed {seed}: "
-          f"{epochs} epochs of {math.ceil(len(train.y) / ft.batch_size)} steps")
+          f"{epochs} epochs of {math.ceil(len(train.y) / cfg.batch_size)} steps")
     result = fit(loaded.model, train, val, loaded.pre, cfg, Plan.of(loaded.model), desc=f"{model}-{budget}-{seed}")
     correct = predict(loaded.model, test.x, loaded.pre, desc="test").argmax(1) == test.y
     out = {
         "model": model, "budget": budget, "seed": seed, "name": model_p.name,
         "accuracy": float(correct.mean()), "val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
         "epochs": epochs, "n_train": int(len(train.y)), "n_test": int(len(test.y)),
-        "image_size": c.image_size if zoo.modality(loaded.pre) == "image" else None,
+        "image_size": loaded.pre.get("image_size"),  # curves.image_size, for image models
         "seconds": round(time.perf_counter() - began, 2),
     }
     write_json(params.paths.curves / f"{model}-{budget}-{seed}.json", out)

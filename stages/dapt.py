@@ -15,22 +15,24 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from stages import datasets, zoo
-from stages.data import load_split
+from stages import sources, weights
 from stages.files import atomic_path, write_json
+from stages.modality import adapter
 from stages.params import DaptParams, Params, cli
+from stages.splits import load_split
 
 
 def texts_for(source: Path, prepare_p: Any, prepared: Path) -> np.ndarray:
     """The source's texts minus the prepared validation and test texts (no peeking at what is scored)."""
-    src = datasets.keep_classes(datasets.read(prepare_p.dataset, Path(source), prepare_p), prepare_p.classes)
-    if src.modality != "text":
+    src = sources.keep_classes(sources.read(prepare_p.dataset, Path(source), prepare_p), prepare_p.classes)
+    if adapter(src.modality).PRETRAINING != "masked_lm":
         raise ValueError(f"dapt: {prepare_p.dataset} is {src.modality} data; domain-adaptive pre-training continues "
                          "a text encoder's masked-language-model training on text")
     held = {str(t) for name in ("val", "test") for t in load_split(prepared, name).x}
@@ -39,24 +41,51 @@ def texts_for(source: Path, prepare_p: Any, prepared: Path) -> np.ndarray:
 
 def run(source: Path, prepare_p: Any, prepared: Path, p: DaptParams, out: Path, metrics: Path,
         weights_lock: Path) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-    from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
     from transformers import logging as hf_logging
 
-    from stages.train import device, seed_everything
+    from stages.predict import device
+    from stages.train import seed_everything
 
     began = time.perf_counter()
     texts = texts_for(source, prepare_p, prepared)
-    base = zoo.find_weights(p.base)
-    zoo.verify(base, weights_lock)
+    base = weights.find_weights(p.base)
+    weights.verify(base, weights_lock)
     hf_logging.set_verbosity_error()  # "some weights were not initialised" is expected: the MLM head is new
     logging.getLogger("transformers").setLevel(logging.ERROR)
     tok = AutoTokenizer.from_pretrained(base.path)
     seed_everything(p.seed)
     mlm = AutoModelForMaskedLM.from_pretrained(base.path).to(device())
-    collate = DataCollatorForLanguageModeling(tok, mlm_probability=p.mask_probability)
     order = np.random.default_rng(p.seed).permutation(len(texts))
     held, pool = texts[order[: p.eval_texts]], texts[order[p.eval_texts:]]
+    body, head, loss_of = _objective(mlm, tok, p)
+
+    before = _held_out_loss(mlm, loss_of, held, p.seed)
+    print(f"DAPT of {p.base}: {len(pool):,} unlabelled texts ({len(held)} held out); {p.head_steps} steps of the new "
+          f"MLM head alone, then {p.steps} of everything, batches of {p.batch_size}; held-out masked-token loss "
+          f"{before:.3f} before")
+    _train(mlm, body, head, loss_of, pool, p)
+    after = _held_out_loss(mlm, loss_of, held, p.seed)
+    name = _save_encoder(mlm, tok, base.path, out)
+    entry = weights.lock(weights.find_weights(name), weights_lock)
+    report = {"base": p.base, "model": name, "weights_sha256": weights.digest(entry["files"]),
+              "n_texts": int(len(pool)), "n_held_out": int(len(held)), "head_steps": p.head_steps, "steps": p.steps,
+              "batch_size": p.batch_size,
+              "held_out_mlm_loss_before": round(before, 4), "held_out_mlm_loss_after": round(after, 4),
+              "seconds": round(time.perf_counter() - began, 1)}
+    write_json(metrics, report)
+    print(f"held-out masked-token loss {before:.3f} -> {after:.3f} (perplexity {math.exp(before):.1f} -> "
+          f"{math.exp(after):.1f}); {name} recorded in {weights_lock}")
+    return report
+
+
+def _objective(mlm: Any, tok: Any, p: DaptParams) -> tuple[Any, Any, Callable[[np.ndarray], torch.Tensor]]:
+    """The encoder, its masked-LM head, and the loss of a batch of texts under fresh random masks."""
+    from transformers import DataCollatorForLanguageModeling
+
+    from stages.predict import device
+
+    collate = DataCollatorForLanguageModeling(tok, mlm_probability=p.mask_probability)
 
     def batch(rows: np.ndarray) -> dict[str, torch.Tensor]:
         enc = tok([str(t) for t in rows], truncation=True, max_length=p.max_length)
@@ -77,21 +106,25 @@ def run(source: Path, prepare_p: Any, prepared: Path, p: DaptParams, out: Path, 
         chosen = b["labels"] != -100
         return torch.nn.functional.cross_entropy(head(h[chosen]), b["labels"][chosen])
 
-    def held_out_loss() -> float:
-        """Mean masked-token loss on the held-out texts, the same masks every time."""
-        mlm.eval()
-        state = torch.get_rng_state()
-        torch.manual_seed(p.seed)
-        with torch.no_grad():
-            losses = [loss_of(held[i : i + 64]).item() for i in range(0, len(held), 64)]
-        torch.set_rng_state(state)
-        mlm.train()
-        return float(np.mean(losses))
+    return body, head, loss_of
 
-    before = held_out_loss()
-    print(f"DAPT of {p.base}: {len(pool):,} unlabelled texts ({len(held)} held out); {p.head_steps} steps of the new "
-          f"MLM head alone, then {p.steps} of everything, batches of {p.batch_size}; held-out masked-token loss "
-          f"{before:.3f} before")
+
+def _held_out_loss(mlm: Any, loss_of: Callable[[np.ndarray], torch.Tensor], held: np.ndarray, seed: int) -> float:
+    """Mean masked-token loss on the held-out texts, the same masks every time."""
+    mlm.eval()
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        losses = [loss_of(held[i : i + 64]).item() for i in range(0, len(held), 64)]
+    torch.set_rng_state(state)
+    mlm.train()
+    return float(np.mean(losses))
+
+
+def _train(mlm: Any, body: Any, head: Any, loss_of: Callable[[np.ndarray], torch.Tensor], pool: np.ndarray,
+           p: DaptParams) -> None:
+    from tqdm.auto import tqdm
+
     # The encoder's own parameters, the word embeddings among them (the MLM decoder shares them).
     own = {id(t) for t in body.parameters()}
     new_head = [t for t in head.parameters() if id(t) not in own]
@@ -122,25 +155,20 @@ def run(source: Path, prepare_p: Any, prepared: Path, p: DaptParams, out: Path, 
             sched.step()
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-    after = held_out_loss()
-    # The encoder alone, in the base model's own class: its pooler (which the MLM model has no use for)
-    # comes back from the base weights, so the folder loads exactly like the model it came from.
-    encoder = AutoModel.from_pretrained(base.path)
+
+
+def _save_encoder(mlm: Any, tok: Any, base_path: Path, out: Path) -> str:
+    """The encoder alone, in the base model's own class, saved to `out` (named `hf:<out>`): its pooler (which the MLM
+    model has no use for) comes back from the base weights, so the folder loads exactly like the model it
+    came from."""
+    from transformers import AutoModel
+
+    encoder = AutoModel.from_pretrained(base_path)
     encoder.load_state_dict(mlm.base_model.state_dict(), strict=False)
     with atomic_path(out) as tmp:
         encoder.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-    name = f"hf:{out}"
-    entry = zoo.lock(zoo.find_weights(name), weights_lock)
-    report = {"base": p.base, "model": name, "weights_sha256": zoo.digest(entry["files"]),
-              "n_texts": int(len(pool)), "n_held_out": int(len(held)), "head_steps": p.head_steps, "steps": p.steps,
-              "batch_size": p.batch_size,
-              "held_out_mlm_loss_before": round(before, 4), "held_out_mlm_loss_after": round(after, 4),
-              "seconds": round(time.perf_counter() - began, 1)}
-    write_json(metrics, report)
-    print(f"held-out masked-token loss {before:.3f} -> {after:.3f} (perplexity {math.exp(before):.1f} -> "
-          f"{math.exp(after):.1f}); {name} recorded in {weights_lock}")
-    return report
+    return f"hf:{out}"
 
 
 def main(argv: list[str] | None = None) -> None:

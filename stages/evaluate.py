@@ -22,12 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages import zoo
-from stages.data import load_split
+from stages import checkpoint, weights, zoo
+from stages.checkpoint import source_test
 from stages.files import atomic_path, read_json, write_json, write_text
+from stages.modality import adapter
 from stages.params import EvaluateParams, ModelParams, cli
+from stages.predict import predict
+from stages.splits import load_split
 from stages.stats import bootstrap_ci, macro_f1, mcnemar_p, verdict
-from stages.train import predict
 
 
 def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path, p: EvaluateParams,
@@ -39,7 +41,7 @@ def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path
     y, n, k = test.y, len(test.y), len(classes)
 
     logits, pres, val_acc = {}, {}, {}
-    for name, path in zoo.model_dirs(finetuned, baselines).items():
+    for name, path in checkpoint.model_dirs(finetuned, baselines).items():
         model, meta = zoo.load_checkpoint(path)
         pres[name] = meta["preprocessing"]
         logits[name] = predict(model, test.x, pres[name], desc=f"test {name}")
@@ -87,13 +89,12 @@ def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path
         report["representation_drift"] = drift(tuned, pres["finetuned"], model_p, weights_lock, test.x, k,
                                                p.drift_examples, p.seed)
     if model_p is not None and zoo.family_of(model_p.name) == "local":
-        lost = forgetting(tuned, zoo.find_weights(model_p.name, model_p.weights).path, p.n_bootstrap, p.seed)
+        lost = forgetting(tuned, weights.find_weights(model_p.name, model_p.weights).path, p.n_bootstrap, p.seed)
         if lost is not None:
             report["forgetting"] = lost
-    if zoo.modality(pres["finetuned"]) == "text":
-        from stages.text import truncated_count
-
-        report["truncated_test_texts"] = truncated_count(test.x, pres["finetuned"])  # cut at model.max_length tokens
+    cut = adapter(pres["finetuned"]).truncated(test.x, pres["finetuned"])  # texts cut at model.max_length tokens
+    if cut is not None:
+        report["truncated_test_texts"] = cut
     write_json(out, report)
     if test_logits is not None:
         write_logits(test_logits, logits, manifest["test_sha256"])
@@ -176,7 +177,7 @@ def forgetting(tuned: torch.nn.Module, checkpoint: Path, n_bootstrap: int, seed:
     fine-tuning, and after: the fine-tuned backbone under the same source head. `forgetting` is before -
     after, with a paired-bootstrap 95% interval. None when the checkpoint has no source task with data
     (e.g. ImageNet weights; stages/pretrain.py keeps one with the checkpoints it makes)."""
-    held = zoo.source_test(checkpoint)
+    held = source_test(checkpoint)
     if held is None:
         return None
     source, meta = zoo.load_checkpoint(checkpoint)

@@ -3,8 +3,8 @@ to ONNX (dynamic batch axis, pinned opset), check the graph, and prove parity wi
 set with onnxruntime: every example's logits within a tolerance derived from PyTorch's own fp32 rounding
 error (see `parity`) and top-1 agreement of at least export.min_top1_agreement, or the stage fails and the
 previous export stays. The register stage logs the files to MLflow.
-Also writes a static int8 model (calibrated on export.calibration_examples of the validation split) and its
-test accuracy; it is marked accepted when its relative accuracy drop is within export.int8_max_relative_drop.
+Also writes an int8 model (images: static, calibrated on export.calibration_examples of the validation split;
+texts: dynamic) and its test accuracy; it is marked accepted when its relative accuracy drop is within export.int8_max_relative_drop.
 Writes the serving contract beside them (paths.serving): what the model server reads instead of the checkpoint.
 Reads paths.evaluate_metrics (which model won), paths.test_logits (PyTorch's logits, computed by evaluate),
 paths.finetuned or paths.baselines, paths.prepared; writes paths.onnx,
@@ -23,38 +23,29 @@ import numpy as np
 import onnx
 import torch
 
-from stages import zoo
-from stages.data import batches, load_split, to_model_input
+from stages import checkpoint, zoo
 from stages.evaluate import candidate, read_logits
 from stages.files import atomic_path, read_json, sha256_file, write_json
+from stages.modality import adapter
 from stages.params import ExportParams, cli
+from stages.predict import predict
 from stages.servable import safe_session
-from stages.train import predict
+from stages.splits import batches, load_split, to_model_input
 
 
 def input_names(pre: dict) -> tuple[str, ...]:
-    if zoo.modality(pre) == "text":
-        from stages.text import INPUTS
-
-        return INPUTS
-    return ("input",)
+    return adapter(pre).input_names(pre)
 
 
 def export_onnx(model: torch.nn.Module, pre: dict, path: Path, opset: int) -> None:
-    """Dynamic batch axis; text models also a dynamic sequence axis (any length up to max_length)."""
-    if zoo.modality(pre) == "text":
-        example = to_model_input(np.array(["an example sentence", "and a second, longer example sentence"],
-                                          dtype=object), pre)
-        axes = {name: {0: "batch", 1: "sequence"} for name in input_names(pre)}
-    else:
-        size = pre["image_size"]
-        example = (torch.zeros(2, pre["channels"], size, size),)
-        axes = {"input": {0: "batch"}}
+    """Dynamic batch axis, and whatever other axes the modality leaves free (a text's length)."""
+    inputs = adapter(pre)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter about tracing; the parity check is the real test
         torch.onnx.export(
-            model, example, str(path), input_names=list(input_names(pre)), output_names=["logits"],
-            dynamic_axes={**axes, "logits": {0: "batch"}}, opset_version=opset, dynamo=False,
+            model, inputs.example_inputs(pre), str(path), input_names=list(input_names(pre)),
+            output_names=["logits"], dynamic_axes={**inputs.dynamic_axes(pre), "logits": {0: "batch"}},
+            opset_version=opset, dynamo=False,
         )  # fmt: skip
     onnx.checker.check_model(str(path), full_check=True)
 
@@ -71,51 +62,10 @@ def onnx_logits(onnx_path: Path, x: np.ndarray, pre: dict, batch_size: int) -> n
     return np.concatenate([session.run(["logits"], onnx_feed(x[sl], pre))[0] for sl in batches(len(x), batch_size)])
 
 
-def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, pre: dict) -> None:
-    """int8 weights and activations. Text models: dynamic quantisation (int8 weights of every MatMul,
-    activations quantised per batch at run time), the usual choice for transformers, where activation
-    ranges vary too much across inputs for one static range. Images: static quantisation (QDQ,
-    per-channel weights) calibrated on `calibration` images.
-
-    The first convolution and the classifier stay in float: they see the raw input and produce the
-    logits, and quantising them cost 1.5 points of test accuracy here (0.830 vs 0.842 with them in float,
-    percentile calibration 0.844; fp32 0.845). Percentile calibration ignores the rare extreme
-    activations that a min/max range would stretch to cover.
-    """
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    if zoo.modality(pre) == "text":
-        quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8)
-        return
-
-    class Images(CalibrationDataReader):
-        # one image per call: the calibrator stacks results, and unequal batch sizes break that
-        def __init__(self) -> None:
-            self.it = iter(range(len(calibration)))
-
-        def get_next(self) -> dict | None:
-            i = next(self.it, None)
-            return None if i is None else {"input": to_model_input(calibration[i : i + 1], pre).numpy()}
-
-    prepped = out.with_name(out.stem + ".prep.onnx")
-    quant_pre_process(str(fp32), str(prepped))  # shape inference + graph clean-up the quantiser relies on
-    graph = onnx.load(str(prepped)).graph
-    convs = [n.name for n in graph.node if n.op_type == "Conv"]
-    heads = [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")]
-    quantize_static(
-        str(prepped), str(out), Images(), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=convs[:1] + heads,
-        calibrate_method=CalibrationMethod.Percentile, extra_options={"CalibPercentile": 99.99},
-    )  # fmt: skip
-    prepped.unlink()
+def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, pre: dict) -> str:
+    """int8 weights and activations, the modality's way (stages/image.py: static QDQ calibrated on
+    `calibration`; stages/text.py: dynamic); returns how, for the log."""
+    return adapter(pre).quantize_int8(fp32, out, calibration, pre)
 
 
 def exact_logits(model: torch.nn.Module, x: np.ndarray, pre: dict, batch_size: int) -> np.ndarray:
@@ -185,18 +135,7 @@ def serving_contract(meta: dict, name: str, stored: np.ndarray, max_pixels: int,
     decoding of a file to the size prepare stores, then the model's resize and normalisation; for texts
     the configured tokenizer itself), and the sha256 of each ONNX file, checked before one is served."""
     pre = meta["preprocessing"]
-    if zoo.modality(pre) == "text":
-        from stages.text import fast_tokenizer
-
-        tokenizer = fast_tokenizer(str(pre["files"]), pre["max_length"])
-        contract = {"max_length": pre["max_length"], "tokenizer": json.loads(tokenizer.to_str())}
-    else:
-        from stages.inputs import DECODE_RULE, RESIZE_RULE
-
-        contract = {
-            "decode": {"size": int(stored.shape[1]), "max_pixels": max_pixels, "rule": DECODE_RULE},
-            "resize": RESIZE_RULE, **{k: pre[k] for k in ("image_size", "channels", "mean", "std")},
-        }  # fmt: skip
+    contract = adapter(pre).serving_input(pre, stored, max_pixels)
     return {"format": SERVING_FORMAT, "model": name, "architecture": meta["architecture"],
             "modality": zoo.modality(pre), "classes": meta["classes"], "input": contract,
             "files": {Path(k).name: sha256_file(v) for k, v in onnx_files.items()}}
@@ -234,7 +173,7 @@ def run(model_dir: Path, prepared: Path, out: Path, out_int8: Path, metrics: Pat
                 "Try another export.opset."
             )
         calibration = val.x[np.random.default_rng(0).permutation(len(val.x))[: p.calibration_examples]]
-        quantize_int8(tmp, tmp_int8, calibration, pre)
+        how = quantize_int8(tmp, tmp_int8, calibration, pre)
         int8_logits = onnx_logits(tmp_int8, test.x, pre, p.batch_size)
         fp32_acc = float((fp32_logits.argmax(1) == test.y).mean())
         int8_acc = float((int8_logits.argmax(1) == test.y).mean())
@@ -245,7 +184,6 @@ def run(model_dir: Path, prepared: Path, out: Path, out_int8: Path, metrics: Pat
             "int8_accepted": drop <= p.int8_max_relative_drop,
             "size_bytes": tmp.stat().st_size, "int8_size_bytes": tmp_int8.stat().st_size,
         })  # fmt: skip
-        how = "dynamic" if zoo.modality(pre) == "text" else f"static QDQ, calibrated on {len(calibration)} validation images"
         print(f"int8 ({how}): test accuracy {int8_acc:.4f} vs "
               f"fp32 {fp32_acc:.4f} (relative drop {drop:.2%}, allowed {p.int8_max_relative_drop:.2%}: "
               f"{'accepted' if result['int8_accepted'] else 'rejected'}); "
@@ -264,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     params = cli(__doc__, argv)
     paths = params.paths
     name = candidate(read_json(paths.evaluate_metrics), params.register.candidate)
-    model_dir = zoo.model_dirs(paths.finetuned, paths.baselines)[name]
+    model_dir = checkpoint.model_dirs(paths.finetuned, paths.baselines)[name]
     run(model_dir, paths.prepared, paths.onnx, paths.onnx_int8, paths.export_metrics, params.export, name,
         paths.serving, params.prepare.max_pixels, paths.test_logits)
 

@@ -18,11 +18,14 @@ from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from stages import hyperrule, strategy, zoo
-from stages.data import load_split
+from stages import checkpoint, hyperrule, strategy, zoo
+from stages.distributed import distributed
 from stages.files import read_json
+from stages.modality import adapter
 from stages.params import FinetuneParams, ModelParams, cli
-from stages.train import FitResult, TrainConfig, device, distributed, fit, seed_everything, write_history
+from stages.predict import device
+from stages.splits import load_split
+from stages.train import FitResult, fit, loop_settings, seed_everything, write_history
 
 
 def run(
@@ -43,18 +46,13 @@ def _run(prepared, out, history, model_p, p, weights_lock, rank: int, world: int
     if rank == 0:
         print(f"fine-tuning {model_p.name} (pre-trained, {loaded.weights_sha256[:12]}) on {len(train.y)} examples, "
               f"device {device()}" + (f", {world} data-parallel processes" if world > 1 else ""))
-    truncated = None
-    if zoo.modality(pre) == "text":  # said once, and kept in model.json: long texts lose their end
-        from stages.text import truncated_count
-
-        truncated = truncated_count(train.x, pre)
-        if rank == 0 and truncated:
-            print(f"{truncated} of {len(train.y)} training texts are longer than model.max_length "
-                  f"({pre['max_length']} tokens) and are truncated")
+    truncated = adapter(pre).truncated(train.x, pre)  # said once, and kept in model.json: long texts lose their end
+    if rank == 0 and truncated:
+        print(f"{truncated} of {len(train.y)} training texts are longer than model.max_length "
+              f"({pre['max_length']} tokens) and are truncated")
     p, auto = hyperrule.resolve(p, len(train.y), zoo.modality(pre))
     if rank == 0 and auto:
         print(hyperrule.describe(auto))
-    cfg = TrainConfig.of(p)
     # what the rule and the strategy's own steps chose, kept in model.json
     done: dict = {"strategy": p.strategy, **({"auto": auto} if auto else {})}
     if p.strategy in ("linear_probe", "lp_ft"):
@@ -65,7 +63,7 @@ def _run(prepared, out, history, model_p, p, weights_lock, rank: int, world: int
     if p.strategy == "lora":
         strategy.add_lora(model, p.lora_rank, p.lora_alpha, p.lora_dropout, p.lora_targets)
     plan = strategy.Plan.of(model, p)
-    epochs = 1 if p.strategy == "linear_probe" else cfg.epochs
+    epochs = 1 if p.strategy == "linear_probe" else p.epochs
     done["trainable_params"] = plan.trainable_count(model, epochs)
     done["total_params"] = sum(t.numel() for t in model.parameters())
     if rank == 0:
@@ -74,7 +72,7 @@ def _run(prepared, out, history, model_p, p, weights_lock, rank: int, world: int
         result = FitResult(best_epoch=0, best_val_accuracy=done["probe_val_accuracy"], seconds=0.0,
                            history=[{"epoch": 0, "val_accuracy": done["probe_val_accuracy"]}])
     else:
-        result = fit(model, train, val, pre, cfg, plan, desc="finetune",
+        result = fit(model, train, val, pre, p, plan, desc="finetune",
                      checkpoints=checkpoints / "finetune" if checkpoints else None)
     strategy.merge_lora(model)
     if start is not None:
@@ -91,16 +89,16 @@ def _run(prepared, out, history, model_p, p, weights_lock, rank: int, world: int
         "pretrained_sha256": loaded.weights_sha256,
         "classes": classes,
         "preprocessing": pre,
-        "train": {**cfg.__dict__, **dataclasses.asdict(plan), "groups": len(plan.groups), "head": list(plan.head),
+        "train": {**loop_settings(p), **dataclasses.asdict(plan), "groups": len(plan.groups), "head": list(plan.head),
                   **done, "best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
                   "seconds": result.seconds, "n_train": int(len(train.y)), "processes": world,
                   **({"truncated_texts": truncated} if truncated is not None else {})},
     }
     if rank != 0:  # every rank holds the same weights; one writes
         return result
-    zoo.save_checkpoint(out, model, meta)
+    checkpoint.save_checkpoint(out, model, meta)
     write_history(history, result.history)
-    kept = "best validation accuracy" if cfg.keep == "best" else "validation accuracy of the last epoch,"
+    kept = "best validation accuracy" if p.keep == "best" else "validation accuracy of the last epoch,"
     print(f"{kept} {result.best_val_accuracy:.4f} at epoch {result.best_epoch} -> {out}")
     return result
 

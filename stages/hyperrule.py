@@ -31,7 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING
+
+from stages.modality import adapter
+
+if TYPE_CHECKING:
+    from stages.params import BaselineParams, FinetuneParams
 
 SMALL, LARGE = 20_000, 500_000  # BiT's tier boundaries, in training examples
 SMALL_PASSES, MIN_STEPS = 10, 150
@@ -60,16 +65,16 @@ def lr(modality: str, batch_size: int) -> tuple[float, str]:
 
 
 def augment(n: int, modality: str) -> tuple[str, str]:
-    if modality == "text":
-        return "none", "texts are not augmented"
+    if not adapter(modality).AUGMENTS:
+        return "none", f"{modality}s are not augmented"
     if n < SMALL:
         return "flip_shift", f"{n:,} examples < {SMALL:,}: light augmentation for a short schedule"
     return "crop", f"{n:,} examples >= {SMALL:,}: random resized crop for a long schedule"
 
 
-def resolve(p: Any, n: int, modality: str) -> tuple[Any, dict[str, str]]:
-    """`p` (FinetuneParams) with every `auto` replaced, and, by key, what was chosen and why."""
-    chosen: dict[str, Any] = {}
+def resolve(p: FinetuneParams, n: int, modality: str) -> tuple[FinetuneParams, dict[str, str]]:
+    """`p` with every `auto` replaced: the settings `train.fit` takes; and, by key, what was chosen and why."""
+    chosen: dict[str, int | float | str] = {}
     why: dict[str, str] = {}
     if p.epochs == "auto":
         chosen["epochs"], why["epochs"] = epochs(n, p.batch_size)
@@ -82,12 +87,14 @@ def resolve(p: Any, n: int, modality: str) -> tuple[Any, dict[str, str]]:
     return dataclasses.replace(p, **chosen), {k: f"{chosen[k]} ({v})" for k, v in why.items()}
 
 
-def scratch(ft: Any, b: Any) -> Any:
-    """The settings the from-scratch baseline trains with (FinetuneParams, BaselineParams -> FinetuneParams):
-    fine-tuning's budget (epochs, batch, schedule, early stopping), its own peak lr, and its own augmentation
-    unless baseline.augment is `same`. Random weights have nothing to protect and everything to learn, so a
-    fair baseline is tuned on its own (bench/recipe.py, on a development split)."""
-    return dataclasses.replace(ft, lr=b.scratch_lr, **({} if b.augment == "same" else {"augment": b.augment}))
+def scratch(ft: FinetuneParams, b: BaselineParams) -> FinetuneParams:
+    """The settings the from-scratch baseline trains with: fine-tuning's budget (epochs, batch, schedule,
+    early stopping), its own peak lr and seed, and its own augmentation unless baseline.augment is `same`.
+    Random weights have nothing to protect and everything to learn, so a fair baseline is tuned on its own
+    (bench/recipe.py, on a development split). finetune.lr, finetune.seed and the strategy's settings do not
+    reach it: dvc.yaml's baseline stage does not list them."""
+    return dataclasses.replace(ft, lr=b.scratch_lr, seed=b.seed,
+                               **({} if b.augment == "same" else {"augment": b.augment}))
 
 
 def describe(why: dict[str, str]) -> str:

@@ -70,7 +70,7 @@ STRATEGIES = ("full", "linear_probe", "partial", "gradual_unfreeze", "lp_ft", "l
 
 DATASETS = ("fashion-mnist", "wordnet", "image-folder", "text-table")
 
-# finetune.augment: what happens to each training batch of images (stages/train.py, augment)
+# finetune.augment: what happens to each training batch of images (stages/augment.py)
 AUGMENTS = ("none", "flip", "flip_shift", "crop")
 
 
@@ -136,6 +136,13 @@ class FinetuneParams:
     processes: int = _f(1, ge=1)
     peer_timeout_s: float = _f(600.0, gt=0)
     checkpoint_every_steps: int = _f(0, ge=0)
+
+    def require_resolved(self) -> None:
+        """The training loop takes these settings once nothing is left `auto` (stages/hyperrule.py decides)."""
+        for k in ("epochs", "lr", "augment"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or v == "auto":
+                raise ValueError(f"finetune.{k} is {v!r}: pass the settings through stages.hyperrule.resolve first")
 
 
 @dataclass(frozen=True)
@@ -244,9 +251,9 @@ class ScheduleParams:
 
 @dataclass(frozen=True)
 class PromotionParams:
-    alias: str = "champion"  # the alias whose moves the webhook receiver (flows/hooks.py) checks
+    alias: str = "champion"  # the alias whose moves the webhook receiver (ops/hooks.py) checks
     enforce: bool = False  # move the alias back when the rule (stages/promotion.py) finds problems
-    servers: list[str] = _f([])  # model servers (flows/serve.py) told to reload at once: base URLs
+    servers: list[str] = _f([])  # model servers (ops/serve.py) told to reload at once: base URLs
     log: Path = Path("reports/promotions.jsonl")  # the receiver's audit log, one JSON object per event
     replay_window: float = _f(300.0, gt=0, le=3600)  # seconds: older signed deliveries are refused
 

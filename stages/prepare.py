@@ -1,4 +1,4 @@
-"""Read the dataset prepare.dataset names from paths.source (stages/datasets.py), and draw the labelled
+"""Read the dataset prepare.dataset names from paths.source (stages/sources.py), and draw the labelled
 subset: `per_class` training examples per class, a stratified validation split, and the test set (the
 source's own, whole or `test_per_class` of each class, or else a stratified draw of its own). Examples that
 cannot be used are listed with their reason in paths.quarantine; more than prepare.max_quarantined of them
@@ -14,28 +14,21 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import datasets
-from stages.data import Split, save_split, stratified_indices
+from stages import sources
 from stages.files import atomic_path, sha256_file, write_json
 from stages.params import PrepareParams, cli
+from stages.splits import Split, draw, save_split
 
 
 def run(source: Path, out: Path, p: PrepareParams, quarantine: Path | None = None) -> dict:
-    src = datasets.keep_classes(datasets.read(p.dataset, Path(source), p), p.classes)
+    src = sources.keep_classes(sources.read(p.dataset, Path(source), p), p.classes)
     classes = src.classes
     record = _check_quarantine(src, p, quarantine)
     if len(src.pool.y) == 0:
         raise ValueError(f"{source}: the dataset is empty (no usable examples)")
-    if src.test is None:  # no test split of its own: a stratified one, disjoint from train and val
-        tr, va, te = stratified_indices(src.pool.y, p.per_class, p.val_per_class, p.seed, p.test_per_class, classes)
-        test = Split(src.pool.x[te], src.pool.y[te])
-    else:
-        tr, va = stratified_indices(src.pool.y, p.per_class, p.val_per_class, p.seed, 0, classes)
-        te = np.arange(len(src.test.y)) if p.test_per_class is None else stratified_indices(
-            src.test.y, p.test_per_class, 0, p.seed, 0, classes)[0]
-        test = Split(src.test.x[te], src.test.y[te])
-    splits = {"train": Split(src.pool.x[tr], src.pool.y[tr]), "val": Split(src.pool.x[va], src.pool.y[va]),
-              "test": test}
+    drawn = draw(src, per_class=p.per_class, val_per_class=p.val_per_class, test_per_class=p.test_per_class,
+                 seed=p.seed)
+    splits = {"train": drawn.train, "val": drawn.val, "test": drawn.test}
     splits, leaks = remove_leakage(splits, p)
     if leaks:
         if quarantine is not None:  # beside the unusable examples in the same report
@@ -60,12 +53,12 @@ def run(source: Path, out: Path, p: PrepareParams, quarantine: Path | None = Non
             "leakage_removed": len(leaks),
             # Identifies the test set, so models are only compared on the very same examples.
             "test_sha256": sha256_file(written["test"]),
-            "train_indices_sha256": _hash_indices(tr),
+            "train_indices_sha256": _hash_indices(drawn.train_rows),
         }
         write_json(tmp / "manifest.json", manifest)
-    kind = "images" if src.modality == "image" else "texts"
     print(
-        f"prepared {len(tr)} train / {len(va)} val / {len(test.y)} test {kind} of {len(classes)} classes "
+        f"prepared {len(drawn.train.y)} train / {len(drawn.val.y)} val / {len(drawn.test.y)} test {src.modality}s of "
+        f"{len(classes)} classes "
         f"({p.per_class}+{p.val_per_class} per class, seed {p.seed}) -> {out}"
     )
     return manifest
@@ -138,7 +131,7 @@ def _listing(items: list[dict[str, str]]) -> str:
     return listed + (f"\n  ... and {len(items) - 10} more" if len(items) > 10 else "")
 
 
-def _check_quarantine(src: datasets.Source, p: PrepareParams, quarantine: Path | None) -> dict:
+def _check_quarantine(src: sources.Source, p: PrepareParams, quarantine: Path | None) -> dict:
     """Record every quarantined example with its reason; fail when there are too many to trust the rest.
     Returns the report written to `quarantine`."""
     share = len(src.quarantined) / max(src.seen, 1)

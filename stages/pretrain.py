@@ -20,38 +20,38 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from stages import datasets, zoo
-from stages.data import Split, save_split, stratified_indices
+from stages import checkpoint, sources, weights, zoo
 from stages.files import atomic_path, write_json
-from stages.params import Params, PretrainParams, cli
+from stages.modality import adapter
+from stages.params import FinetuneParams, Params, PretrainParams, cli
+from stages.splits import draw, save_split
+
 
 def run(source: Path, dataset_p: Any, p: PretrainParams, out: Path, metrics: Path, weights_lock: Path,
         history: Path | None = None) -> dict[str, Any]:
     """Train on the source classes, score on their held-out test examples, write the checkpoint and lock it."""
+    from stages.predict import predict
     from stages.strategy import Plan
-    from stages.train import TrainConfig, fit, predict, seed_everything, write_history
+    from stages.train import fit, loop_settings, seed_everything, write_history
 
     began = time.perf_counter()
-    src = datasets.keep_classes(datasets.read(dataset_p.dataset, Path(source), dataset_p), p.classes)
-    if src.modality != "image":
+    src = sources.keep_classes(sources.read(dataset_p.dataset, Path(source), dataset_p), p.classes)
+    if adapter(src.modality).PRETRAINING != "supervised":
         raise ValueError(f"pretrain: {dataset_p.dataset} is {src.modality} data; supervised pre-training here is for "
                          "image backbones (text models come pre-trained: hf:...)")
-    tr, va = stratified_indices(src.pool.y, p.per_class, p.val_per_class, p.seed, 0, src.classes)
-    if src.test is not None:
-        te = stratified_indices(src.test.y, p.test_per_class, 0, p.seed, 0, src.classes)[0]
-        test = Split(src.test.x[te], src.test.y[te])
-    else:
-        rest = np.setdiff1d(np.arange(len(src.pool.y)), np.concatenate([tr, va]))
-        te = rest[stratified_indices(src.pool.y[rest], p.test_per_class, 0, p.seed, 0, src.classes)[0]]
-        test = Split(src.pool.x[te], src.pool.y[te])
-    train, val = Split(src.pool.x[tr], src.pool.y[tr]), Split(src.pool.x[va], src.pool.y[va])
+    own_test = src.test is not None
+    drawn = draw(src, per_class=p.per_class, val_per_class=p.val_per_class,
+                 test_per_class=p.test_per_class if own_test else 0, seed=p.seed, settings="pretrain")
+    train, val, test = drawn.train, drawn.val, drawn.test
+    if not own_test:  # a second draw, with the same seed, from the examples train and val left
+        test = draw(dataclasses.replace(src, pool=drawn.rest), per_class=0, val_per_class=0,
+                    test_per_class=p.test_per_class, seed=p.seed, settings="pretrain").test
     seed_everything(p.seed)
     pre = zoo.preprocessing(p.architecture, p.image_size)
     model = zoo.build(p.architecture, len(src.classes), pre)
-    cfg = TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
-                      patience=p.epochs, seed=p.seed, augment="flip_shift", label_smoothing=0.1)
+    # the training loop's settings: the pretrain section's budget, every epoch run, light augmentation
+    cfg = FinetuneParams(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
+                         patience=p.epochs, seed=p.seed, augment="flip_shift", label_smoothing=0.1)
     print(f"pre-training {p.architecture} from random weights on {len(train.y)} source images of "
           f"{len(src.classes)} classes ({', '.join(src.classes)}), {p.image_size} px")
     result = fit(model, train, val, pre, cfg, Plan.of(model), desc="pretrain")
@@ -59,22 +59,22 @@ def run(source: Path, dataset_p: Any, p: PretrainParams, out: Path, metrics: Pat
     meta = {
         "kind": "pretrained", "architecture": zoo.canonical(p.architecture), "init": "random",
         "pretrained_sha256": None, "classes": src.classes, "preprocessing": pre,
-        "train": {**cfg.__dict__, "best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
+        "train": {**loop_settings(cfg), "best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
                   "seconds": result.seconds, "n_train": int(len(train.y))},
         "source": {"dataset": dataset_p.dataset, "path": str(source), "classes": src.classes,
                    "files_sha256": src.files, "test_accuracy": test_acc, "n_test": int(len(test.y))},
     }
     with atomic_path(out) as tmp:  # one folder, written whole or not at all
-        zoo.save_checkpoint(tmp, model, meta)
-        save_split(tmp, zoo.SOURCE_TEST, test)
+        checkpoint.save_checkpoint(tmp, model, meta)
+        save_split(tmp, checkpoint.SOURCE_TEST, test)
     if history is not None:
         write_history(history, result.history)
     name = f"local:{out}"
-    entry = zoo.lock(zoo.find_weights(name), weights_lock)
+    entry = weights.lock(weights.find_weights(name), weights_lock)
     report = {"architecture": meta["architecture"], "classes": src.classes, "n_train": int(len(train.y)),
               "val_accuracy": result.best_val_accuracy, "test_accuracy": test_acc, "n_test": int(len(test.y)),
               "best_epoch": result.best_epoch, "seconds": round(time.perf_counter() - began, 2),
-              "checkpoint": name, "weights_sha256": zoo.digest(entry["files"])}
+              "checkpoint": name, "weights_sha256": weights.digest(entry["files"])}
     write_json(metrics, report)
     print(f"source task: test accuracy {test_acc:.4f} on {len(test.y)} held-out images; {name} recorded in "
           f"{weights_lock}")

@@ -1,5 +1,5 @@
 """Promotion to an alias (`champion`): the one rule for whether a version may hold it, and what a promotion
-writes to the registry. flows.promote applies the rule before it moves the alias; flows.hooks applies it
+writes to the registry. flows.promote applies the rule before it moves the alias; ops.hooks applies it
 after someone moved the alias elsewhere (the MLflow UI), when the registry's webhook reports the move.
 MLflow, never torch: the webhook receiver imports this.
 

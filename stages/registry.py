@@ -1,7 +1,7 @@
 """The MLflow registry, read side: where the tracking store is, which version an alias names, and fetching a
 version's servable (its ONNX file and serving contract, each checked against the sha256 recorded on the
-version at registration). MLflow, never torch: the model server imports this. Writing (registering,
-gating, promoting) is stages/register.py."""
+version at registration). MLflow, never torch: the model server imports this. Writing is elsewhere:
+runs and versions in stages/tracking.py, the gate in stages/register.py, promotion in stages/promotion.py."""
 
 from __future__ import annotations
 

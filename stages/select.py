@@ -29,9 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from stages.data import Split, load_split
 from stages.files import read_json, write_json
+from stages.modality import adapter
 from stages.params import ModelParams, SelectParams, cli
+from stages.splits import Split, load_split
 
 RANDOM = "random:"
 TFIDF = "tfidf"
@@ -111,7 +112,7 @@ def candidate_features(name: str, model_p: ModelParams, n_classes: int, train: S
     if name == TFIDF:
         return _tfidf_features(train, model_p, text_files)
     from stages import zoo
-    from stages.train import predict
+    from stages.predict import predict
 
     from stages.train import seed_everything
 
@@ -128,14 +129,14 @@ def domain_shift(name: str, model_p: ModelParams, n_classes: int, f_target: np.n
     above) are from the candidate's own source examples, in the candidate's frozen feature space: proxy
     A-distance and an MMD permutation test (stages/shift.py).
     None unless the candidate is a pre-trained headstart checkpoint that carries its source examples."""
-    from stages import zoo
+    from stages import checkpoint, weights, zoo
+    from stages.predict import predict
     from stages.shift import mmd_permutation_test, proxy_a_distance
-    from stages.train import predict
 
     if name.startswith(RANDOM) or name == TFIDF or zoo.family_of(name) != "local":
         return None
-    folder = zoo.find_weights(name, model_p.weights).path
-    held = zoo.source_test(folder)
+    folder = weights.find_weights(name, model_p.weights).path
+    held = checkpoint.source_test(folder)
     if held is None:
         return None
     loaded = zoo.load(dataclasses.replace(model_p, name=name), n_classes, weights_lock)
@@ -171,7 +172,8 @@ def modality_of(name: str) -> str:
 
 def run(prepared: Path, out: Path, model_p: ModelParams, p: SelectParams, weights_lock: Path,
         chosen_out: Path | None = None) -> dict[str, Any]:
-    from stages.zoo import AUTO, find_weights
+    from stages.weights import find_weights
+    from stages.zoo import AUTO
 
     manifest = read_json(Path(prepared) / "manifest.json")
     classes, data_modality = manifest["classes"], manifest.get("modality", "image")
@@ -209,7 +211,7 @@ def run(prepared: Path, out: Path, model_p: ModelParams, p: SelectParams, weight
     if not eligible and model_p.name == AUTO:
         raise ValueError(f"model.name is auto but select.candidates has no pre-trained {data_modality} model to "
                          f"choose (random: and tfidf entries are references): add one, e.g. "
-                         f"{'hf:sentence-transformers/all-MiniLM-L6-v2' if data_modality == 'text' else 'timm:efficientnet_lite0'}")
+                         f"{adapter(data_modality).EXAMPLE_MODEL}")
     chosen = max(eligible, key=lambda n: scores[n]["logme"]) if eligible else None
     result = {"candidates": scores, "chosen": chosen, "chosen_by": "logme",
               "ranking": sorted(scored, key=lambda n: -scores[n]["logme"]),

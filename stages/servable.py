@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from stages.files import sha256_file
-from stages.inputs import decode_image, encode_texts, image_array
+from stages.inputs import decode_image
+from stages.modality import Adapter, adapter
 
 CONTRACT = "serving.json"
 
@@ -58,7 +59,12 @@ class Servable:
     name: str = ""  # the registered model's name, when it came from the registry
     version: str | None = None
     alias: str | None = None
-    tokenizer: Any = field(default=None, repr=False)
+    # examples -> the ONNX inputs, built once from the contract by the modality's adapter
+    feed: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.feed is None:
+            self.feed = self.adapter.serving_feed(self.contract["input"])
 
     @property
     def classes(self) -> list[str]:
@@ -68,6 +74,11 @@ class Servable:
     def modality(self) -> str:
         return self.contract["modality"]
 
+    @property
+    def adapter(self) -> Adapter:
+        """What differs by modality: the request fields accepted, how requests are batched (stages/modality.py)."""
+        return adapter(self.modality)
+
     def decode(self, data: bytes) -> np.ndarray:
         """An image file's bytes -> uint8 (stored, stored, 3), as prepare decoded the training images."""
         d = self.contract["input"]["decode"]
@@ -75,12 +86,7 @@ class Servable:
 
     def logits(self, examples: np.ndarray | list[str]) -> np.ndarray:
         """Decoded images (N, H, W[, 3]) uint8, or texts -> logits (N, classes)."""
-        if self.modality == "text":
-            ids, mask = encode_texts(self.tokenizer, examples)
-            feed = {"input_ids": ids, "attention_mask": mask}
-        else:
-            feed = {"input": image_array(np.asarray(examples), self.contract["input"])}
-        return self.session.run(["logits"], feed)[0]
+        return self.session.run(["logits"], self.feed(examples))[0]
 
     def predict(self, examples: np.ndarray | list[str]) -> list[dict[str, Any]]:
         logits = self.logits(examples).astype(np.float64)
@@ -91,11 +97,7 @@ class Servable:
 
     def warm_up(self) -> None:
         """One prediction before the first request: the first session.run allocates and is slow."""
-        if self.modality == "text":
-            self.predict(["warm up"])
-        else:
-            size = self.contract["input"]["decode"]["size"]
-            self.predict(np.zeros((1, size, size, 3), np.uint8))
+        self.predict(self.adapter.warm_up_examples(self.contract["input"]))
 
 
 def load(folder: Path, onnx_name: str = "model.onnx", expected: dict[str, str] | None = None, threads: int = 0,
@@ -103,8 +105,6 @@ def load(folder: Path, onnx_name: str = "model.onnx", expected: dict[str, str] |
     """The servable in `folder` (serving.json and the ONNX file `onnx_name`), after checking every sha256:
     the ONNX file against serving.json, and both against `expected` ({file name: sha256}, what the registry
     recorded) when given. Raises NotServable saying what does not match."""
-    from tokenizers import Tokenizer
-
     folder = Path(folder)
     contract_path, onnx_path = folder / CONTRACT, folder / onnx_name
     for path in (contract_path, onnx_path):
@@ -131,5 +131,4 @@ def load(folder: Path, onnx_name: str = "model.onnx", expected: dict[str, str] |
         session = safe_session(onnx_path, threads)
     except Exception as e:  # onnxruntime raises its own types for an unreadable model
         raise NotServable(f"{onnx_path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
-    tokenizer = Tokenizer.from_str(json.dumps(contract["input"]["tokenizer"])) if contract["modality"] == "text" else None
-    return Servable(contract, session, str(onnx_path), tokenizer=tokenizer, **origin)
+    return Servable(contract, session, str(onnx_path), **origin)

@@ -29,43 +29,47 @@ transformer's `layer.N`), and whatever follows them."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from stages import zoo
-from stages.data import Split
-from stages.train import accuracy, predict
+from stages.predict import accuracy, predict
+from stages.splits import Split
 
 if TYPE_CHECKING:  # scikit-learn is imported where a probe is fitted: GPU nodes may lack it (../shared)
     from sklearn.linear_model import LogisticRegression
 
+    from stages.params import FinetuneParams
+
+
+# No strategy at all: every parameter trains from the first step at one lr, with plain weight decay. What
+# training from random weights gets (the scratch baseline, pre-training), whatever finetune.strategy says.
+PLAIN = {"strategy": "full", "freeze_epochs": 0, "freeze_groups": 0, "layer_decay": 1.0, "l2sp_alpha": 0.0,
+         "l2sp_beta": 0.0}
+
 
 @dataclass(frozen=True)
 class Plan:
-    """Which parameters train in which epoch, and how. Built from a model and finetune settings."""
+    """Which parameters train in which epoch, and how: the model's layer groups and head, and the strategy's
+    settings of a FinetuneParams (their defaults are the schema's, stages/params.py)."""
 
     groups: tuple[tuple[str, ...], ...]  # backbone parameter names by layer group, bottom to top
     head: tuple[str, ...]
-    strategy: str = "full"
-    freeze_epochs: int = 0
-    freeze_groups: int = 0
-    layer_decay: float = 1.0
-    l2sp_alpha: float = 0.0
-    l2sp_beta: float = 0.0
+    strategy: str
+    freeze_epochs: int
+    freeze_groups: int
+    layer_decay: float
+    l2sp_alpha: float
+    l2sp_beta: float
 
     @classmethod
-    def of(cls, model: nn.Module, settings: Any = None) -> Plan:
-        """The plan for `model` under `settings` (FinetuneParams or anything with its field names);
-        no settings: plain full training (what the from-scratch baseline gets)."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"groups", "head"}
-        given = {k: v for k, v in dataclasses.asdict(settings).items() if k in names} if settings is not None else {}
+    def of(cls, model: nn.Module, settings: FinetuneParams | None = None) -> Plan:
+        """The plan for `model` under `settings`; no settings: PLAIN."""
+        given = {k: getattr(settings, k) for k in PLAIN} if settings is not None else PLAIN
         groups = tuple(tuple(g) for g in zoo.layer_groups(model))
         plan = cls(groups=groups, head=tuple(zoo.head_parameters(model)), **given)
         if plan.strategy == "partial" and plan.freeze_groups >= len(groups) > 0:

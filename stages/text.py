@@ -1,94 +1,45 @@
-"""The text side of the model zoo: a Hugging Face encoder with a pooled linear head, the TF-IDF floor as a
-torch module, and tokenisation. Imported only for text models (`import transformers` costs seconds).
+"""The text modality (stages/modality.py's interface): texts in, (input_ids, attention_mask) into the model
+(int64, batch x tokens: every text model's forward arguments and its ONNX input names), int8 by dynamic
+quantisation, and the checkpoint's own fast tokenizer, configured once, in training, evaluation, export and
+serving alike (the serving contract carries it; the server runs it with the `tokenizers` library alone).
 
 A text model's checkpoint folder holds the encoder's config.json and the tokenizer files beside
-model.safetensors, and its JSON says `"files": "."`, so it rebuilds offline from the folder alone. Every
-text model takes the same two inputs, `input_ids` and `attention_mask` (int64, batch x tokens)."""
+model.safetensors, and its JSON says `"files": "."`, so it rebuilds offline from the folder alone. The
+networks themselves are in stages/textnet.py. numpy at load time (the model server imports this module);
+torch, transformers and onnxruntime inside the functions that need them."""
 
 from __future__ import annotations
 
 import functools
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer is called from forked workers too
-POOLINGS = ("mean", "cls", "last")
+NAME = "text"
+EXAMPLE_MODEL = "hf:sentence-transformers/all-MiniLM-L6-v2"  # a pre-trained model to suggest when none is named
+REQUEST_FIELDS = ("texts",)
+ACCEPTS_FILES = False
+AUGMENTS = False
+PRETRAINING = "masked_lm"  # stages/dapt.py continues an encoder's masked-language-model training
 INPUTS = ("input_ids", "attention_mask")  # every text model's forward arguments, and its ONNX input names
+FLOOR = "tfidf_linear"  # the baseline stage's floor: logistic regression on TF-IDF of tokens (zoo.TFIDF_LINEAR)
+EXAMPLE_TEXTS = ("an example sentence", "and a second, longer example sentence")  # two lengths: no axis pinned
+NETWORKS = ("TextClassifier", "TfidfLinear", "encoder", "load_kwargs", "POOLINGS")
 
 
-class TextClassifier(nn.Module):
-    """Encoder -> pooled token states -> linear head. `mean` averages the non-padding tokens (what
-    sentence-transformers trained all-MiniLM-L6-v2 for), `cls` takes the first token (BERT's
-    pre-training target), `last` the last non-padding one (decoder-only models such as GPT-2)."""
+def __getattr__(name: str) -> Any:
+    # The torch networks by their old address (stages.text.TextClassifier, ...), loaded on first use so
+    # that importing this module never imports torch; new code imports stages.textnet.
+    if name in NETWORKS:
+        from stages import textnet
 
-    def __init__(self, encoder: nn.Module, pooling: str, num_classes: int) -> None:
-        super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"model.pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
-        self.encoder, self.pooling = encoder, pooling
-        self.head = nn.Linear(encoder.config.hidden_size, num_classes)
-
-    def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        m = attention_mask.to(h.dtype).unsqueeze(-1)
-        if self.pooling == "mean":
-            return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
-        if self.pooling == "cls":
-            return h[:, 0]
-        last = attention_mask.long().sum(1).sub(1).clamp_min(0)  # padding is on the right
-        return h[torch.arange(h.shape[0], device=h.device), last]
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(input_ids, attention_mask))
-
-
-class TfidfLinear(nn.Module):
-    """TF-IDF over the tokenizer's (sub)word ids followed by a linear layer: logistic regression on TF-IDF,
-    the classic text floor, in the same two-input form as the networks so every consumer treats it alike.
-    Equals scikit-learn's TfidfVectorizer (raw counts, smoothed idf, l2 norm) on the same token ids; ids
-    never seen in training have idf 0, as they have no column there."""
-
-    def __init__(self, vocab_size: int, num_classes: int) -> None:
-        super().__init__()
-        self.register_buffer("idf", torch.zeros(vocab_size))
-        self.linear = nn.Linear(vocab_size, num_classes)
-
-    def tfidf(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        counts = torch.zeros(input_ids.shape[0], self.idf.shape[0], device=input_ids.device)
-        counts.scatter_add_(1, input_ids, attention_mask.float())
-        x = counts * self.idf
-        return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.tfidf(input_ids, attention_mask))
-
-
-TFIDF = "tfidf_linear"
-
-
-def load_kwargs(trust_remote_code: bool = False, revision: str | None = None) -> dict[str, Any]:
-    # Code from a model repository runs only when the params allow it for a pinned revision.
-    if trust_remote_code and not revision:
-        raise ValueError("model.trust_remote_code: true needs model.revision pinned to a commit, so the code "
-                         "that runs is the code that was reviewed")
-    return {"trust_remote_code": bool(trust_remote_code), **({"revision": revision} if revision else {})}
-
-
-def encoder(files: Path, pretrained: bool, **kwargs: Any) -> nn.Module:
-    """The encoder from a folder with config.json (and model.safetensors when `pretrained`). Eager
-    attention: the same maths as the fused kernels, and it exports to ONNX everywhere."""
-    from transformers import AutoConfig, AutoModel
-
-    config = AutoConfig.from_pretrained(files, **kwargs)
-    config._attn_implementation = "eager"
-    if pretrained:
-        return AutoModel.from_pretrained(files, config=config, use_safetensors=True, **kwargs)
-    return AutoModel.from_config(config, **{k: v for k, v in kwargs.items() if k == "trust_remote_code"})
+        return getattr(textnet, name)
+    raise AttributeError(f"module 'stages.text' has no attribute {name!r}")
 
 
 # A model folder holds its vocabulary in one of these (fast tokenizers, WordPiece, BPE, SentencePiece).
@@ -128,8 +79,10 @@ def fast_tokenizer(files: str, max_length: int):
     return configure_tokenizer(backend, max_length, tok.pad_token_id, tok.pad_token, tok.padding_side)
 
 
-def tokenize(texts: np.ndarray, pre: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Texts -> (input_ids, attention_mask), truncated to pre["max_length"], padded to the longest."""
+def tokenize(texts: np.ndarray, pre: dict) -> tuple[Any, Any]:
+    """Texts -> (input_ids, attention_mask) torch tensors, truncated to pre["max_length"], padded to the longest."""
+    import torch
+
     from stages.inputs import encode_texts
 
     ids, mask = encode_texts(fast_tokenizer(str(pre["files"]), pre["max_length"]), texts)
@@ -151,8 +104,85 @@ def truncated_count(texts: np.ndarray, pre: dict) -> int:
     return sum(len(ids) > pre["max_length"] for ids in tok([str(t) for t in texts])["input_ids"])
 
 
-def save_files(model: nn.Module, pre: dict, out: Path) -> None:
-    """Write what rebuilds `model` without its source: the encoder config and the tokenizer."""
+def save_files(model: Any, pre: dict, out: Path) -> dict:
+    """Write what rebuilds `model` without its source, the encoder config and the tokenizer, into the
+    checkpoint folder `out`; returns the preprocessing to record, which points at that folder."""
+    from stages.textnet import TextClassifier
+
     if isinstance(model, TextClassifier):
         model.encoder.config.save_pretrained(out)
     tokenizer(str(pre["files"])).save_pretrained(out)
+    return {**pre, "files": "."}
+
+
+def model_input(x: np.ndarray, pre: dict) -> Any:
+    """Texts -> the tuple (input_ids, attention_mask) of torch tensors."""
+    return tokenize(x, pre)
+
+
+def truncated(x: np.ndarray, pre: dict) -> int | None:
+    """How many of the texts lose their end to max_length."""
+    return truncated_count(x, pre)
+
+
+def configure(pre: dict, model_p: Any) -> dict:
+    return pre  # a checkpoint keeps its tokenizer, max_length and pooling
+
+
+def input_names(pre: dict) -> tuple[str, ...]:
+    return INPUTS
+
+
+def example_inputs(pre: dict) -> tuple[Any, ...]:
+    """Two texts of different lengths, tokenised: what export traces, so neither the batch nor the
+    sequence axis is pinned by the example."""
+    return tokenize(np.array(EXAMPLE_TEXTS, dtype=object), pre)
+
+
+def dynamic_axes(pre: dict) -> dict[str, dict[int, str]]:
+    """Any batch, any length up to max_length."""
+    return {name: {0: "batch", 1: "sequence"} for name in INPUTS}
+
+
+def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, pre: dict) -> str:
+    """Dynamic quantisation: int8 weights of every MatMul, activations quantised per batch at run time, the
+    usual choice for transformers, where activation ranges vary too much across inputs for one static
+    range (so `calibration` is not used). Returns how, for the log."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8)
+    return "dynamic"
+
+
+def serving_input(pre: dict, stored: np.ndarray, max_pixels: int) -> dict:
+    """The serving contract's input: max_length and the configured tokenizer itself."""
+    tok = fast_tokenizer(str(pre["files"]), pre["max_length"])
+    return {"max_length": pre["max_length"], "tokenizer": json.loads(tok.to_str())}
+
+
+def serving_feed(contract_input: dict) -> Callable[[Any], dict[str, np.ndarray]]:
+    """Texts -> the ONNX model's inputs, by the tokenizer the contract carries (built once, here)."""
+    from tokenizers import Tokenizer
+
+    from stages.inputs import encode_texts
+
+    tok = Tokenizer.from_str(json.dumps(contract_input["tokenizer"]))
+    return lambda examples: dict(zip(INPUTS, encode_texts(tok, examples), strict=True))
+
+
+def warm_up_examples(contract_input: dict) -> Any:
+    return ["warm up"]
+
+
+def join(parts: list[Any]) -> Any:
+    """Several requests' texts as one batch."""
+    return [t for part in parts for t in part]
+
+
+def input_params(pre: dict) -> dict[str, Any]:
+    """The input settings a registered model records as run parameters."""
+    return {k: pre[k] for k in ("max_length", "pooling") if k in pre}
+
+
+def describe(pre: dict) -> str:
+    return f"texts of up to {pre['max_length']} tokens ({pre.get('pooling', 'tf-idf')} pooling)"

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.data import FASHION_MNIST_FILES
+from stages.sources import FASHION_MNIST_FILES
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a fresh clone of the project needs to run the pipeline (end-to-end tests work in such a copy).
-PROJECT_FILES = ["stages", "flows", "presets", "tasks", "dvc.yaml", "compare/dvc.yaml", "curves/dvc.yaml", "pretrain/dvc.yaml",
+PROJECT_FILES = ["stages", "flows", "ops", "presets", "tasks", "dvc.yaml", "compare/dvc.yaml", "curves/dvc.yaml", "pretrain/dvc.yaml",
                  "params.yaml", "weights.lock", "pyproject.toml", ".dvc/config", ".dvcignore", ".gitignore"]
 
 
@@ -220,7 +220,7 @@ def assert_same_accuracy(one: dict, other: dict, what: str) -> None:
 
 @pytest.fixture(scope="session")
 def mlflow_store(tmp_path_factory):
-    from stages.register import Store
+    from stages.registry import Store
 
     root = tmp_path_factory.mktemp("mlflow")
     return Store(db=root / "mlflow.db", artifacts=root / "artifacts")
@@ -233,7 +233,7 @@ def tiny_hf_model(folder: Path, model_type: str) -> Path:
     import torch
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    from stages.zoo import PACKAGED
+    from stages.weights import PACKAGED
 
     tok = AutoTokenizer.from_pretrained(PACKAGED["hf:sentence-transformers/all-MiniLM-L6-v2"].path())
     sizes = {

@@ -12,8 +12,8 @@ import pytest
 
 from bench.recipe import development_split, variant_params
 from stages import prepare
-from stages.data import load_split
 from stages.params import Params
+from stages.splits import load_split
 
 from .conftest import tiny_params
 

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from stages import baseline, evaluate, export, finetune, prepare, zoo
-from stages.data import FASHION_MNIST_CLASSES, read_idx
-from stages.datasets import WORDNET_TOPICS
+from stages import baseline, evaluate, export, finetune, prepare, weights, zoo
+from stages.sources import FASHION_MNIST_CLASSES, read_idx
+from stages.sources import WORDNET_TOPICS
 
 from .conftest import GIT, ROOT, copy_project, flow_env, sh, tiny_hf_model
 
@@ -44,7 +44,7 @@ def tiny_text_params(tmp_path: Path, model_type: str, rows_per_class: int, per_c
     """Params for WordNet glosses of three topics with a tiny random `model_type` encoder, locked like any weights."""
     folder = tiny_hf_model(tmp_path / f"tiny-{model_type}", model_type)
     lock = tmp_path / "weights.lock"
-    zoo.lock(zoo.find_weights(f"hf:{folder}"), lock)
+    weights.lock(weights.find_weights(f"hf:{folder}"), lock)
     params = write_params(tmp_path, gloss_table(tmp_path / "glosses.csv", rows_per_class),
                           prepare={"dataset": "text-table", "per_class": per_class, "val_per_class": val_per_class,
                                    "test_per_class": None},
@@ -127,7 +127,7 @@ def served_labels(project: Path, model_name: str, version: int, requests: list) 
     passed = receipt["challenger_reason"].startswith("all gate checks passed")
     promote_version(Store(project / "mlflow.db", project / "mlartifacts"), model_name, version, force=not passed,
                     reason="" if passed else "end-to-end test of serving a tiny model")
-    cmd = [sys.executable, "-m", "flows.serve", "--model", model_name, "--alias", "champion", "--port", "{port}"]
+    cmd = [sys.executable, "-m", "ops.serve", "--model", model_name, "--alias", "champion", "--port", "{port}"]
     labels = []
     with http_server(cmd, "/health", project, flow_env(project)) as (base, health):
         assert health["version"] == str(version)
@@ -211,7 +211,7 @@ def test_csv_texts_through_the_flow_record_the_data_version(tmp_path):
     ex = json.loads((project / "metrics/export.json").read_text())
     assert ex["parity_passed"] and ex["n_examples"] == 102
     # served by alias: the 102 test texts posted as texts get exactly the labels evaluate gave them
-    from stages.data import load_split
+    from stages.splits import load_split
 
     texts = load_split(project / "data/prepared", "test").x.tolist()
     requests = [(json.dumps({"texts": texts[i:i + 64]}).encode(),) for i in range(0, len(texts), 64)]

@@ -71,7 +71,8 @@ def test_no_stage_imports_prefect_and_only_registry_code_imports_mlflow():
     for path in (ROOT / "stages").glob("*.py"):
         text = path.read_text()
         assert not re.search(r"^\s*(import|from)\s+prefect", text, re.M), path.name
-        if path.name not in ("register.py", "registry.py", "promotion.py"):  # writing, reading, promoting
+        # recording runs and versions, gating, reading for serving, promoting
+        if path.name not in ("tracking.py", "register.py", "registry.py", "promotion.py"):
             assert not re.search(r"^\s*(import|from)\s+mlflow", text, re.M), path.name
 
 
@@ -147,7 +148,7 @@ def test_finetune_runs_with_only_the_training_stack(tiny_source, tmp_path):
 
 def test_entry_points_run_main_last():
     # `python -m` executes the module top to bottom: a function defined below `main()` does not exist yet
-    for path in [*(ROOT / "stages").glob("*.py"), *(ROOT / "flows").glob("*.py")]:
+    for path in [*(ROOT / "stages").glob("*.py"), *(ROOT / "flows").glob("*.py"), *(ROOT / "ops").glob("*.py")]:
         text = path.read_text()
         if '\nif __name__ == "__main__":' in text:
             assert text.rstrip().endswith('if __name__ == "__main__":\n    main()'), path.name
@@ -181,3 +182,35 @@ def test_the_pretrain_pipeline_runs_each_module_with_its_code_as_deps():
         assert "${run.paths.weights_lock}" not in stage["deps"], name
         out = next(iter(stage["outs"]))
         assert out.startswith("${run.paths.") and hasattr(params.paths, out[len("${run.paths."):-1]), name
+
+
+def _imports(path) -> set[str]:
+    """Top-level package names and project modules a file imports, lazy imports inside functions included."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def test_the_import_rules_of_docs_architecture_hold():
+    """stages/ imports no flows or ops; flows/ imports no ops; ops/ takes only flows.tasks from flows/."""
+    for package, banned in (("stages", ("flows", "ops", "prefect")), ("flows", ("ops",)), ("ops", ("flows",))):
+        for path in (ROOT / package).glob("*.py"):
+            for name in _imports(path):
+                top = name.split(".")[0]
+                if package == "ops" and (name == "flows" or name.startswith("flows.tasks")):
+                    continue  # `from flows import tasks`: a task's registered name
+                assert top not in banned, f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_every_module_is_in_the_architecture_map():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    for package in ("stages", "flows", "ops"):
+        for path in (ROOT / package).glob("*.py"):
+            if path.name != "__init__.py":
+                assert f"`{path.name}`" in text, f"{package}/{path.name} is missing from docs/architecture.md"

@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 
-from stages import dapt, finetune, prepare, zoo
+from stages import dapt, finetune, prepare, weights, zoo
 from stages.params import Params
 
 from .conftest import tiny_hf_model
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def test_dapt_continues_mlm_training_without_the_held_out_texts_and_the_result_fine_tunes(tmp_path):
     base = tiny_hf_model(tmp_path / "tiny-bert", "bert")
     lock = tmp_path / "weights.lock"
-    zoo.lock(zoo.find_weights(f"hf:{base}"), lock)
+    weights.lock(weights.find_weights(f"hf:{base}"), lock)
     path = write_params(tmp_path, gloss_table(tmp_path / "glosses.csv", 30),
                         prepare={"dataset": "text-table", "per_class": 6, "val_per_class": 3, "test_per_class": 5},
                         dapt={"base": f"hf:{base}", "steps": 40, "batch_size": 8, "lr": 1.0e-3, "eval_texts": 20,

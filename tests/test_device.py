@@ -11,7 +11,7 @@ import torch
 
 from stages import zoo
 from stages.params import ExportParams, ModelParams
-from stages.train import device, predict
+from stages.predict import device, predict
 
 from .conftest import ROOT
 
@@ -53,8 +53,8 @@ def on_meta(monkeypatch):
 
 
 def test_select_computes_its_features_on_the_device(on_meta):
-    from stages.data import Split
     from stages.select import candidate_features
+    from stages.splits import Split
 
     with pytest.raises(NotImplementedError, match="meta"):
         candidate_features(MODEL.name, MODEL, 10, Split(IMAGES, np.arange(6) % 2), ROOT / "weights.lock", None)

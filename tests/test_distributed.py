@@ -29,7 +29,7 @@ def test_two_gloo_processes_match_one_process(ddp_task, ddp_one_process):
 
 STEP = """
 import os, sys, torch, timm
-from stages.train import distributed, sync_batchnorm
+from stages.distributed import distributed, sync_batchnorm
 torch.manual_seed(0)
 model = timm.create_model("efficientnet_lite0", num_classes=10, drop_rate=0.0)
 x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))

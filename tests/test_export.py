@@ -8,7 +8,7 @@ import torch
 from stages import zoo
 from stages.export import export_onnx, onnx_logits, parity, quantize_int8
 from stages.params import ExportParams, ModelParams
-from stages.train import predict
+from stages.predict import predict
 from tests.conftest import ROOT
 
 

@@ -1,4 +1,4 @@
-"""Promotion in the MLflow UI has consequences: the webhook receiver (flows/hooks.py) checks signatures and
+"""Promotion in the MLflow UI has consequences: the webhook receiver (ops/hooks.py) checks signatures and
 replays, the one promotion rule (stages/promotion.py) judges versions, and, end to end, a person setting
 `champion` in the real MLflow web UI (headless Chromium) gets an audit trail, a flag and a revert for a
 version that failed its gate, and a running model server that swaps at once."""
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.hooks import Receiver, Unverified, create_app, sign, verify
+from ops.hooks import Receiver, Unverified, create_app, sign, verify
 from stages.promotion import GATE_CHECKS, problems
 
 from .conftest import ROOT, background, http_server
@@ -145,7 +145,7 @@ def test_setting_champion_in_the_mlflow_ui_is_audited_checked_enforced_and_serve
     from cryptography.fernet import Fernet
     from mlflow.tracking import MlflowClient
 
-    from flows.hooks import main as hooks
+    from ops.hooks import main as hooks
 
     from .test_serve import image_folder, register_folder, server
 
@@ -186,7 +186,7 @@ def test_setting_champion_in_the_mlflow_ui_is_audited_checked_enforced_and_serve
                     return json.loads(r.read())["version"]
 
             assert served() == v1
-            receiver_cmd = [sys.executable, "-m", "flows.hooks", "serve", "--port", str(hook_port), "--enforce",
+            receiver_cmd = [sys.executable, "-m", "ops.hooks", "serve", "--port", str(hook_port), "--enforce",
                             "--server", serve_base, "--log", str(audit)]
             receiver_env = {**env, **served_env, "HEADSTART_WEBHOOK_SECRET": SECRET}
             with background(receiver_cmd, ROOT, receiver_env) as receiver:

@@ -11,8 +11,9 @@ import torch
 
 from flows import compose
 from stages import hyperrule
-from stages.params import BaselineParams, FinetuneParams, Params
-from stages.train import TrainConfig, augment, fit
+from stages.augment import augment
+from stages.params import BaselineParams, FinetuneParams
+from stages.train import fit
 
 from .conftest import ROOT
 from .test_strategy import small_cnn, tiny_images
@@ -77,9 +78,9 @@ def test_scratch_keeps_the_budget_with_its_own_lr_and_augmentation():
 
 def test_training_refuses_settings_that_were_not_resolved():
     with pytest.raises(ValueError, match="epochs is 'auto': pass the settings through stages.hyperrule.resolve"):
-        TrainConfig.of(FinetuneParams())
+        fit(None, None, None, {}, FinetuneParams(), None)  # refused before anything is touched
     with pytest.raises(ValueError, match="augment is True"):
-        TrainConfig.of(dataclasses.replace(FinetuneParams(), epochs=1, lr=1e-3, augment=True))
+        fit(None, None, None, {}, dataclasses.replace(FinetuneParams(), epochs=1, lr=1e-3, augment=True), None)
 
 
 @pytest.mark.parametrize(("preset", "n", "expected"), [
@@ -143,8 +144,8 @@ def test_flip_and_none():
 def test_training_with_crops_learns_the_tiny_task():
     train, val = tiny_images(96, 0), tiny_images(48, 1)
     model, pre = small_cnn()
-    cfg = TrainConfig(epochs=4, batch_size=8, lr=3e-3, weight_decay=0.01, patience=9, seed=0, augment="crop",
-                      crop_min_area=0.6)
+    cfg = FinetuneParams(epochs=4, batch_size=8, lr=3e-3, weight_decay=0.01, patience=9, seed=0, augment="crop",
+                         crop_min_area=0.6, label_smoothing=0.0)
     from stages.strategy import Plan
 
     result = fit(model, train, val, pre, cfg, Plan.of(model))

@@ -263,11 +263,11 @@ def test_the_serving_image_holds_what_the_server_imports_and_no_torch():
     for pin in wanted:
         assert lock.get(pin.split("==")[0].lower()) == pin, f"{pin}: requirements.lock has {lock.get(pin.split('==')[0].lower())}"
     assert not {"torch", "transformers", "torchvision", "timm"} & {p.split("==")[0].lower() for p in wanted}
-    code = ("import sys, flows.serve, stages.registry; from stages.params import Params; Params.load(); "
+    code = ("import sys, ops.serve, stages.registry; from stages.params import Params; Params.load(); "
             "print(' '.join(sorted(sys.modules)))")
     loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()
     assert not {"torch", "transformers", "sklearn", "prefect"} & set(loaded)
-    ours = {m.replace(".", "/") + ".py" for m in loaded if m.split(".")[0] in ("stages", "flows") and "." in m}
+    ours = {m.replace(".", "/") + ".py" for m in loaded if m.split(".")[0] in ("stages", "flows", "ops") and "." in m}
     copied = " ".join(line for line in (INFRA / "serve/Dockerfile").read_text().splitlines() if line.startswith("COPY"))
     missing = sorted(f for f in ours if f not in copied.split())
     assert not missing, f"the server loads {missing}, which infra/serve/Dockerfile does not copy"

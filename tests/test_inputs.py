@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from stages import text
 from stages.inputs import decode_image, encode_texts, image_array
-from stages.zoo import PACKAGED
+from stages.weights import PACKAGED
 
 
 def _torch_reference(x: np.ndarray, pre: dict) -> np.ndarray:

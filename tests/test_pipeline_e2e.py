@@ -190,7 +190,7 @@ def test_server_resolves_an_alias_and_answers_image_files_as_evaluate_did(projec
 
     from mlflow.tracking import MlflowClient
 
-    from stages.data import load_split
+    from stages.splits import load_split
 
     from .test_serve import multipart, png, post
 
@@ -203,7 +203,7 @@ def test_server_resolves_an_alias_and_answers_image_files_as_evaluate_did(projec
     passed = receipt["challenger_reason"].startswith("all gate checks passed")
     promote_version(Store(project / "mlflow.db", project / "mlartifacts"), receipt["model_name"], receipt["version"],
                     force=not passed, reason="" if passed else "end-to-end test of serving the smoke model")
-    cmd = [sys.executable, "-m", "flows.serve", "--model", receipt["model_name"], "--alias", "champion",
+    cmd = [sys.executable, "-m", "ops.serve", "--model", receipt["model_name"], "--alias", "champion",
            "--port", "{port}"]
     try:
         with http_server(cmd, "/health", project, flow_env(project)) as (base, health):
@@ -220,8 +220,8 @@ def test_server_resolves_an_alias_and_answers_image_files_as_evaluate_did(projec
 
 
 def test_report_from_the_real_run(project, first_run):
-    """What the pull-request workflow posts: `python -m flows.report --base <rev>`, also written to a file."""
-    res = sh([sys.executable, "-m", "flows.report", "--base", "HEAD"], project, flow_env(project))
+    """What the pull-request workflow posts: `python -m ops.report --base <rev>`, also written to a file."""
+    res = sh([sys.executable, "-m", "ops.report", "--base", "HEAD"], project, flow_env(project))
     text = (project / "reports/report.md").read_text()
     assert text == res.stdout.rstrip("\n") + "\n"
     ev = json.loads((project / "metrics/evaluate.json").read_text())

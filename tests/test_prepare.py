@@ -1,35 +1,109 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
-from stages.data import FASHION_MNIST_FILES, load_split, read_idx, stratified_indices
 from stages.files import read_json
 from stages.params import PrepareParams
 from stages.prepare import run
+from stages.sources import FASHION_MNIST_FILES, Source, read_idx
+from stages.splits import Split, draw, load_split
 
 from .conftest import write_idx
 
 
+def _source(labels: np.ndarray, test_labels: np.ndarray | None = None) -> Source:
+    """A source whose examples are their own row numbers (the test split's: 1000 + row), so a split's x
+    says which rows it drew."""
+    test = None if test_labels is None else Split(1000 + np.arange(len(test_labels)), test_labels)
+    classes = [chr(ord("a") + c) for c in range(int(labels.max()) + 1)]
+    return Source("image", classes, Split(np.arange(len(labels)), labels), test, {})
+
+
 def test_stratified_draw_has_exact_counts_and_disjoint_splits():
     labels = np.repeat(np.arange(4), [50, 60, 70, 80])
-    tr, va = stratified_indices(labels, per_class=10, val_per_class=5, seed=3)
-    assert np.bincount(labels[tr]).tolist() == [10, 10, 10, 10]
-    assert np.bincount(labels[va]).tolist() == [5, 5, 5, 5]
-    assert not set(tr) & set(va)
+    d = draw(_source(labels), per_class=10, val_per_class=5, test_per_class=3, seed=3)
+    assert np.bincount(d.train.y).tolist() == [10, 10, 10, 10]
+    assert np.bincount(d.val.y).tolist() == [5, 5, 5, 5]
+    assert np.bincount(d.test.y).tolist() == [3, 3, 3, 3]
+    assert not set(d.train.x) & set(d.val.x) and not set(d.test.x) & (set(d.train.x) | set(d.val.x))
+    assert sorted([*d.train.x, *d.val.x, *d.test.x, *d.rest.x]) == list(range(len(labels)))
 
 
 def test_stratified_draw_is_deterministic_and_seeded():
-    labels = np.repeat(np.arange(3), 40)
-    a = stratified_indices(labels, 10, 5, seed=0)
-    b = stratified_indices(labels, 10, 5, seed=0)
-    c = stratified_indices(labels, 10, 5, seed=1)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not np.array_equal(a[0], c[0])
+    src = _source(np.repeat(np.arange(3), 40))
+    a, b, c = (draw(src, per_class=10, val_per_class=5, test_per_class=0, seed=s) for s in (0, 0, 1))
+    assert np.array_equal(a.train.x, b.train.x) and np.array_equal(a.val.x, b.val.x)
+    assert not np.array_equal(a.train.x, c.train.x)
 
 
 def test_a_class_too_small_for_the_split_says_how_many_are_needed():
     labels = np.array([0] * 20 + [1] * 7)
-    with pytest.raises(ValueError, match="class 1 has 7 examples; .* need 15. Add 8 more"):
-        stratified_indices(labels, 10, 5, seed=0)
+    with pytest.raises(ValueError, match=r"class 'b' has 7 examples; prepare.per_class \(10\) \+ "
+                                         r"prepare.val_per_class \(5\) need 15. Add 8 more"):
+        draw(_source(labels), per_class=10, val_per_class=5, test_per_class=0, seed=0)
+
+
+# What prepare, pretrain and curves drew before `draw` replaced stratified_indices (six positional
+# arguments), computed with that function: rows of the pool (the source's own test split: 1000 + row).
+POOL_Y = [2, 1, 2, 2, 1, 2, 2, 0, 0, 0, 0, 2, 2, 0, 1, 2, 0, 2, 0, 1, 2, 0, 1, 0, 2, 0, 2, 1, 1, 1, 1, 1, 1, 2,
+          2, 2, 2, 1, 1, 2, 1, 0, 2, 0, 2, 1, 0, 0, 1, 0, 0, 1, 2, 1, 2, 2, 2, 1, 1, 1]
+TEST_Y = [0, 1, 1, 0, 2, 0, 0, 0, 2, 2, 2, 0, 2, 1, 1, 0, 1, 2, 1, 0, 1, 0, 2, 2, 0, 1, 2, 2, 2, 1]
+BEFORE = {
+    "prepare": (
+        [8, 10, 11, 21, 27, 33, 38, 40, 43, 51, 52, 55],
+        [24, 25, 34, 45, 50, 57],
+        [9, 12, 13, 14, 17, 31, 41, 54, 59],
+    ),
+    "prepare_rest": (
+        [8, 10, 11, 21, 27, 33, 38, 40, 43, 51, 52, 55],
+        [24, 25, 34, 45, 50, 57],
+        [0, 1, 2, 3, 4, 5, 6, 7, 9, 12, 13, 14, 15, 16, 17, 18, 19, 20, 22, 23, 26, 28, 29, 30, 31, 32, 35, 36,
+         37, 39, 41, 42, 44, 46, 47, 48, 49, 53, 54, 56, 58, 59],
+    ),
+    "prepare_own_test": (
+        [8, 10, 11, 21, 27, 33, 38, 40, 43, 51, 52, 55],
+        [24, 25, 34, 45, 50, 57],
+        [1009, 1012, 1015, 1018, 1019, 1020],
+    ),
+    "pretrain": (
+        [8, 10, 11, 21, 27, 33, 38, 40, 43, 51, 52, 55],
+        [24, 25, 34, 45, 50, 57],
+        [3, 6, 9, 20, 32, 37, 41, 46, 48],
+    ),
+    "curves": (
+        [8, 9, 10, 11, 16, 20, 26, 29, 31, 37, 48, 55],
+        [12, 25, 35, 38, 40, 50],
+        [13, 17, 18, 32, 36, 41, 42, 43, 44, 45, 46, 51, 52, 57, 59],
+    ),
+    "curves_own_test": (
+        [8, 24, 25, 33, 34, 38, 40, 43, 45, 50, 55, 57],
+        [10, 11, 21, 27, 51, 52],
+        [1004, 1007, 1013, 1016, 1021, 1023],
+    ),
+}
+
+
+def test_every_caller_draws_the_same_examples_as_before():
+    pool, test = np.array(POOL_Y), np.array(TEST_Y)
+    no_test, own_test = _source(pool), _source(pool, test)
+    got = {}
+    d = draw(no_test, per_class=4, val_per_class=2, test_per_class=3, seed=5)
+    got["prepare"] = d.train, d.val, d.test
+    d = draw(no_test, per_class=4, val_per_class=2, test_per_class=None, seed=5)
+    got["prepare_rest"] = d.train, d.val, d.test
+    d = draw(own_test, per_class=4, val_per_class=2, test_per_class=2, seed=5)
+    got["prepare_own_test"] = d.train, d.val, d.test
+    d = draw(no_test, per_class=4, val_per_class=2, test_per_class=0, seed=5)  # pretrain, no test split
+    rest = draw(dataclasses.replace(no_test, pool=d.rest), per_class=0, val_per_class=0, test_per_class=3, seed=5)
+    got["pretrain"] = d.train, d.val, rest.test
+    for name, src, n_test in (("curves", no_test, 5), ("curves_own_test", own_test, 2)):
+        t = draw(src, per_class=0, val_per_class=0, test_per_class=n_test, seed=12345)
+        d = draw(dataclasses.replace(src, pool=t.rest, test=None), per_class=4, val_per_class=2, test_per_class=0,
+                 seed=5, val_first=True)
+        got[name] = d.train, d.val, t.test
+    for name, splits in BEFORE.items():
+        assert [s.x.tolist() for s in got[name]] == [list(x) for x in splits], name
 
 
 def test_truncated_idx_file_is_rejected(tmp_path):

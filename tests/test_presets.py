@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from flows import compose
-from stages.data import FASHION_MNIST_CLASSES
+from stages.sources import FASHION_MNIST_CLASSES
 from stages.params import Params
 
 from .conftest import ROOT, flow_env, sh

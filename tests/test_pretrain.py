@@ -10,9 +10,9 @@ import shutil
 import pytest
 import yaml
 
-from stages import baseline, datasets, evaluate, finetune, prepare, pretrain, select, zoo
-from stages.data import FASHION_MNIST_CLASSES
+from stages import baseline, checkpoint, evaluate, finetune, prepare, pretrain, select, sources, zoo
 from stages.params import Params, PrepareParams
+from stages.sources import FASHION_MNIST_CLASSES
 
 from .conftest import ROOT, tiny_params
 
@@ -39,7 +39,7 @@ def test_a_backbone_pretrained_on_the_source_classes_is_fine_tuned_on_the_others
     pretrain.main(["--params", str(project)])
     meta = json.loads((paths.pretrained / "model.json").read_text())
     assert meta["classes"] == FASHION_MNIST_CLASSES[:5] and meta["kind"] == "pretrained"
-    held = zoo.source_test(paths.pretrained)
+    held = checkpoint.source_test(paths.pretrained)
     assert len(held.y) == 5 * 6 and set(held.y.tolist()) == set(range(5))
     report = json.loads(paths.pretrain_metrics.read_text())
     assert 0 <= report["test_accuracy"] <= 1
@@ -64,7 +64,7 @@ def test_a_backbone_pretrained_on_the_source_classes_is_fine_tuned_on_the_others
     assert set(ev["representation_drift"]["linear_cka"]) and ev["finetuned"]["accuracy"] >= 0
 
     # the checkpoint changes under its name: a fine-tune refuses it until it is locked again
-    zoo.save_checkpoint(paths.pretrained, zoo.load_checkpoint(paths.pretrained)[0], meta | {"note": "changed"})
+    checkpoint.save_checkpoint(paths.pretrained, zoo.load_checkpoint(paths.pretrained)[0], meta | {"note": "changed"})
     with pytest.raises(ValueError, match="differ from the sha256"):
         finetune.main(["--params", str(project)])
 
@@ -79,13 +79,13 @@ def test_forgetting_is_zero_when_the_backbone_did_not_move(project):
 
 
 def test_keep_classes_renumbers_and_names_unknown_classes(tiny_source):
-    src = datasets.read("fashion-mnist", tiny_source, PrepareParams())
-    kept = datasets.keep_classes(src, ["Bag", "Trouser"])
+    src = sources.read("fashion-mnist", tiny_source, PrepareParams())
+    kept = sources.keep_classes(src, ["Bag", "Trouser"])
     assert kept.classes == ["Bag", "Trouser"] and set(kept.pool.y.tolist()) == {0, 1}
     assert (kept.pool.y == 0).sum() == (src.pool.y == 8).sum()
-    assert datasets.keep_classes(src, None) is src
+    assert sources.keep_classes(src, None) is src
     with pytest.raises(ValueError, match=r"not among them: \['Boot'\]"):
-        datasets.keep_classes(src, ["Bag", "Boot"])
+        sources.keep_classes(src, ["Bag", "Boot"])
 
 
 @pytest.mark.parametrize(("preset", "stages"), [(None, []), ("pretrain", ["pretrain/dvc.yaml:pretrain"]),

@@ -8,10 +8,11 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from stages import zoo
+from stages import checkpoint, zoo
 from stages.files import write_json
 from stages.params import RegisterParams
-from stages.register import Store, gate, run
+from stages.register import gate, run
+from stages.registry import Store
 
 
 EXPORT = {"max_abs_diff": 1e-5, "worst_tolerance_use": 0.1, "top1_agreement": 1.0, "fp32_accuracy": 0.8,
@@ -63,7 +64,7 @@ def _workspace(tmp_path, verdict: str, accuracy: float, n_classes: int = 10):
     for path in ("finetuned", "baselines/scratch", "baselines/linear_probe", "baselines/floor"):
         meta = {"kind": path, "architecture": zoo.PIXEL_LINEAR, "init": "random", "pretrained_sha256": None,
                 "classes": classes, "preprocessing": pre, "train": {"epochs": 1}}
-        zoo.save_checkpoint(tmp_path / path, zoo.build(zoo.PIXEL_LINEAR, n_classes, pre), meta)
+        checkpoint.save_checkpoint(tmp_path / path, zoo.build(zoo.PIXEL_LINEAR, n_classes, pre), meta)
     gain_ci = [0.05, 0.15] if verdict == "positive" else [-0.02, 0.1]
     report = _report(accuracy, gain_ci, accuracy_ci95=[accuracy - 0.01, accuracy + 0.01], macro_f1=accuracy)
     report.update({"test_sha256": "t" * 64, "n_test": 100})
@@ -131,7 +132,7 @@ def test_promotion_needs_a_passed_gate_or_a_recorded_reason(tmp_path, mlflow_sto
 
     from stages.params import Params
     from stages.promotion import PromotionRefused, promote_version
-    from stages.register import CHALLENGER, CHAMPION
+    from stages.registry import CHALLENGER, CHAMPION
 
     from .conftest import ROOT
 
@@ -176,15 +177,15 @@ def test_promotion_needs_a_passed_gate_or_a_recorded_reason(tmp_path, mlflow_sto
     assert client.get_model_version(name, good).description.splitlines()[0].endswith(": finetuned, gate passed")
 
 
-    # The README's UI steps and tables name exactly the aliases and tags the code writes.
-    readme = (ROOT / "README.md").read_text()
+    # The registry docs' UI steps and tables name exactly the aliases and tags the code writes.
+    readme = (ROOT / "docs" / "operations.md").read_text()
     written = set(client.get_model_version(name, bad).tags) | set(client.get_model_version(name, good).tags)
     for tag in sorted(t for t in written if t.startswith(("gate.", "champion.", "challenger"))):
         parts = tag.split(".")
         if len(parts) == 3 and parts[0] == "gate":  # gate.<check>.value / .passed: the generic name + the check
             assert f"`gate.<check>.{parts[2]}`" in readme and f"`{parts[1]}`" in readme, tag
         else:
-            assert f"`{tag}`" in readme, f"README does not mention the tag {tag}"
+            assert f"`{tag}`" in readme, f"docs/operations.md does not mention the tag {tag}"
     for alias in (CHALLENGER, CHAMPION):
         assert f"`{alias}`" in readme
     assert f"Models → `{name}`" in readme
@@ -200,7 +201,7 @@ def _constant_model(folder, predicts: int) -> None:
         model[1].bias[predicts] = 5.0
     meta = {"kind": "finetuned", "architecture": zoo.PIXEL_LINEAR, "init": "random", "pretrained_sha256": None,
             "classes": [str(i) for i in range(10)], "preprocessing": pre, "train": {"epochs": 1}}
-    zoo.save_checkpoint(folder, model, meta)
+    checkpoint.save_checkpoint(folder, model, meta)
 
 
 @pytest.mark.slow
@@ -214,7 +215,7 @@ def test_a_retrained_model_that_forgets_the_previous_data_version_is_refused_cha
     import numpy as np
     import yaml
 
-    from stages.data import Split, save_split
+    from stages.splits import Split, save_split
 
     from .conftest import sh
 

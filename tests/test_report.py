@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.report import NO_TRACKING, diff_table, flatten, folder_diff, render, run_kind
+from ops.report import NO_TRACKING, diff_table, flatten, folder_diff, render, run_kind
 
 from .conftest import ROOT
 
@@ -90,7 +90,7 @@ def test_smoke_against_smoke_is_labelled_and_a_missing_base_is_said():
 def test_run_kind_is_smoke_only_with_every_smoke_setting():
     import yaml
 
-    from flows.report import SMOKE_PRESET
+    from ops.report import SMOKE_PRESET
 
     preset = yaml.safe_load((ROOT / SMOKE_PRESET).read_text())
     params = yaml.safe_load((ROOT / SMOKE_PRESET).read_text())

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from flows import compose
-from stages.data import FASHION_MNIST_FILES, read_idx
+from stages.sources import FASHION_MNIST_FILES, read_idx
 from stages.params import Params
 
 from .conftest import GIT, ROOT, background, copy_project, flow_env, http_server, sh, write_idx

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages import servable, text, zoo
+from stages import checkpoint, servable, text, zoo
 from stages.export import export_onnx, onnx_logits, serving_contract
 from stages.inputs import decode_image
 from stages.registry import FILE_TAGS
@@ -90,11 +90,11 @@ def get(url: str) -> tuple[int, bytes]:
 
 @contextlib.contextmanager
 def server(args: list[str], env: dict | None = None, timeout: float = 90):
-    """`python -m flows.serve ARGS` on a free port; yields (base URL, the process) once /health answers."""
+    """`python -m ops.serve ARGS` on a free port; yields (base URL, the process) once /health answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "flows.serve", *args, "--port", str(port)]
+    cmd = [sys.executable, "-m", "ops.serve", *args, "--port", str(port)]
     with background(cmd, ROOT, {**os.environ, **(env or {})}) as proc:
         deadline = time.monotonic() + timeout
         while True:
@@ -264,7 +264,7 @@ def test_a_promotion_while_requests_flow_fails_none_and_swaps_in_order(tmp_path,
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from stages.register import connect
+    from stages.tracking import connect
 
     experiment = connect(mlflow_store, "serve-promotion")  # artifacts in the test's store
     client, name = MlflowClient(), "serve-promotion"
@@ -346,14 +346,14 @@ def test_serve_bench_times_a_text_model_and_keeps_other_models_results(tmp_path)
 
     import yaml
 
-    from stages.data import Split, save_split
     from stages.export import quantize_int8
+    from stages.splits import Split, save_split
 
     hf = tiny_hf_model(tmp_path / "bert", "bert")
     torch.manual_seed(0)
     model = text.TextClassifier(text.encoder(hf, pretrained=True), "mean", 3).eval()
     pre = zoo.text_preprocessing(hf, 16, "mean")
-    zoo.save_checkpoint(tmp_path / "ckpt", model, {"architecture": f"hf:{hf}", "classes": ["a", "b", "c"],
+    checkpoint.save_checkpoint(tmp_path / "ckpt", model, {"architecture": f"hf:{hf}", "classes": ["a", "b", "c"],
                                                    "preprocessing": pre})
     export_onnx(model, pre, tmp_path / "model.onnx", opset=17)
     words = np.array(["dog", "bread", "sad", "a", "the", "barks", "warm", "loaf", "joy", "cat"])

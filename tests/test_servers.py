@@ -76,7 +76,7 @@ def mlflow_server(postgres, tmp_path_factory):
 def test_register_stage_against_a_postgres_backed_tracking_server(mlflow_server, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from stages.register import Store
+    from stages.registry import Store
 
     from .test_register import _register
 

@@ -42,7 +42,7 @@ def test_mmd_permutation_test_rejects_a_shift_and_not_the_same_distribution():
 def test_drift_per_layer_group_is_one_where_nothing_changed_and_lower_where_weights_moved(tmp_path):
     import torch
 
-    from stages import zoo
+    from stages import checkpoint, zoo
     from stages.evaluate import drift
     from stages.params import ModelParams
 
@@ -56,7 +56,7 @@ def test_drift_per_layer_group_is_one_where_nothing_changed_and_lower_where_weig
         for name, p in model.named_parameters():
             if name in groups[-1] and p.ndim > 1:
                 p.add_(torch.randn_like(p) * p.std())
-    zoo.save_checkpoint(tmp_path / "ft", model, {"architecture": loaded.architecture, "classes": list("abcdefghij"),
+    checkpoint.save_checkpoint(tmp_path / "ft", model, {"architecture": loaded.architecture, "classes": list("abcdefghij"),
                                                  "preprocessing": loaded.pre})
     x = np.random.default_rng(0).integers(0, 255, (60, 28, 28)).astype(np.uint8)
     tuned, meta = zoo.load_checkpoint(tmp_path / "ft")

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from stages import strategy, text, zoo
-from stages.data import Split
+from stages import strategy, text, weights, zoo
 from stages.params import FinetuneParams, ModelParams, Params
+from stages.predict import accuracy, predict
+from stages.splits import Split
 from stages.strategy import Plan
-from stages.train import TrainConfig, accuracy, fit, predict
+from stages.predict import accuracy, predict
+from stages.train import fit
 
 from .conftest import tiny_hf_model
 
@@ -35,7 +37,8 @@ def small_cnn():
     return zoo.build("timm:resnet10t", 3, pre), pre
 
 
-CFG = TrainConfig(epochs=3, batch_size=8, lr=3e-3, weight_decay=0.01, patience=9, seed=0)
+CFG = FinetuneParams(epochs=3, batch_size=8, lr=3e-3, weight_decay=0.01, patience=9, seed=0, augment="none",
+                     label_smoothing=0.0)
 
 
 def test_layer_groups_follow_depth_for_cnns_and_transformers(tmp_path):
@@ -55,7 +58,7 @@ def test_layer_groups_follow_depth_for_cnns_and_transformers(tmp_path):
 
 def _locked(tmp_path, folder):
     lock = tmp_path / "weights.lock"
-    zoo.lock(zoo.find_weights(f"hf:{folder}"), lock)
+    weights.lock(weights.find_weights(f"hf:{folder}"), lock)
     return lock
 
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from stages import text, zoo
+from stages import checkpoint, text, weights, zoo
 from stages.export import export_onnx, onnx_logits
 from stages.params import ModelParams
-from stages.train import predict
+from stages.predict import predict
 
 from .conftest import tiny_hf_model
 
@@ -23,13 +23,13 @@ def test_encoder_architectures_train_export_and_match_onnx_at_every_length(tmp_p
     folder = tiny_hf_model(tmp_path / model_type, model_type)
     m = ModelParams(name=f"hf:{folder}", max_length=12, pooling="last" if model_type == "gpt2" else "mean")
     lock = tmp_path / "weights.lock"
-    zoo.lock(zoo.find_weights(m.name), lock)
+    weights.lock(weights.find_weights(m.name), lock)
     loaded = zoo.load(m, 3, lock)
     model, pre = loaded.model.eval(), loaded.pre
     assert zoo.head_parameters(model) == ["head.weight", "head.bias"]
     assert zoo.features(model, *text.tokenize(TEXTS, pre)).shape == (4, 32)
     # the checkpoint rebuilds offline from its own folder (config + tokenizer saved beside the weights)
-    zoo.save_checkpoint(tmp_path / "ckpt", model, {"architecture": loaded.architecture, "classes": list("abc"),
+    checkpoint.save_checkpoint(tmp_path / "ckpt", model, {"architecture": loaded.architecture, "classes": list("abc"),
                                                    "preprocessing": pre})
     again, meta = zoo.load_checkpoint(tmp_path / "ckpt")
     assert np.allclose(predict(again, TEXTS, meta["preprocessing"]), predict(model, TEXTS, pre), atol=1e-6)

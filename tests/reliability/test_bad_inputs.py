@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from stages.data import FASHION_MNIST_FILES
 from stages.params import PrepareParams
 from stages.prepare import run as prepare
+from stages.sources import FASHION_MNIST_FILES
 
 from ..conftest import ROOT, write_idx
 
@@ -85,7 +85,7 @@ def test_register_with_the_tracking_server_down_says_so_and_registers_nothing(tm
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once the socket is closed
-    code = ("from stages.register import Store, connect; from pathlib import Path; "
+    code = ("from stages.registry import Store; from stages.tracking import connect; from pathlib import Path; "
             "connect(Store(Path('x.db'), Path('a')), 'headstart')")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
            "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-import stages.register as register
+import stages.tracking as tracking
 
 from ..test_register import _register
 
@@ -15,19 +15,19 @@ pytestmark = pytest.mark.slow
 def test_a_rerun_after_a_failure_past_registration_completes_the_same_version(tmp_path, mlflow_store, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     name = "exactly-once"
-    attach = register._attach_onnx
+    attach = tracking.attach_onnx
 
     def tracking_server_drops(*args, **kwargs):
         raise ConnectionError("Connection refused (the tracking server went away after the version was created)")
 
-    monkeypatch.setattr(register, "_attach_onnx", tracking_server_drops)
+    monkeypatch.setattr(tracking, "attach_onnx", tracking_server_drops)
     with pytest.raises(ConnectionError):
         _register(tmp_path, mlflow_store, "positive", 0.85, name)
     client = MlflowClient()
     (half,) = client.search_model_versions(f"name='{name}'")
     assert "gate.passed" not in half.tags  # the failure left it ungated, without alias
 
-    monkeypatch.setattr(register, "_attach_onnx", attach)
+    monkeypatch.setattr(tracking, "attach_onnx", attach)
     receipt = _register(tmp_path, mlflow_store, "positive", 0.85, name)  # the same inputs: a rerun
     (version,) = client.search_model_versions(f"name='{name}'")
     assert receipt["version"] == int(version.version) == int(half.version)

@@ -13,8 +13,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from stages import zoo
-from stages.train import Checkpoints
+from stages import checkpoint, zoo
+from stages.resume import Checkpoints
 
 
 class Payload:
@@ -30,7 +30,7 @@ class Payload:
 def test_a_pickle_in_place_of_model_safetensors_is_refused_without_running_it(tmp_path):
     ckpt = tmp_path / "ckpt"
     pre = zoo.preprocessing(zoo.PIXEL_LINEAR, 28)
-    zoo.save_checkpoint(ckpt, zoo.build(zoo.PIXEL_LINEAR, 10, pre), {
+    checkpoint.save_checkpoint(ckpt, zoo.build(zoo.PIXEL_LINEAR, 10, pre), {
         "architecture": zoo.PIXEL_LINEAR, "classes": [str(i) for i in range(10)], "preprocessing": pre})
     marker = tmp_path / "pwned"
     (ckpt / "model.safetensors").write_bytes(pickle.dumps({"weight": Payload(marker)}))

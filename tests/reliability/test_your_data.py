@@ -1,5 +1,5 @@
 """Your own data: the image-folder and text-table readers, the conversions they promise, and one clear
-error for each way the data can be unusable (stages/datasets.py, stages/prepare.py)."""
+error for each way the data can be unusable (stages/sources.py, stages/prepare.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import datasets, prepare
-from stages.data import load_split
+from stages import prepare, sources
 from stages.inputs import decode_image
 from stages.params import PrepareParams
+from stages.splits import load_split
 
 
 def params(**changes) -> PrepareParams:
@@ -74,7 +74,7 @@ def test_image_folder_reads_classes_skipping_hidden_folders_and_files(tmp_path):
     image_tree(root, {".ipynb_checkpoints": 2})
     (root / ".git").mkdir()
     (root / "cat" / ".DS_Store").write_bytes(b"junk")
-    src = datasets.image_folder(root, params())
+    src = sources.image_folder(root, params())
     assert src.classes == ["cat", "dog"]
     assert src.pool.x.shape == (5, 16, 16, 3) and list(src.pool.y) == [0, 0, 0, 1, 1]
     assert src.quarantined == [] and src.test is None
@@ -95,23 +95,23 @@ def test_a_fixed_test_split_is_used_as_given(tmp_path):
 def test_an_empty_dataset_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="has no class folders"):
-        datasets.image_folder(tmp_path / "empty", params())
+        sources.image_folder(tmp_path / "empty", params())
     path = table(tmp_path / "t.csv", [])
     with pytest.raises(ValueError, match="holds no rows: the dataset is empty"):
-        datasets.text_table(path, params())
+        sources.text_table(path, params())
 
 
 def test_an_empty_class_folder_is_an_error(tmp_path):
     root = image_tree(tmp_path / "data", {"cat": 2})
     (root / "dog").mkdir()
     with pytest.raises(ValueError, match="class folder\\(s\\) dog hold no files"):
-        datasets.image_folder(root, params())
+        sources.image_folder(root, params())
 
 
 def test_classes_differing_only_by_case_are_rejected(tmp_path):
     root = image_tree(tmp_path / "data", {"Cat": 2, "cat": 2})
     with pytest.raises(ValueError, match="differ only by case: Cat / cat"):
-        datasets.image_folder(root, params())
+        sources.image_folder(root, params())
 
 
 def test_a_class_too_small_for_the_splits_says_how_many_it_needs(tmp_path):
@@ -160,7 +160,7 @@ def _bad_crc(good: bytes) -> bytes:
 def test_broken_image_files_are_quarantined_with_a_reason(tmp_path, name, damage):
     root = image_tree(tmp_path / "data", {"cat": 3})
     (root / "cat" / name).write_bytes(damage((root / "cat" / "0.png").read_bytes()))
-    src = datasets.image_folder(root, params())
+    src = sources.image_folder(root, params())
     assert len(src.pool.y) == 3 and [q["file"].rsplit("/", 1)[-1] for q in src.quarantined] == [name]
     assert src.quarantined[0]["reason"]  # e.g. "UnidentifiedImageError: cannot identify image file ..."
 
@@ -184,15 +184,15 @@ def test_a_decompression_bomb_is_quarantined_before_decoding(tmp_path):
 def test_a_missing_label_column_lists_the_columns_there_are(tmp_path):
     path = table(tmp_path / "t.csv", [("hello", "a")], header=("text", "topic"))
     with pytest.raises(ValueError, match="has no column 'label' \\(prepare.label_column\\); its columns are: text, topic"):
-        datasets.text_table(path, params())
+        sources.text_table(path, params())
 
 
 def test_non_utf8_text_names_the_file_and_line(tmp_path):
     path = tmp_path / "t.csv"
     path.write_bytes("text,label\nfine,a\n".encode() + "caf\u00e9,b\n".encode("latin-1"))
     with pytest.raises(ValueError, match="t.csv, line 3: not valid utf-8"):
-        datasets.text_table(path, params())
-    src = datasets.text_table(path, params(encoding="latin-1"))  # the documented way out
+        sources.text_table(path, params())
+    src = sources.text_table(path, params(encoding="latin-1"))  # the documented way out
     assert list(src.pool.x) == ["fine", "caf\u00e9"]
 
 
@@ -201,7 +201,7 @@ def test_empty_texts_nul_bytes_and_missing_labels_are_quarantined(tmp_path):
     rows = [{"text": "good", "label": "a"}, {"text": "", "label": "a"}, {"text": "x\x00y", "label": "b"},
             {"text": "no label", "label": None}, {"text": "fine", "label": "b"}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    src = datasets.text_table(path, params())
+    src = sources.text_table(path, params())
     assert list(src.pool.x) == ["good", "fine"] and src.classes == ["a", "b"]
     reasons = [q["reason"] for q in src.quarantined]
     assert reasons == ["empty text (text)", "the text holds NUL bytes", "no label (label is empty)"]
@@ -216,7 +216,7 @@ def test_csv_jsonl_and_parquet_read_the_same(tmp_path):
     table(tmp_path / "t.csv", rows)
     (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
     pq.write_table(pa.table({"text": [t for t, _ in rows], "label": [y for _, y in rows]}), tmp_path / "t.parquet")
-    got = [datasets.text_table(tmp_path / f"t.{ext}", params()) for ext in ("csv", "jsonl", "parquet")]
+    got = [sources.text_table(tmp_path / f"t.{ext}", params()) for ext in ("csv", "jsonl", "parquet")]
     for src in got:
         assert list(src.pool.x) == [t for t, _ in rows] and list(src.pool.y) == [0, 1, 0]
         assert src.classes == ["animal", "food"]
@@ -228,7 +228,7 @@ def test_wordnet_glosses_are_read_by_topic(tmp_path):
                     "00015388 05 n 01 animal 0 | a living organism characterized by voluntary movement\n"
                     "07555863 13 n 01 food 0 | any substance that can be metabolized by an animal\n"
                     "00001740 03 n 01 entity 0 | that which is perceived to have its own distinct existence\n")
-    src = datasets.wordnet(path, params())
+    src = sources.wordnet(path, params())
     assert list(src.pool.x) == ["a living organism characterized by voluntary movement",
                                 "any substance that can be metabolized by an animal"]
     assert [src.classes[y] for y in src.pool.y] == ["animal", "food"]
@@ -255,7 +255,7 @@ def test_exact_and_near_duplicate_images_across_splits_are_removed_from_train(tm
 
 
 def test_duplicate_texts_across_splits_are_removed_from_train(tmp_path):
-    from stages.data import Split
+    from stages.splits import Split
 
     splits = {"train": Split(np.array(["A cat!", "a dog", "bread"], dtype=object), np.array([0, 0, 1])),
               "val": Split(np.array(["rye"], dtype=object), np.array([1])),

@@ -1,45 +1,15 @@
-"""Serve a task's registered model over HTTP with ONNX Runtime: image files or texts in, labels out.
-
-Run:   make serve NAME=<task> [ALIAS=champion] [PORT=8000]     (the image demo's task by default)
-  or:  python -m flows.serve --task my-photos --alias champion
-       python -m flows.serve --folder models/onnx              (what the export stage just wrote, no registry)
-Then:  curl -s -F files=@cat.png -F files=@dog.jpg localhost:8000/predict
-       curl -s -H 'content-type: application/json' -d '{"texts": ["a dog barking"]}' localhost:8000/predict
-       curl -s localhost:8000/metadata          (classes and the input contract)   /docs (OpenAPI)   /metrics
-
-What is served is a version's ONNX file and the serving contract export wrote beside it (serving.json:
-classes, how an image file is decoded, resized and normalised, or the tokenizer), each checked against the
-sha256 recorded on the version at registration before it answers a request. The server imports numpy,
-Pillow, tokenizers and ONNX Runtime; never torch.
-
-Following promotions: with --alias, the server asks the registry every --poll-seconds which version holds
-the alias (and at once on POST /admin/reload with `Authorization: Bearer $HEADSTART_ADMIN_TOKEN`). A new
-version is downloaded, verified and warmed up beside the one serving, then swapped in: requests in flight
-finish on the old one, and every response names the version that answered. A version that fails its
-checks is refused and the previous one keeps serving.
-
-Limits (each refusal is a 4xx or 503 with a reason in `detail`; the server keeps serving): the body
-(--max-body-bytes, chunked uploads too; 413), the time to send it (--read-timeout; 408), the examples per
-request (--max-batch; 422), each image's pixels (the training data's prepare.max_pixels; 422 naming the
-part), requests in progress (--max-inflight; 503 with Retry-After)."""
+"""The model server's ASGI app: the API schema, the endpoints (/predict, /metadata, /health, /metrics,
+/admin/reload), reading and checking each request's examples, the Prometheus metrics, and Guard, the
+middleware that enforces the limits (body size, read time, requests in progress). ops/serve.py starts it."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import binascii
 import hmac
-import os
-import queue
-import shutil
-import sys
-import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,13 +17,11 @@ from fastapi import FastAPI, HTTPException, Request  # module level: FastAPI res
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from stages import servable
-from stages.servable import NotServable, Servable
+from ops.batcher import Batcher
+from ops.follower import Current, Follower
+from stages.servable import Servable
 
 ADMIN_TOKEN_ENV = "HEADSTART_ADMIN_TOKEN"
-
-
-# ------------------------------------------------------------------------------------------- API schema
 
 
 class PredictJSON(BaseModel):
@@ -104,84 +72,6 @@ PROBLEMS = {code: {"model": Problem, "description": what} for code, what in {
     503: "--max-inflight requests in progress; retry after Retry-After seconds"}.items()}
 
 
-# ------------------------------------------------------------------------------------- the model in use
-
-
-@dataclass
-class Current:
-    """The servable answering requests now. A request takes `model` once and uses that object to the end,
-    so a swap (one reference assignment) never mixes two versions within a request."""
-
-    model: Servable
-    folder: Path | None = None  # where its files were downloaded (removed once it is swapped out)
-
-
-def other_task(serving: Servable, new: Servable) -> str:
-    """How `new` differs in task from the model being served ("" when it does not): its modality or classes."""
-    if new.modality != serving.modality:
-        return f"{new.modality}s where version {serving.version} takes {serving.modality}s"
-    if new.classes != serving.classes:
-        return f"classes {new.classes} where version {serving.version} has {serving.classes}"
-    return ""
-
-
-class Follower:
-    """Keeps `current` on the version that holds the alias: polled, or at once via refresh()."""
-
-    def __init__(self, current: Current, store: Any, name: str, alias: str, downloads: Path, int8: bool,
-                 threads: int, metrics: Metrics) -> None:
-        self.current, self.store, self.name, self.alias = current, store, name, alias
-        self.downloads, self.int8, self.threads, self.metrics = downloads, int8, threads, metrics
-        self.lock = threading.Lock()  # one refresh at a time: the poller and the admin endpoint may race
-        self.last_error: str | None = None
-
-    def refresh(self) -> dict[str, Any]:
-        from stages.registry import describe_alias, fetch_servable
-
-        with self.lock:
-            serving = self.current.model.version
-            try:
-                found = describe_alias(self.store, self.name, self.alias)
-            except Exception as e:  # the registry is down: keep serving what we have
-                return self._failed(f"cannot reach the registry: {str(e).splitlines()[0][:200]}", serving)
-            if found is None:
-                return self._failed(f"no version holds {self.alias!r} now; still serving version {serving}", serving)
-            if str(found["version"]) == serving:
-                return {"changed": False, "version": serving}
-            try:
-                model = fetch_servable(self.store, self.name, self.alias, self.downloads, self.int8, found, self.threads)
-                switch = other_task(self.current.model, model)
-                if switch and found["tags"].get(f"{self.alias}.forced") != "true":
-                    shutil.rmtree(self.downloads / f"v{model.version}", ignore_errors=True)
-                    raise NotServable(
-                        f"it is another task ({switch}) than version {serving}, "
-                        f"which clients of {self.name}@{self.alias} send their inputs for; to switch tasks, promote "
-                        f"it with a reason: python -m flows.promote {found['version']} --model {self.name} "
-                        f"--alias {self.alias} --force --reason '...'")
-                model.warm_up()
-            except (NotServable, LookupError, OSError, ValueError) as e:
-                return self._failed(f"version {found['version']} refused: {e}", serving)
-            old = self.current.folder
-            self.current.model, self.current.folder = model, self.downloads / f"v{model.version}"
-            self.metrics.swapped(model)
-            self.last_error = None
-            print(f"{self.name}@{self.alias}: now serving version {model.version} (was {serving})", flush=True)
-            if old is not None and old != self.current.folder:
-                shutil.rmtree(old, ignore_errors=True)  # its session holds the model in memory already
-            return {"changed": True, "version": model.version, "previous": serving}
-
-    def _failed(self, reason: str, serving: str | None) -> dict[str, Any]:
-        self.metrics.reload_failures.inc()
-        if reason != self.last_error:
-            print(f"{self.name}@{self.alias}: {reason}", file=sys.stderr, flush=True)
-        self.last_error = reason
-        return {"changed": False, "version": serving, "error": reason}
-
-    def poll(self, seconds: float, stop: threading.Event) -> None:
-        while not stop.wait(seconds):
-            self.refresh()
-
-
 class Metrics:
     """Prometheus metrics of one app (its own registry, so several apps in one process don't collide)."""
 
@@ -215,60 +105,6 @@ class Metrics:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
-
-
-class Batcher:
-    """Predictions in one worker thread, several requests at a time: the requests that arrive while the
-    model is busy are predicted together in its next call (up to `max_examples` examples), so under
-    concurrent load each call does more work for the same per-call cost, and with one request at a time
-    nothing waits for company. Requests are only grouped with others for the same model object, so a
-    swap never mixes versions."""
-
-    def __init__(self, max_examples: int) -> None:
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.max_examples = max_examples
-        threading.Thread(target=self._work, name="predict", daemon=True).start()
-
-    async def predict(self, model: Servable, examples: Any) -> list[dict[str, Any]]:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self.jobs.put((model, examples, future, loop))
-        return await future
-
-    def _work(self) -> None:
-        held = None
-        while True:
-            group = [held or self.jobs.get()]
-            held, n = None, len(group[0][1])
-            while n < self.max_examples:
-                try:
-                    job = self.jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job[0] is not group[0][0] or n + len(job[1]) > self.max_examples:
-                    held = job
-                    break
-                group.append(job)
-                n += len(job[1])
-            model = group[0][0]
-            try:
-                batch = ([t for job in group for t in job[1]] if model.modality == "text"
-                         else np.concatenate([job[1] for job in group]))
-                answers, start = model.predict(batch), 0
-                for _, examples, future, loop in group:
-                    loop.call_soon_threadsafe(_settle, future, answers[start : start + len(examples)], None)
-                    start += len(examples)
-            except Exception as e:  # noqa: BLE001 - handed to each waiting request, which answers 500
-                for _, _, future, loop in group:
-                    loop.call_soon_threadsafe(_settle, future, None, e)
-
-
-def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    if not future.done():  # the client may have gone away meanwhile
-        future.set_exception(error) if error is not None else future.set_result(result)
-
-
-# ------------------------------------------------------------------------------------------ the limits
 
 
 class Guard:
@@ -358,9 +194,6 @@ async def _problem(send: Any, code: int, detail: str, headers: list | None = Non
     await send({"type": "http.response.body", "body": body})
 
 
-# ---------------------------------------------------------------------------------------------- the app
-
-
 def create_app(current: Current, follower: Follower | None = None, *, max_batch: int = 64,
                max_body_bytes: int = 20_000_000, read_timeout: float = 30.0, max_inflight: int = 64,
                workers: int = 2, admin_token: str | None = None, metrics: Metrics | None = None) -> Any:
@@ -373,7 +206,7 @@ def create_app(current: Current, follower: Follower | None = None, *, max_batch:
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
     batcher = Batcher(max_examples=max_batch)
     app = FastAPI(title="headstart model server", version="1",
-                  description="Predictions from a registered headstart model (python -m flows.serve --help).")
+                  description="Predictions from a registered headstart model (python -m ops.serve --help).")
 
     @app.get("/health")
     def health() -> dict:
@@ -432,8 +265,9 @@ async def _run(pool: ThreadPoolExecutor, fn: Any, *args: Any) -> Any:
 async def _multipart_files(request: Request, model: Servable, max_batch: int) -> list[tuple[str, bytes]]:
     from starlette.datastructures import UploadFile
 
-    if model.modality != "image":
-        raise HTTPException(422, "this is a text model: send JSON {\"texts\": [...]}, not files")
+    if not model.adapter.ACCEPTS_FILES:
+        field = model.adapter.REQUEST_FIELDS[0]
+        raise HTTPException(422, f'this is a {model.modality} model: send JSON {{"{field}": [...]}}, not files')
     try:
         form = await request.form(max_files=max_batch + 1, max_fields=max_batch + 1)
     except Exception as e:  # the multipart parser's own errors: a broken body, too many parts
@@ -473,7 +307,7 @@ async def _json_examples(body: bytes, model: Servable, max_batch: int, pool: Thr
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors()[:5])
         raise HTTPException(422, f"invalid JSON request: {problems}") from None
     given = {k: v for k, v in req.model_dump().items() if v is not None}
-    wanted = ("texts",) if model.modality == "text" else ("images_b64", "images")
+    wanted = model.adapter.REQUEST_FIELDS
     if len(given) != 1 or next(iter(given)) not in wanted:
         raise HTTPException(422, f"send exactly one of {' or '.join(wanted)} (this is {model.modality} model)"
                             + (f"; got {', '.join(given)}" if given else ""))
@@ -511,79 +345,3 @@ def _arrays(raw: list, size: int) -> np.ndarray:
     if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 255 or not np.all(arr == np.round(arr)):
         raise HTTPException(422, "pixel values must be whole numbers from 0 to 255")
     return arr.astype(np.uint8)
-
-
-# ---------------------------------------------------------------------------------------------- command
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--task", help="serve this task's registered model (tasks/<task>.yaml; default: image)")
-    src.add_argument("--model", help="serve this registered model name instead of a task's")
-    src.add_argument("--folder", type=Path, help="serve the export stage's output folder (serving.json + "
-                     "model.onnx), without the registry")
-    ap.add_argument("--alias", default="champion", help="the version to serve and follow (default: %(default)s)")
-    ap.add_argument("--int8", action="store_true", help="serve the int8 model (when export accepted it)")
-    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="for the tracking store's location")
-    ap.add_argument("--host", default="127.0.0.1", help="default %(default)s: this machine only")
-    ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--poll-seconds", type=float, default=30.0,
-                    help="how often to check which version holds the alias; 0: only on POST /admin/reload")
-    ap.add_argument("--admin-token-file", type=Path, help=f"a file holding the admin token (else ${ADMIN_TOKEN_ENV}; "
-                    "without either, /admin/reload is off)")
-    ap.add_argument("--max-batch", type=int, default=64, help="images or texts in one request (default: %(default)s)")
-    ap.add_argument("--max-body-bytes", type=int, default=20_000_000, help="default: %(default)s")
-    ap.add_argument("--read-timeout", type=float, default=30.0, help="seconds to send a body (default: %(default)s)")
-    ap.add_argument("--max-inflight", type=int, default=64, help="predict requests in progress before 503s")
-    ap.add_argument("--workers", type=int, default=2, help="image decoding threads (default: %(default)s)")
-    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per call (default: all cores)")
-    args = ap.parse_args(argv)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a server's log is not a terminal
-
-    token = (args.admin_token_file.read_text().strip() if args.admin_token_file else os.environ.get(ADMIN_TOKEN_ENV))
-    follower, stop = None, threading.Event()
-    onnx_name = "model_int8.onnx" if args.int8 else "model.onnx"
-    try:
-        if args.folder:
-            current = Current(servable.load(args.folder, onnx_name, threads=args.threads))
-            where = f"{args.folder} ({current.model.contract['model']})"
-        else:
-            from stages.params import Params
-            from stages.registry import Store, fetch_servable
-
-            from flows.tasks import registered_name
-
-            name = args.model or registered_name(args.task or "image")
-            paths = Params.load(args.params).paths
-            store = Store(paths.mlflow_db, paths.mlflow_artifacts)
-            downloads = Path(tempfile.mkdtemp(prefix="headstart-serve-"))
-            model = fetch_servable(store, name, args.alias, downloads, args.int8, threads=args.threads)
-            current = Current(model, downloads / f"v{model.version}")
-            metrics = Metrics()
-            follower = Follower(current, store, name, args.alias, downloads, args.int8, args.threads, metrics)
-            where = f"{name}@{args.alias}: version {model.version} ({model.contract['model']})"
-        current.model.warm_up()
-    except (NotServable, LookupError, ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
-
-    import uvicorn
-
-    app = create_app(current, follower, max_batch=args.max_batch, max_body_bytes=args.max_body_bytes,
-                     read_timeout=args.read_timeout, max_inflight=args.max_inflight, workers=args.workers,
-                     admin_token=token, metrics=follower.metrics if follower else None)
-    if follower is not None and args.poll_seconds > 0:
-        threading.Thread(target=follower.poll, args=(args.poll_seconds, stop), daemon=True).start()
-    print(f"serving {where} on http://{args.host}:{args.port} ({current.model.modality}s; /docs for the API)",
-          flush=True)
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=5,
-                    timeout_graceful_shutdown=10)
-    finally:
-        stop.set()
-        if follower is not None:
-            shutil.rmtree(follower.downloads, ignore_errors=True)
-
-
-if __name__ == "__main__":
-    main()

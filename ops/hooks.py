@@ -3,9 +3,9 @@ the consequences a checked promotion (flows.promote) has: an audit trail on the 
 stages/promotion.py applied (gate passed, same task as the version replaced), a loud flag when it fails,
 the move undone when promotion.enforce is true, and the model servers told to swap at once.
 
-Run:  make promotion-hook                                   (python -m flows.hooks serve; 127.0.0.1:8100)
-      python -m flows.hooks serve --enforce --server http://127.0.0.1:8000
-      python -m flows.hooks install --url http://127.0.0.1:8100/webhook   (once per registry)
+Run:  make promotion-hook                                   (python -m ops.hooks serve; 127.0.0.1:8100)
+      python -m ops.hooks serve --enforce --server http://127.0.0.1:8000
+      python -m ops.hooks install --url http://127.0.0.1:8100/webhook   (once per registry)
 The webhook secret comes from $HEADSTART_WEBHOOK_SECRET or --secret-file, never the command line; the
 servers' admin token from $HEADSTART_ADMIN_TOKEN or --admin-token-file. The MLflow server must run on a
 SQL backend with MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY set (else each server process encrypts secrets with

@@ -6,9 +6,9 @@ metrics committed there) or a folder holding another run's metrics files and par
 workspace paths (what the pull-request workflow downloads: main's last smoke run). Each side is named a
 smoke run when its params match presets/smoke.yaml, so a smoke run is never silently set against a full one.
 
-Run:  python -m flows.report                                         # against HEAD, to reports/report.md
-      python -m flows.report --base main --base-metrics base-smoke   # what the pull-request workflow does
-The file is also printed, so `python -m flows.report > x.md` works too."""
+Run:  python -m ops.report                                         # against HEAD, to reports/report.md
+      python -m ops.report --base main --base-metrics base-smoke   # what the pull-request workflow does
+The file is also printed, so `python -m ops.report > x.md` works too."""
 
 from __future__ import annotations
 
@@ -88,7 +88,20 @@ def render(
     out += [f"| {m} | {ev[m]['accuracy']:.4f} | {_ci(ev[m]['accuracy_ci95'])} | {ev[m]['macro_f1']:.4f} |"
             for m in MODELS if m in ev]
 
-    out += ["", "### Promotion gate"]
+    out += _gate_section(receipt)
+    out += _champion_section(ev, receipt, champion, champion_note)
+    out += _export_section(export)
+    out += _base_section(metrics_diff, params_diff, base, kinds, no_base)
+
+    if plots:
+        out += ["", "### Plots", "In the run's workspace (the pull-request workflow uploads them as an artifact):",
+                *[f"- `{p}`" for p in plots]]
+    return "\n".join(out) + "\n"
+
+
+def _gate_section(receipt: dict[str, Any] | None) -> list[str]:
+    """The registered version and its promotion gate, check by check."""
+    out = ["", "### Promotion gate"]
     if receipt is None:
         out.append("Not registered: the register stage has not run.")
     else:
@@ -99,8 +112,13 @@ def render(
             out += ["", "| check | value | rule | result |", "|---|---|---|---|"]
             out += [f"| {c['name']} | {c['value']} | {c['rule']} | {'pass' if c['passed'] else '**FAIL**'} |"
                     for c in receipt["gate"]]
+    return out
 
-    out += ["", "### Against the champion"]
+
+def _champion_section(ev: dict[str, Any], receipt: dict[str, Any] | None, champion: dict[str, Any] | None,
+                      champion_note: str) -> list[str]:
+    """This run against the version holding `champion`, compared only on the same test set."""
+    out = ["", "### Against the champion"]
     if champion is None:
         out.append(champion_note)
     else:
@@ -112,19 +130,28 @@ def render(
         out.append(f"`champion` is version {champion['version']}: test accuracy {champ_acc:.4f} "
                    f"({'the same' if same else 'a different'} test set), this run {acc:.4f}{delta}; "
                    f"the gate's `vs_champion` check compares them on this run's test set.")
+    return out
 
-    if export is not None:
-        out += ["", "### ONNX export",
-                f"Parity on {export['n_examples']} test examples: top-1 agreement {export['top1_agreement']:.2%}, "
-                f"max |logit diff| {export['max_abs_diff']:.1e} ({export['worst_tolerance_use']:.0%} of the "
-                f"tolerance), {'passed' if export.get('parity_passed') else '**failed**'}. "
-                f"fp32 {export['size_bytes'] / 1e6:.1f} MB; int8 {export['int8_size_bytes'] / 1e6:.1f} MB, accuracy "
-                f"{export['int8_accuracy']:.4f} vs {export['fp32_accuracy']:.4f} "
-                f"({'accepted' if export['int8_accepted'] else 'rejected'})."]
 
+def _export_section(export: dict[str, Any] | None) -> list[str]:
+    """ONNX parity, sizes and the int8 model's accuracy."""
+    if export is None:
+        return []
+    return ["", "### ONNX export",
+            f"Parity on {export['n_examples']} test examples: top-1 agreement {export['top1_agreement']:.2%}, "
+            f"max |logit diff| {export['max_abs_diff']:.1e} ({export['worst_tolerance_use']:.0%} of the "
+            f"tolerance), {'passed' if export.get('parity_passed') else '**failed**'}. "
+            f"fp32 {export['size_bytes'] / 1e6:.1f} MB; int8 {export['int8_size_bytes'] / 1e6:.1f} MB, accuracy "
+            f"{export['int8_accuracy']:.4f} vs {export['fp32_accuracy']:.4f} "
+            f"({'accepted' if export['int8_accepted'] else 'rejected'})."]
+
+
+def _base_section(metrics_diff: dict | None, params_diff: dict | None, base: str,
+                  kinds: tuple[str, str | None] | None, no_base: str | None) -> list[str]:
+    """Metrics and params against the base run, saying whether the two are runs of the same kind."""
     kind, base_kind = kinds or (None, None)
     like = f": {kind} vs {base_kind}" if kind and base_kind else ""
-    out += ["", f"### Against `{base}`{like}"]
+    out = ["", f"### Against `{base}`{like}"]
     if metrics_diff is None:
         out.append(no_base or f"No comparison: `{base}` could not be read (not a git checkout, or the revision is "
                    "unknown).")
@@ -144,11 +171,7 @@ def render(
         out += ["", "Params changed:" if changed else "Params: unchanged.", *([""] + changed if changed else [])]
         if changed:
             out += ["", "Different params make the metrics above a comparison of settings, not of code alone."]
-
-    if plots:
-        out += ["", "### Plots", "In the run's workspace (the pull-request workflow uploads them as an artifact):",
-                *[f"- `{p}`" for p in plots]]
-    return "\n".join(out) + "\n"
+    return out
 
 
 def dvc_diff(kind: str, base: str, unchanged: bool) -> dict | None:

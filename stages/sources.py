@@ -17,21 +17,33 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gzip
 import io
 import json
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from stages.data import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, Split, read_idx
 from stages.files import sha256_file
 from stages.inputs import decode_image
+from stages.splits import Split
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
+FASHION_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
 # WordNet lexicographer files (man 5 lexnames) of the text demo: ten topics with enough glosses each.
 WORDNET_TOPICS = {5: "animal", 6: "artifact", 8: "body", 10: "communication", 12: "feeling",
                   13: "food", 15: "location", 18: "person", 20: "plant", 27: "substance"}  # fmt: skip
@@ -85,6 +97,23 @@ INSTALL_HINT = (
     "when it runs as root), point paths.source in params.yaml at a folder holding the four idx .gz files, "
     "or set prepare.download: true to fetch them with torchvision (needs network)."
 )
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an idx file (gzipped or not), the format of MNIST and Fashion-MNIST."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4:
+        raise ValueError(f"{path}: too short to be an idx file ({len(data)} bytes)")
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte idx file (magic {data[:4].hex()})")
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: header says shape {shape} but the file holds {body.size} values (truncated?)")
+    return body.reshape(shape)
 
 
 def find_fashion_mnist(source: Path, download: bool) -> Path:
