@@ -1,10 +1,11 @@
 """A markdown report of the last pipeline run, for a pull-request comment or for reading on its own:
 the verdict on transfer, every model's accuracy with its CI, the metrics and params against a base run,
 the run against the current `champion` in the registry, the promotion gate check by check, ONNX parity,
-and the plots. The base is either a git revision (`dvc metrics diff` / `dvc params diff` against the
-metrics committed there) or a folder holding another run's metrics files and params.yaml at their
-workspace paths (what the pull-request workflow downloads: main's last smoke run). Each side is named a
-smoke run when its params match presets/smoke.yaml, so a smoke run is never silently set against a full one.
+and the plots. The base is either a git revision (`dvc metrics diff` against the metrics committed there,
+and the settings its dvc.lock records) or a folder holding another run's metrics files
+and composed settings at their workspace paths (what the pull-request workflow downloads: main's last smoke
+run). Each side is named a smoke run when its settings match presets/smoke.yaml, so a smoke run is never
+silently set against a full one.
 
 Run:  python -m ops.report                                         # against HEAD, to reports/report.md
       python -m ops.report --base main --base-metrics base-smoke   # what the pull-request workflow does
@@ -23,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from stages.params import Params
+from stages.params import RUN_PARAMS, Params
 
 MODELS = ("finetuned", "scratch", "linear_probe", "floor")
 # The metrics a reviewer looks at first; the rest (per-class accuracies, sizes, hashes) go in a fold.
@@ -31,6 +32,7 @@ HEADLINE = ("accuracy", "macro_f1", "transfer_gain", "mcnemar_p", "verdict", "to
             "int8_accuracy", "n_test")
 DEFAULT_OUT = Path("reports/report.md")
 SMOKE_PRESET = Path("presets/smoke.yaml")
+LOCK = Path("dvc.lock")
 NO_TRACKING = ("No tracking server configured: MLFLOW_TRACKING_URI is not set; the champion comparison is skipped.")
 
 
@@ -174,10 +176,10 @@ def _base_section(metrics_diff: dict | None, params_diff: dict | None, base: str
     return out
 
 
-def dvc_diff(kind: str, base: str, unchanged: bool) -> dict | None:
-    """`dvc metrics diff` / `dvc params diff` against `base` as a dict (with the unchanged entries when
-    `unchanged`), or None when it cannot be computed."""
-    cmd = [sys.executable, "-m", "dvc", kind, "diff", *(["--all"] if unchanged else []), "--json", base]
+def metrics_diff_at(base: str) -> dict | None:
+    """`dvc metrics diff --all` against `base` as a dict (every metric, changed or not), or None when it
+    cannot be computed."""
+    cmd = [sys.executable, "-m", "dvc", "metrics", "diff", "--all", "--json", base]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         return None
@@ -246,18 +248,15 @@ def read_values(path: Path) -> Any:
     return yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
 
 
-def folder_diff(base_dir: Path, files: list[Path], params: bool) -> dict[str, dict[str, dict]]:
-    """What `dvc metrics diff --all --json` (every metric) / `dvc params diff --json` (changed params) give,
-    between each file as `base_dir` holds it (at the same relative path) and as the workspace holds it:
-    {file: {key: {"old", "new", "diff"}}}."""
+def folder_diff(base_dir: Path, files: list[Path]) -> dict[str, dict[str, dict]]:
+    """What `dvc metrics diff --all --json` gives, between each metrics file as `base_dir` holds it (at the
+    same relative path) and as the workspace holds it: {file: {key: {"old", "new", "diff"}}}."""
     out: dict[str, dict[str, dict]] = {}
     for file in files:
-        old, new = flatten(read_values(base_dir / file), lists=params), flatten(read_values(file), lists=params)
+        old, new = flatten(read_values(base_dir / file)), flatten(read_values(file))
         entries = {}
         for key in sorted(old.keys() | new.keys()):
             o, n = old.get(key), new.get(key)
-            if params and o == n:
-                continue
             numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (o, n))
             entries[key] = {"old": o, "new": n, **({"diff": n - o} if numeric else {})}
         if entries:
@@ -271,8 +270,38 @@ def yaml_at(base: str, path: Path) -> dict | None:
     return yaml.safe_load(res.stdout) if res.returncode == 0 else None
 
 
+def run_settings(values: Any) -> Any:
+    """A params file's settings: a run's composed file (flows/compose.py) holds them under `run`."""
+    return values.get("run") or {} if isinstance(values, dict) and "composed_from" in values else values
+
+
+def locked_settings(lock: Any) -> dict[str, Any] | None:
+    """The settings a dvc.lock records its stages ran with, as dotted params.yaml keys; None without a lock.
+    (Read from the lock, not from a params file: a run's composed settings are not committed, its lock is.)"""
+    if not isinstance(lock, dict):
+        return None
+    out: dict[str, Any] = {}
+    for stage in (lock.get("stages") or {}).values():
+        for values in (stage.get("params") or {}).values():
+            for key, value in values.items():
+                out |= {k.removeprefix("run."): v for k, v in flatten({key: value}, lists=True).items()}
+    return out
+
+
+def settings_diff(old: dict[str, Any], new: dict[str, Any], label: str) -> dict[str, dict[str, dict]]:
+    """The settings that differ, as `dvc params diff --json` gives them: {label: {key: {"old", "new", "diff"}}}."""
+    entries = {}
+    for key in sorted(old.keys() | new.keys()):
+        o, n = old.get(key), new.get(key)
+        if o != n:
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (o, n))
+            entries[key] = {"old": o, "new": n, **({"diff": n - o} if numeric else {})}
+    return {label: entries} if entries else {}
+
+
 def build(params: Params, base: str, with_champion: bool = True, base_metrics: Path | None = None,
-          params_file: Path = Path("params.yaml")) -> str:
+          params_file: Path = RUN_PARAMS) -> str:
+    """`params_file` holds this run's settings (the composed run file by default; a plain params.yaml works)."""
     paths = params.paths
     if not paths.evaluate_metrics.exists():
         raise SystemExit(f"{paths.evaluate_metrics} not found: run the pipeline first (make run)")
@@ -280,22 +309,27 @@ def build(params: Params, base: str, with_champion: bool = True, base_metrics: P
     plots = sorted(str(p) for p in [paths.finetune_history, paths.scratch_history,
                                     *sorted(Path(paths.evaluate_plots).glob("*.png"))] if Path(p).exists())
     preset = yaml.safe_load(SMOKE_PRESET.read_text())
-    kind = run_kind(yaml.safe_load(params_file.read_text()), preset)
+    own = flatten(run_settings(read_values(params_file)), lists=True)
+    kind = run_kind(own, preset)
     no_base = None
     if base_metrics is None:
-        # every headline metric, changed or not; only the params that changed
-        metrics_diff, params_diff = dvc_diff("metrics", base, unchanged=True), dvc_diff("params", base, unchanged=False)
-        base_kind = run_kind(yaml_at(base, params_file), yaml_at(base, SMOKE_PRESET) or preset)
+        # every headline metric, changed or not; only the settings that changed, as each side's dvc.lock has them
+        metrics_diff = metrics_diff_at(base)
+        base_lock, own_lock = locked_settings(yaml_at(base, LOCK)), locked_settings(read_values(LOCK))
+        params_diff = settings_diff(base_lock, own_lock, str(LOCK)) if base_lock and own_lock else None
+        base_kind = run_kind(base_lock, yaml_at(base, SMOKE_PRESET) or preset)
     elif not (base_metrics / paths.evaluate_metrics).exists():
         metrics_diff = params_diff = base_kind = None
         no_base = (f"No {kind} run of `{base}` to compare with: `{base_metrics}` holds no {paths.evaluate_metrics} "
                    f"(the workflow keeps each run of `{base}` as the artifact pipeline-smoke; none was found).")
     else:
-        metrics_diff = folder_diff(base_metrics, metrics_files(params), params=False)
-        params_diff = folder_diff(base_metrics, [params_file], params=True)
-        base_file, base_preset = base_metrics / params_file, base_metrics / SMOKE_PRESET
-        base_kind = run_kind(yaml.safe_load(base_file.read_text()) if base_file.exists() else None,
-                             yaml.safe_load(base_preset.read_text()) if base_preset.exists() else preset)
+        metrics_diff = folder_diff(base_metrics, metrics_files(params))
+        # the base run's composed settings; an artifact from before runs composed them holds its params.yaml
+        base_file = next((f for f in (base_metrics / RUN_PARAMS, base_metrics / "params.yaml") if f.exists()), None)
+        theirs = flatten(run_settings(read_values(base_file)), lists=True) if base_file else None
+        params_diff = settings_diff(theirs, own, str(params_file)) if theirs is not None else None
+        base_preset = base_metrics / SMOKE_PRESET
+        base_kind = run_kind(theirs, yaml.safe_load(base_preset.read_text()) if base_preset.exists() else preset)
     champion, note = champion_of(params) if with_champion else (None, "Not asked for (--no-champion).")
     return render(
         read(paths.evaluate_metrics), read(paths.export_metrics), read(paths.registered), champion,
@@ -305,18 +339,21 @@ def build(params: Params, base: str, with_champion: bool = True, base_metrics: P
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", default="HEAD", help="git revision to compare metrics and params with; with "
+    ap.add_argument("--base", default="HEAD", help="git revision to compare metrics and settings with; with "
                     "--base-metrics only the base's name in the report (default: %(default)s)")
     ap.add_argument("--base-metrics", type=Path, metavar="DIR",
-                    help="compare with the run whose metrics files and params.yaml DIR holds at their workspace paths")
+                    help=f"compare with the run whose metrics files and {RUN_PARAMS} DIR holds at their workspace paths")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the report (default: %(default)s)")
-    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--params", type=Path, default=RUN_PARAMS,
+                    help="the run's settings (default: %(default)s, what the last run composed)")
     ap.add_argument("--no-champion", action="store_true", help="do not ask the tracking store for the champion")
     ap.add_argument("--summary", type=Path, metavar="FILE",
                     help="also append the report to FILE (GitHub Actions' $GITHUB_STEP_SUMMARY: the job's summary)")
     args = ap.parse_args(argv)
     from stages.files import write_text
 
+    if not args.params.exists():
+        raise SystemExit(f"{args.params} not found: run the pipeline first (make run), or pass --params")
     text = build(Params.load(args.params), args.base, with_champion=not args.no_champion,
                  base_metrics=args.base_metrics, params_file=args.params)
     write_text(args.out, text)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ops.report import NO_TRACKING, diff_table, flatten, folder_diff, render, run_kind
+from ops.report import (NO_TRACKING, diff_table, flatten, folder_diff, locked_settings, render, run_kind,
+                        run_settings, settings_diff)
 
 from .conftest import ROOT
 
@@ -108,11 +109,25 @@ def test_folder_diff_gives_what_dvc_diff_gives(tmp_path, monkeypatch):
     (tmp_path / "base/metrics/e.json").write_text('{"a": {"accuracy": 0.5, "ci": [0.4, 0.6]}, "verdict": "x", '
                                                   '"ok": true}')
     (tmp_path / "metrics/e.json").write_text('{"a": {"accuracy": 0.75, "ci": [0.7, 0.8]}, "verdict": "y", "ok": true}')
-    diff = folder_diff(tmp_path / "base", [Path("metrics/e.json")], params=False)
+    diff = folder_diff(tmp_path / "base", [Path("metrics/e.json")])
     assert diff == {"metrics/e.json": {"a.accuracy": {"old": 0.5, "new": 0.75, "diff": 0.25},
                                        "ok": {"old": True, "new": True}, "verdict": {"old": "x", "new": "y"}}}
-    (tmp_path / "base/p.yaml").write_text("f: {epochs: 10, c: [1.0], lr: 1.0e-3}\n")
-    (tmp_path / "p.yaml").write_text("f: {epochs: 5, c: [1.0, 2.0], lr: 1.0e-3}\n")
-    assert folder_diff(tmp_path / "base", [Path("p.yaml")], params=True) == {"p.yaml": {
-        "f.c": {"old": [1.0], "new": [1.0, 2.0]}, "f.epochs": {"old": 10, "new": 5, "diff": -5}}}
     assert flatten({"a": {"b": [1]}}) == {} and flatten({"a": {"b": [1]}}, lists=True) == {"a.b": [1]}
+
+
+def test_settings_come_from_the_composed_run_file_or_a_lock():
+    """A run's settings: the composed file's `run` (or a plain params.yaml); a git base's: what its dvc.lock
+    records, old (params.yaml: finetune) and composed (.headstart/params.yaml: run.finetune.lr) alike."""
+    composed = {"composed_from": ["params.yaml", "presets/smoke.yaml"], "run": {"f": {"epochs": 5, "c": [1.0]}}}
+    assert run_settings(composed) == {"f": {"epochs": 5, "c": [1.0]}} and run_settings({"f": {}}) == {"f": {}}
+    lock = {"schema": "2.0", "stages": {
+        "a": {"params": {".headstart/params.yaml": {"run.f": {"epochs": 5, "c": [1.0, 2.0]}, "run.model": {"n": 1}}}},
+        "b": {"params": {"params.yaml": {"f.lr": 1.0e-3}}}, "c": {"cmd": "true"}}}
+    settings = locked_settings(lock)
+    assert settings == {"f.epochs": 5, "f.c": [1.0, 2.0], "model.n": 1, "f.lr": 1.0e-3}
+    assert locked_settings(None) is None
+    old = {"f.epochs": 10, "f.c": [1.0], "f.lr": 1.0e-3}
+    assert settings_diff(old, settings, "dvc.lock") == {"dvc.lock": {
+        "f.c": {"old": [1.0], "new": [1.0, 2.0]}, "f.epochs": {"old": 10, "new": 5, "diff": -5},
+        "model.n": {"old": None, "new": 1}}}
+    assert settings_diff(old, old, "dvc.lock") == {}

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from ops.report import DEFAULT_OUT, NO_TRACKING
+from stages.params import RUN_PARAMS
 
 from .conftest import ROOT
 
@@ -66,8 +67,9 @@ def test_pull_requests_test_then_run_smoke_and_compare_with_mains_smoke():
     steps = job["steps"]
     assert steps.index(upload) < steps.index(download) < steps.index(report)
     assert "if" not in upload and download["with"]["name"] == upload["with"]["name"]
-    for path in ("metrics/", "params.yaml", "presets/smoke.yaml"):  # what the report reads from the base
+    for path in ("metrics/", str(RUN_PARAMS), "presets/smoke.yaml"):  # what the report reads from the base
         assert path in upload["with"]["path"].split()
+    assert upload["with"]["include-hidden-files"] is True  # else .headstart/ is silently left out
     assert download["with"]["branch"] == "${{ github.base_ref }}" and download["with"]["workflow"] == WORKFLOW.name
     assert f"BASE_METRICS={download['with']['path']}" in report["run"].split()
     assert download["with"]["if_no_artifact_found"] == "warn"  # the report says there is no base, the job goes on
@@ -144,7 +146,7 @@ MAKE_FILES = ["Makefile", "pyproject.toml", "requirements.lock", "dvc.yaml", "pa
 
 
 def smoke_params() -> dict:
-    """params.yaml as `make smoke` leaves it: the smoke preset written over the defaults."""
+    """The settings `make smoke` runs with: the smoke preset over params.yaml's."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in yaml.safe_load((ROOT / "presets/smoke.yaml").read_text()).items():
         params[section].update(values)
@@ -153,7 +155,7 @@ def smoke_params() -> dict:
 
 def write_run(root: Path, accuracy: float, params: dict) -> None:
     """A smoke run's metrics files, in the schema the pipeline writes (the committed files, rescaled to 200 test
-    images), and its params.yaml, under `root` at their workspace paths."""
+    images), and its composed settings, under `root` at their workspace paths."""
     evaluation = json.loads((ROOT / "metrics/evaluate.json").read_text())
     evaluation["finetuned"]["accuracy"], evaluation["n_test"] = accuracy, 200
     export = json.loads((ROOT / "metrics/export.json").read_text())
@@ -162,7 +164,14 @@ def write_run(root: Path, accuracy: float, params: dict) -> None:
                        ("select", json.loads((ROOT / "metrics/select.json").read_text()))):
         (root / "metrics").mkdir(parents=True, exist_ok=True)
         (root / f"metrics/{name}.json").write_text(json.dumps(data))
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_settings(root, params)
+
+
+def write_settings(root: Path, params: dict) -> None:
+    """A run's composed settings file, as flows/compose.py writes it."""
+    (root / RUN_PARAMS).parent.mkdir(parents=True, exist_ok=True)
+    composed = {"composed_from": ["params.yaml", "presets/smoke.yaml"], "run": params}
+    (root / RUN_PARAMS).write_text(yaml.safe_dump(composed, sort_keys=False))
 
 
 def run_report_step(proj: Path) -> tuple[subprocess.CompletedProcess, str]:
@@ -209,7 +218,7 @@ def test_the_pull_request_report_step_compares_smoke_with_mains_smoke(tmp_path):
     pr_params = smoke_params()
     pr_params["finetune"]["weight_decay"] = 0.05  # what this "pull request" changed
     write_run(proj, 0.62, pr_params)
-    (proj / "params.yaml").write_text(yaml.safe_dump(pr_params, sort_keys=False))
+    assert (proj / "params.yaml").read_text() == (ROOT / "params.yaml").read_text()  # a run writes no params.yaml
 
     # no artifact found (a first pull request, or main's smoke artifact expired): said, and the job goes on
     res, text = run_report_step(proj)
@@ -222,11 +231,11 @@ def test_the_pull_request_report_step_compares_smoke_with_mains_smoke(tmp_path):
     assert "### Against `main`: smoke vs smoke" in text and "Like with like" in text
     assert "| metrics/evaluate.json | finetuned.accuracy | 0.6 | 0.62 | 0.02 |" in text
     assert "| metrics/evaluate.json | n_test | 200 | 200 | 0 |" in text
-    assert "| params.yaml | finetune.weight_decay | 0.01 | 0.05 | 0.04 |" in text
+    assert f"| {RUN_PARAMS} | finetune.weight_decay | 0.01 | 0.05 | 0.04 |" in text
     assert "\n### Against the champion\n" + NO_TRACKING + "\n" in text
     assert not (proj / "mlflow.db").exists()  # no store was created to look for a champion in
 
     full = copy.deepcopy(smoke_params())
     full["model"]["image_size"] = 80  # main's full-run settings against this smoke run: flagged
-    (base / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+    write_settings(base, full)
     assert "### Against `main`: smoke vs full" in run_report_step(proj)[1]
