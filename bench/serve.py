@@ -40,7 +40,7 @@ def serve_key(meta: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--params", type=Path, help="the run's settings (default: the last run's)")
     ap.add_argument("--rounds", type=int, default=200, help="timed batch-1 requests per engine (default: %(default)s)")
     ap.add_argument("--batch-rounds", type=int, default=20, help="timed batch-64 calls per engine")
     ap.add_argument("--warmup", type=int, default=20)

@@ -167,7 +167,7 @@ def request_bodies(requests: list, text: bool) -> tuple[list[bytes], str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--params", type=Path, help="the run's settings (default: the last run's)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--seconds", type=float, default=20.0, help="timed seconds per concurrency (default: %(default)s)")
     ap.add_argument("--warmup", type=float, default=3.0)
