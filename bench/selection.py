@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 from scipy.stats import kendalltau
 
 from flows import compose
-from stages import baseline, finetune, select, zoo
+from stages import baseline, finetune, select, weights, zoo
 from stages.files import read_json
 from stages.params import Params
 from stages.predict import predict
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{paths.prepared} holds another task's data: run `make run` for this task first")
     with tempfile.TemporaryDirectory(prefix="bench-selection-") as tmp:
         scored = select.run(paths.prepared, Path(tmp) / "select.json", params.model, params.select, paths.weights_lock)
-        text_files = next((zoo.find_weights(n.removeprefix(select.RANDOM)).path for n in params.select.candidates
+        text_files = next((weights.find_weights(n.removeprefix(select.RANDOM)).path for n in params.select.candidates
                            if n.removeprefix(select.RANDOM).startswith("hf:")), None)
         rows = []
         for name in params.select.candidates:

@@ -26,7 +26,8 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from stages import zoo
-from stages.export import input_names, onnx_feed
+from stages.export import onnx_feed
+from stages.modality import adapter
 from stages.params import Params
 from stages.splits import load_split
 
@@ -56,7 +57,7 @@ def main() -> None:
     model, meta = zoo.load_checkpoint(paths.finetuned)
     pre = meta["preprocessing"]
     examples = load_split(paths.prepared, "test").x[:512]
-    names = input_names(pre)
+    names = adapter(pre).input_names(pre)
 
     def session(path: Path):
         opts = ort.SessionOptions()

@@ -31,7 +31,7 @@ def run(params: Params, name: str) -> dict[str, Any]:
     p = params.finetune_for(name)
     paths = params.paths
     model_p = zoo.resolve(params.model, paths.chosen_model)
-    if p.strategy == "lora" and zoo.family_of(model_p.name) != "hf":
+    if p.strategy == "lora" and weights.family_of(model_p.name) != "hf":
         # one list serves both tasks: LoRA entries are recorded as not applicable to an image backbone
         result = {"strategy": name, "settings": params.compare.strategies[name],
                   "not_applicable": f"LoRA adapts transformer text models; {model_p.name} is not one"}
@@ -50,7 +50,7 @@ def run(params: Params, name: str) -> dict[str, Any]:
     train = meta["train"]
     n_boot, seed = params.evaluate.n_bootstrap, params.evaluate.seed
     lost = None  # a backbone headstart pre-trained itself has a source task: how much of it each strategy keeps
-    if zoo.family_of(model_p.name) == "local":
+    if weights.family_of(model_p.name) == "local":
         lost = evaluate.forgetting(model, weights.find_weights(model_p.name, model_p.weights).path, n_boot, seed)
     result = {
         "strategy": name,

@@ -88,7 +88,7 @@ def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path
     if model_p is not None and p.drift_examples:
         report["representation_drift"] = drift(tuned, pres["finetuned"], model_p, weights_lock, test.x, k,
                                                p.drift_examples, p.seed)
-    if model_p is not None and zoo.family_of(model_p.name) == "local":
+    if model_p is not None and weights.family_of(model_p.name) == "local":
         lost = forgetting(tuned, weights.find_weights(model_p.name, model_p.weights).path, p.n_bootstrap, p.seed)
         if lost is not None:
             report["forgetting"] = lost

@@ -4,7 +4,8 @@ set with onnxruntime: every example's logits within a tolerance derived from PyT
 error (see `parity`) and top-1 agreement of at least export.min_top1_agreement, or the stage fails and the
 previous export stays. The register stage logs the files to MLflow.
 Also writes an int8 model (images: static, calibrated on export.calibration_examples of the validation split;
-texts: dynamic) and its test accuracy; it is marked accepted when its relative accuracy drop is within export.int8_max_relative_drop.
+texts: dynamic) and its test accuracy; it is marked accepted when its relative accuracy drop is within
+export.int8_max_relative_drop.
 Writes the serving contract beside them (paths.serving): what the model server reads instead of the checkpoint.
 Reads paths.evaluate_metrics (which model won), paths.test_logits (PyTorch's logits, computed by evaluate),
 paths.finetuned or paths.baselines, paths.prepared; writes paths.onnx,
@@ -33,17 +34,13 @@ from stages.servable import safe_session
 from stages.splits import batches, load_split, to_model_input
 
 
-def input_names(pre: dict) -> tuple[str, ...]:
-    return adapter(pre).input_names(pre)
-
-
 def export_onnx(model: torch.nn.Module, pre: dict, path: Path, opset: int) -> None:
     """Dynamic batch axis, and whatever other axes the modality leaves free (a text's length)."""
     inputs = adapter(pre)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter about tracing; the parity check is the real test
         torch.onnx.export(
-            model, inputs.example_inputs(pre), str(path), input_names=list(input_names(pre)),
+            model, inputs.example_inputs(pre), str(path), input_names=list(inputs.input_names(pre)),
             output_names=["logits"], dynamic_axes={**inputs.dynamic_axes(pre), "logits": {0: "batch"}},
             opset_version=opset, dynamo=False,
         )  # fmt: skip
@@ -54,18 +51,12 @@ def onnx_feed(x: np.ndarray, pre: dict) -> dict[str, np.ndarray]:
     """The ONNX inputs for examples `x`, from the same preprocessing PyTorch gets."""
     inputs = to_model_input(x, pre)
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-    return {name: t.numpy() for name, t in zip(input_names(pre), inputs, strict=True)}
+    return {name: t.numpy() for name, t in zip(adapter(pre).input_names(pre), inputs, strict=True)}
 
 
 def onnx_logits(onnx_path: Path, x: np.ndarray, pre: dict, batch_size: int) -> np.ndarray:
     session = safe_session(onnx_path)
     return np.concatenate([session.run(["logits"], onnx_feed(x[sl], pre))[0] for sl in batches(len(x), batch_size)])
-
-
-def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, pre: dict) -> str:
-    """int8 weights and activations, the modality's way (stages/image.py: static QDQ calibrated on
-    `calibration`; stages/text.py: dynamic); returns how, for the log."""
-    return adapter(pre).quantize_int8(fp32, out, calibration, pre)
 
 
 def exact_logits(model: torch.nn.Module, x: np.ndarray, pre: dict, batch_size: int) -> np.ndarray:
@@ -173,7 +164,7 @@ def run(model_dir: Path, prepared: Path, out: Path, out_int8: Path, metrics: Pat
                 "Try another export.opset."
             )
         calibration = val.x[np.random.default_rng(0).permutation(len(val.x))[: p.calibration_examples]]
-        how = quantize_int8(tmp, tmp_int8, calibration, pre)
+        how = adapter(pre).quantize_int8(tmp, tmp_int8, calibration, pre)  # static QDQ (images), dynamic (text)
         int8_logits = onnx_logits(tmp_int8, test.x, pre, p.batch_size)
         fp32_acc = float((fp32_logits.argmax(1) == test.y).mean())
         int8_acc = float((int8_logits.argmax(1) == test.y).mean())

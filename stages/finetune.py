@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from stages import checkpoint, hyperrule, strategy, zoo
+from stages import checkpoint, hyperrule, strategy, weights, zoo
 from stages.distributed import distributed
 from stages.files import read_json
 from stages.modality import adapter
@@ -85,7 +85,7 @@ def _run(prepared, out, history, model_p, p, weights_lock, rank: int, world: int
         "kind": "finetuned",
         "architecture": loaded.architecture,
         "init": "pretrained",
-        "pretrained_from": zoo.canonical(model_p.name),
+        "pretrained_from": weights.canonical(model_p.name),
         "pretrained_sha256": loaded.weights_sha256,
         "classes": classes,
         "preprocessing": pre,

@@ -57,7 +57,7 @@ def run(source: Path, dataset_p: Any, p: PretrainParams, out: Path, metrics: Pat
     result = fit(model, train, val, pre, cfg, Plan.of(model), desc="pretrain")
     test_acc = float((predict(model, test.x, pre, desc="source test").argmax(1) == test.y).mean())
     meta = {
-        "kind": "pretrained", "architecture": zoo.canonical(p.architecture), "init": "random",
+        "kind": "pretrained", "architecture": weights.canonical(p.architecture), "init": "random",
         "pretrained_sha256": None, "classes": src.classes, "preprocessing": pre,
         "train": {**loop_settings(cfg), "best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
                   "seconds": result.seconds, "n_train": int(len(train.y))},

@@ -133,7 +133,7 @@ def domain_shift(name: str, model_p: ModelParams, n_classes: int, f_target: np.n
     from stages.predict import predict
     from stages.shift import mmd_permutation_test, proxy_a_distance
 
-    if name.startswith(RANDOM) or name == TFIDF or zoo.family_of(name) != "local":
+    if name.startswith(RANDOM) or name == TFIDF or weights.family_of(name) != "local":
         return None
     folder = weights.find_weights(name, model_p.weights).path
     held = checkpoint.source_test(folder)
@@ -160,11 +160,12 @@ def _tfidf_features(train: Split, model_p: ModelParams, text_files: Path | None)
 def modality_of(name: str) -> str:
     """"text" or "image": what data candidate `name` reads."""
     from stages import zoo
+    from stages.weights import family_of
 
     base = name.removeprefix(RANDOM)
-    if base == TFIDF or zoo.family_of(base) == "hf":
+    if base == TFIDF or family_of(base) == "hf":
         return "text"
-    if zoo.family_of(base) == "local":
+    if family_of(base) == "local":
         meta = read_json(Path(base.split(":", 1)[1]) / "model.json")
         return zoo.modality(meta["preprocessing"])
     return "image"

@@ -169,7 +169,7 @@ def linear_probe(model: nn.Module, train: Split, val: Split, pre: dict, cs: list
 def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str] | None) -> None:
     """Wrap the transformer encoder of a text model with LoRA adapters (peft), in place. `targets` names the
     modules to adapt; None: peft's default for the architecture (query and value projections for BERT)."""
-    from stages.text import TextClassifier
+    from stages.textnet import TextClassifier
 
     if not isinstance(model, TextClassifier):
         raise ValueError(f"finetune.strategy lora adapts transformer text models (hf:...), not "

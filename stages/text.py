@@ -29,19 +29,6 @@ PRETRAINING = "masked_lm"  # stages/dapt.py continues an encoder's masked-langua
 INPUTS = ("input_ids", "attention_mask")  # every text model's forward arguments, and its ONNX input names
 FLOOR = "tfidf_linear"  # the baseline stage's floor: logistic regression on TF-IDF of tokens (zoo.TFIDF_LINEAR)
 EXAMPLE_TEXTS = ("an example sentence", "and a second, longer example sentence")  # two lengths: no axis pinned
-NETWORKS = ("TextClassifier", "TfidfLinear", "encoder", "load_kwargs", "POOLINGS")
-
-
-def __getattr__(name: str) -> Any:
-    # The torch networks by their old address (stages.text.TextClassifier, ...), loaded on first use so
-    # that importing this module never imports torch; new code imports stages.textnet.
-    if name in NETWORKS:
-        from stages import textnet
-
-        return getattr(textnet, name)
-    raise AttributeError(f"module 'stages.text' has no attribute {name!r}")
-
-
 # A model folder holds its vocabulary in one of these (fast tokenizers, WordPiece, BPE, SentencePiece).
 VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
                     "tokenizer.model")

@@ -99,11 +99,11 @@ def load(m: Any, num_classes: int, lock_path: Path, pretrained: bool = True) -> 
         reset_head(source, num_classes)
         return Loaded(source, pre, meta["architecture"], sha if pretrained else None)
     if family == "hf":
-        from stages import text
+        from stages import textnet
 
-        kwargs = text.load_kwargs(m.trust_remote_code, m.revision)
+        kwargs = textnet.load_kwargs(m.trust_remote_code, m.revision)
         pre = text_preprocessing(w.path, m.max_length, m.pooling)
-        model = text.TextClassifier(text.encoder(w.path, pretrained, **kwargs), m.pooling, num_classes)
+        model = textnet.TextClassifier(textnet.encoder(w.path, pretrained, **kwargs), m.pooling, num_classes)
         return Loaded(model, pre, name, sha if pretrained else None)
     pre = preprocessing(name, m.image_size)  # timm / torchvision, pre-trained (random weights returned above)
     model = _image_arch(name, None)  # the source's head, so every tensor has a twin
@@ -146,13 +146,15 @@ def build(name: str, num_classes: int, pre: dict[str, Any]) -> nn.Module:
     if name == PIXEL_LINEAR:
         return nn.Sequential(nn.Flatten(), nn.Linear(pre["channels"] * pre["image_size"] ** 2, num_classes))
     if name == TFIDF_LINEAR:
-        from stages.text import TfidfLinear, tokenizer
+        from stages.text import tokenizer
+        from stages.textnet import TfidfLinear
 
         return TfidfLinear(len(tokenizer(str(pre["files"]))), num_classes)
     if family_of(name) == "hf":
-        from stages import text
+        from stages import textnet
 
-        return text.TextClassifier(text.encoder(Path(pre["files"]), pretrained=False), pre["pooling"], num_classes)
+        return textnet.TextClassifier(textnet.encoder(Path(pre["files"]), pretrained=False), pre["pooling"],
+                                      num_classes)
     return _image_arch(name, num_classes)
 
 

@@ -87,23 +87,11 @@ def test_only_transient_failures_are_retried():
 
 def _imported_stage_modules(name: str, seen: set[str] | None = None) -> set[str]:
     """stages.* modules that stages/<name>.py imports, directly or through each other."""
-    import ast
-
     seen = set() if seen is None else seen
-    tree = ast.parse((ROOT / "stages" / f"{name}.py").read_text())
-    for block in ast.walk(tree):  # imports for type hints only (if TYPE_CHECKING:) run no code
-        if isinstance(block, ast.If) and getattr(block.test, "id", None) == "TYPE_CHECKING":
-            block.body = []
-    for node in ast.walk(tree):
-        mods = []
-        if isinstance(node, ast.ImportFrom) and node.module == "stages":
-            mods = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stages."):
-            mods = [node.module.split(".", 1)[1]]
-        for mod in mods:
-            if mod not in seen:
-                seen.add(mod)
-                _imported_stage_modules(mod, seen)
+    for mod in {n.split(".")[1] for n in _imports(ROOT / "stages" / f"{name}.py") if n.startswith("stages.")}:
+        if mod not in seen:
+            seen.add(mod)
+            _imported_stage_modules(mod, seen)
     return seen
 
 
@@ -185,11 +173,17 @@ def test_the_pretrain_pipeline_runs_each_module_with_its_code_as_deps():
 
 
 def _imports(path) -> set[str]:
-    """Top-level package names and project modules a file imports, lazy imports inside functions included."""
+    """Top-level package names and project modules a file imports, lazy imports inside functions included
+    (`from stages import zoo` gives "stages" and "stages.zoo"); imports for type hints only (if TYPE_CHECKING:)
+    run no code and are left out."""
     import ast
 
+    tree = ast.parse(path.read_text())
+    for block in ast.walk(tree):
+        if isinstance(block, ast.If) and getattr(block.test, "id", None) == "TYPE_CHECKING":
+            block.body = []
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from stages import zoo
-from stages.export import export_onnx, onnx_logits, parity, quantize_int8
+from stages.export import export_onnx, onnx_logits, parity
+from stages.modality import adapter
 from stages.params import ExportParams, ModelParams
 from stages.predict import predict
 from tests.conftest import ROOT
@@ -61,7 +62,7 @@ def test_a_perturbed_onnx_weight_is_refused(exported, tmp_path):
 def test_int8_model_runs_at_every_batch_size_and_tracks_fp32(exported, tmp_path):
     model, pre, path, images = exported
     out = tmp_path / "int8.onnx"
-    quantize_int8(path, out, images[:16], pre)
+    adapter(pre).quantize_int8(path, out, images[:16], pre)
     assert out.stat().st_size < path.stat().st_size / 2
     assert not (tmp_path / "int8.prep.onnx").exists()
     fp32 = predict(model, images, pre)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages import checkpoint, servable, text, zoo
+from stages import checkpoint, servable, textnet, zoo
 from stages.export import export_onnx, onnx_logits, serving_contract
 from stages.inputs import decode_image
 from stages.registry import FILE_TAGS
@@ -48,7 +48,7 @@ def text_folder(tmp_path: Path) -> tuple[Path, dict]:
     """A servable folder of a tiny random BERT classifier with the packaged MiniLM tokenizer, and its preprocessing."""
     hf = tiny_hf_model(tmp_path / "bert", "bert")
     torch.manual_seed(0)
-    model = text.TextClassifier(text.encoder(hf, pretrained=True), "mean", 3).eval()
+    model = textnet.TextClassifier(textnet.encoder(hf, pretrained=True), "mean", 3).eval()
     pre = zoo.text_preprocessing(hf, 16, "mean")
     folder = tmp_path / "served"
     folder.mkdir()
@@ -346,12 +346,12 @@ def test_serve_bench_times_a_text_model_and_keeps_other_models_results(tmp_path)
 
     import yaml
 
-    from stages.export import quantize_int8
+    from stages.modality import adapter
     from stages.splits import Split, save_split
 
     hf = tiny_hf_model(tmp_path / "bert", "bert")
     torch.manual_seed(0)
-    model = text.TextClassifier(text.encoder(hf, pretrained=True), "mean", 3).eval()
+    model = textnet.TextClassifier(textnet.encoder(hf, pretrained=True), "mean", 3).eval()
     pre = zoo.text_preprocessing(hf, 16, "mean")
     checkpoint.save_checkpoint(tmp_path / "ckpt", model, {"architecture": f"hf:{hf}", "classes": ["a", "b", "c"],
                                                    "preprocessing": pre})
@@ -361,7 +361,7 @@ def test_serve_bench_times_a_text_model_and_keeps_other_models_results(tmp_path)
     texts = np.array([" ".join(rng.choice(words, rng.integers(1, 12))) for _ in range(70)], dtype=object)
     (tmp_path / "prepared").mkdir()
     save_split(tmp_path / "prepared", "test", Split(texts, rng.integers(0, 3, 70)))
-    quantize_int8(tmp_path / "model.onnx", tmp_path / "model_int8.onnx", texts[:8], pre)
+    adapter(pre).quantize_int8(tmp_path / "model.onnx", tmp_path / "model_int8.onnx", texts[:8], pre)
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["paths"].update(finetuned=str(tmp_path / "ckpt"), prepared=str(tmp_path / "prepared"),
                         onnx=str(tmp_path / "model.onnx"), onnx_int8=str(tmp_path / "model_int8.onnx"))

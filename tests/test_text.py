@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages import checkpoint, text, weights, zoo
+from stages import checkpoint, text, textnet, weights, zoo
 from stages.export import export_onnx, onnx_logits
 from stages.params import ModelParams
 from stages.predict import predict
@@ -45,9 +45,9 @@ def test_encoder_architectures_train_export_and_match_onnx_at_every_length(tmp_p
 
 def test_padding_does_not_change_a_text_s_logits(tmp_path):
     folder = tiny_hf_model(tmp_path / "bert", "bert")
-    encoder = text.encoder(folder, pretrained=True)
+    encoder = textnet.encoder(folder, pretrained=True)
     for pooling in ("mean", "cls", "last"):
-        model = text.TextClassifier(encoder, pooling, 3).eval()
+        model = textnet.TextClassifier(encoder, pooling, 3).eval()
         pre = zoo.text_preprocessing(folder, 32, pooling)
         alone = predict(model, TEXTS[:1], pre)
         padded = predict(model, TEXTS, pre)[:1]  # padded to the longest text of the batch
@@ -64,7 +64,7 @@ def test_tfidf_module_equals_scikit_learn(tmp_path):
     rows = [[i for i in r if i not in special] for r in tok(list(TEXTS))["input_ids"]]
     vec = TfidfVectorizer(analyzer=lambda r: r, lowercase=False)
     expected = vec.fit_transform(rows).toarray()
-    module = text.TfidfLinear(len(tok), 2)
+    module = textnet.TfidfLinear(len(tok), 2)
     columns = torch.tensor([int(t) for t in vec.get_feature_names_out()])
     module.idf[columns] = torch.from_numpy(vec.idf_).float()
     got = module.tfidf(*text.tokenize(TEXTS, pre))[:, columns].numpy()
@@ -73,8 +73,8 @@ def test_tfidf_module_equals_scikit_learn(tmp_path):
 
 def test_remote_code_needs_a_pinned_revision():
     with pytest.raises(ValueError, match="needs model.revision pinned"):
-        text.load_kwargs(trust_remote_code=True, revision=None)
-    assert text.load_kwargs()["trust_remote_code"] is False
+        textnet.load_kwargs(trust_remote_code=True, revision=None)
+    assert textnet.load_kwargs()["trust_remote_code"] is False
 
 
 def test_a_model_folder_without_its_vocabulary_is_refused_not_tokenised_into_unknowns(tmp_path):
