@@ -106,6 +106,18 @@ def write(composed: Mapping[str, Any], path: Path = RUN_PARAMS) -> Path:
     return path
 
 
+def write_for_command(task: str | None, presets: Sequence[Path]) -> None:
+    """Compose and write the settings of a flow started from the command line (`task`: default the current
+    one), under the workspace lock; a bad key or value, or a busy workspace, is one line on stderr."""
+    from flows.workspace import WorkspaceBusy, workspace_lock
+
+    try:
+        with workspace_lock():
+            write(compose(task or current_task(), presets))
+    except (KeyError, ValueError, WorkspaceBusy) as e:
+        raise SystemExit("error: " + (str(e.args[0]) if isinstance(e, KeyError) else str(e))) from None
+
+
 def current_task(path: Path = RUN_PARAMS, params_file: Path = PARAMS) -> str:
     """The task of the last composed run, else params.yaml's."""
     if path.exists():

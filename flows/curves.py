@@ -75,11 +75,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="apply a partial params file for this run (e.g. presets/smoke.yaml), as flows.pipeline does")
     args = parser.parse_args(argv)
     if args.params == str(RUN_PARAMS):
-        try:
-            with workspace_lock():
-                compose.write(compose.compose(args.task or compose.current_task(), args.preset))
-        except (KeyError, ValueError, WorkspaceBusy) as e:
-            raise SystemExit("error: " + (str(e.args[0]) if isinstance(e, KeyError) else str(e))) from None
+        compose.write_for_command(args.task, args.preset)
     Params.load(Path(args.params))  # fail on a bad params file before anything starts
     try:
         curves(params_file=args.params)
