@@ -247,9 +247,12 @@ def describe_time(t: dict) -> str:
         head += f" (val {t['val_accuracy']:.2f})"
     if t["reason"] is not None:
         return f"{head}: {t['reason']}"
-    ours, theirs = t[model], t[target]
-    line = (f"{head}: {said.get(model, model)} {ours['seconds']:.1f} s / {ours['epoch']} epochs vs "
-            f"{said.get(target, target)} {theirs['seconds']:.1f} s / {theirs['epoch']} epochs")
+
+    def took(name: str) -> str:
+        e = t[name]["epoch"]
+        return f"{said.get(name, name)} {t[name]['seconds']:.1f} s / {e} epoch{'' if e == 1 else 's'}"
+
+    line = f"{head}: {took(model)} vs {took(target)}"
     x = t["speedup"]
     if x is None:
         return line
