@@ -14,7 +14,7 @@ def summary(params: Params) -> str:
     """The few lines a person wants after a run: the answer in one sentence, accuracies with CIs, the
     fine-tuned model against each alternative, how much sooner it reached scratch's best, what was registered,
     parity. Also writes paths.summaries/<task>/summary.json."""
-    from stages.evaluate import answer, describe_time
+    from stages.evaluate import answer, time_lines
 
     paths = params.paths
     if not paths.evaluate_metrics.exists():
@@ -33,11 +33,7 @@ def summary(params: Params) -> str:
         out.append(f"fine-tuned - {alt}: {c['gain']:+.4f} [{lo:+.4f}, {hi:+.4f}], McNemar p = {c['mcnemar_p']:.2g}")
     out.append(f"verdict (fine-tuned vs the best alternative, {ev['best_alternative']}): {ev['verdict']}; "
                f"transfer (fine-tuned vs scratch): {ev['transfer_verdict']}")
-    times = ev.get("time_to_accuracy")  # absent from an evaluation made before it was measured
-    if times:
-        out.append(describe_time(times["scratch_best"]))
-        if times["finetuned_best"]["reason"] is None:  # scratch got to fine-tuning's best too
-            out.append(describe_time(times["finetuned_best"]))
+    out += time_lines(ev.get("time_to_accuracy") or {})  # absent from an evaluation made before it was measured
     out += _transfer_notes(params, ev)
     registered = json.loads(paths.registered.read_text()) if paths.registered.exists() else None
     if registered:

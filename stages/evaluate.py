@@ -259,6 +259,12 @@ def describe_time(t: dict) -> str:
     return f"{line}: {x:.1f}x faster" if x >= 1 else f"{line}: {1 / x:.1f}x slower"
 
 
+def time_lines(times: dict) -> list[str]:
+    """What a person reads of time_to_accuracy (`times`; {} from an evaluation made before it was measured):
+    fine-tuned to scratch's best, and the reverse only when scratch got to fine-tuning's best too."""
+    return [describe_time(t) for key, t in times.items() if key == "scratch_best" or t["reason"] is None]
+
+
 def forgetting(tuned: torch.nn.Module, checkpoint: Path, n_bootstrap: int, seed: int) -> dict | None:
     """Source-task accuracy of a pre-trained checkpoint (its own head, its held-out source examples) before
     fine-tuning, and after: the fine-tuned backbone under the same source head. `forgetting` is before -
