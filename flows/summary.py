@@ -1,5 +1,6 @@
 """What a person reads after a run (`summary`) and what machines read (paths.summaries/<task>/summary.json):
-the answer in one sentence, accuracies with intervals, comparisons, registration and ONNX parity."""
+the answer in one sentence, accuracies with intervals, comparisons, time to accuracy, registration and ONNX
+parity."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from stages.params import Params
 
 def summary(params: Params) -> str:
     """The few lines a person wants after a run: the answer in one sentence, accuracies with CIs, the
-    fine-tuned model against each alternative, what was registered, parity. Also writes paths.summaries/<task>/summary.json."""
-    from stages.evaluate import answer
+    fine-tuned model against each alternative, how much sooner it reached scratch's best, what was registered,
+    parity. Also writes paths.summaries/<task>/summary.json."""
+    from stages.evaluate import answer, time_lines
 
     paths = params.paths
     if not paths.evaluate_metrics.exists():
@@ -31,6 +33,7 @@ def summary(params: Params) -> str:
         out.append(f"fine-tuned - {alt}: {c['gain']:+.4f} [{lo:+.4f}, {hi:+.4f}], McNemar p = {c['mcnemar_p']:.2g}")
     out.append(f"verdict (fine-tuned vs the best alternative, {ev['best_alternative']}): {ev['verdict']}; "
                f"transfer (fine-tuned vs scratch): {ev['transfer_verdict']}")
+    out += time_lines(ev.get("time_to_accuracy") or {})  # absent from an evaluation made before it was measured
     out += _transfer_notes(params, ev)
     registered = json.loads(paths.registered.read_text()) if paths.registered.exists() else None
     if registered:
@@ -51,7 +54,8 @@ def summary(params: Params) -> str:
 
 
 def write_summary(path: Path, ev: dict, registered: dict | None, task: str) -> None:
-    """The run's result for machines (CI jobs, the PR report, scripts): every model, the best, the verdict."""
+    """The run's result for machines (CI jobs, the PR report, scripts): every model, the best, the verdict,
+    time to accuracy (evaluate's `time_to_accuracy`; None from an evaluation made before it was measured)."""
     from stages.files import write_json
 
     keys = ("accuracy", "accuracy_ci95", "val_accuracy")
@@ -63,6 +67,7 @@ def write_summary(path: Path, ev: dict, registered: dict | None, task: str) -> N
         "verdict": ev["verdict"],
         "transfer_verdict": ev["transfer_verdict"],
         "vs": {m: {k: c[k] for k in ("gain", "gain_ci95", "mcnemar_p")} for m, c in ev["vs"].items()},
+        "time_to_accuracy": ev.get("time_to_accuracy"),
         "registered": None if registered is None else {
             "model_name": registered["model_name"], "version": registered["version"],
             "aliases": registered["aliases"], "candidate": registered.get("candidate", "finetuned")},

@@ -23,7 +23,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from stages import checkpoint, tracking, zoo
-from stages.evaluate import answer, candidate
+from stages.evaluate import answer, candidate, time_lines
 from stages.files import read_json, write_json
 from stages.modality import adapter
 from stages.params import RegisterParams, cli
@@ -218,7 +218,8 @@ def model_card(
     name: str, version: int, meta: dict, report: dict, export: dict, checks: list[Check], lineage: dict,
     candidate: str = "finetuned",
 ) -> str:
-    """A short markdown card: which model won and by how much, where it came from, and the gate's verdict."""
+    """A short markdown card: which model won and by how much, how much sooner fine-tuning reached scratch's
+    best, where it came from, and the gate's verdict."""
     def ci(v: list[float]) -> str:
         return f"[{v[0]:.4f}, {v[1]:.4f}]"
 
@@ -232,6 +233,8 @@ def model_card(
                          for m, c in others.items())
     gate_rows = "\n".join(f"| {c.name} | {c.value} | {c.rule} | {'pass' if c.passed else 'FAIL'} |" for c in checks)
     paid = ("transfer paid" if report["transfer_verdict"] == "positive" else "transfer did not clearly pay")
+    # absent from an evaluation made before time to accuracy was measured
+    speed = "".join(f"{line[0].upper()}{line[1:]}.\n" for line in time_lines(report.get("time_to_accuracy") or {}))
     passed = all(c.passed for c in checks)
     decision = ("gate passed" if passed else
                 f"GATE FAILED ({', '.join(c.name for c in checks if not c.passed)}): do not promote")
@@ -246,7 +249,7 @@ def model_card(
 {meta['train'].get('n_train', 'the')} labelled examples) for {_inputs(meta['preprocessing'])}; classes: {', '.join(meta['classes'])}.
 Fine-tuned vs the same network from random weights: {report['transfer_gain']:+.4f}
 (95% CI {ci(report['transfer_gain_ci95'])}, McNemar p = {report['mcnemar_p']:.2g}): {paid}.
-Scored on {report['n_test']} test examples (test set sha256 `{report['test_sha256'][:16]}`).
+{speed}Scored on {report['n_test']} test examples (test set sha256 `{report['test_sha256'][:16]}`).
 
 | model | test accuracy | 95% CI | macro-F1 |
 |---|---|---|---|

@@ -56,6 +56,35 @@ def test_max_regression_allows_trailing_the_champion_a_little():
     assert all(c.passed for c in gate(_report(0.85, (0.05, 0.1)), EXPORT, 0.86, p))
 
 
+def test_the_model_card_says_how_much_sooner_fine_tuning_reached_scratchs_best():
+    from stages.evaluate import time_to_reach
+    from stages.register import model_card
+
+    from .test_evaluate import FINETUNED, SCRATCH, history
+
+    report = _report(0.85, (0.05, 0.15), accuracy_ci95=[0.84, 0.86], macro_f1=0.85)
+    report.update({"test_sha256": "t" * 64, "n_test": 100})
+    meta = {"architecture": zoo.PIXEL_LINEAR, "init": "random", "classes": ["a", "b"],
+            "preprocessing": zoo.preprocessing(zoo.PIXEL_LINEAR, 28), "train": {}}
+    checks = gate(report, EXPORT, None, RegisterParams(model_name="m", experiment="e"))
+
+    def card(finetuned, scratch) -> list[str]:
+        times = None if finetuned is None else {
+            "scratch_best": time_to_reach("finetuned", finetuned, "scratch", scratch),
+            "finetuned_best": time_to_reach("scratch", scratch, "finetuned", finetuned)}
+        return model_card("m", 1, meta, {**report, "time_to_accuracy": times}, EXPORT, checks, {"git_commit": "a"}
+                          ).splitlines()
+
+    lines = card(FINETUNED, SCRATCH)
+    said = "Time to scratch's best (val 0.76): fine-tuned 30.0 s / 3 epochs vs scratch 48.0 s / 4 epochs: 1.6x faster."
+    assert lines[lines.index(said) + 1].startswith("Scored on 100 test examples")
+    assert not any(line.startswith("Time to fine-tuned's best") for line in lines)  # scratch never got there
+    both = card(history((1, 0.8, 10.0)), history((1, 0.5, 10.0), (2, 0.8, 30.0)))
+    assert "Time to fine-tuned's best (val 0.80): scratch 30.0 s / 2 epochs vs fine-tuned 10.0 s / 1 epoch: " \
+           "3.0x slower." in both
+    assert not any(line.startswith("Time to") for line in card(None, None))  # an evaluation from before it
+
+
 def _workspace(tmp_path, verdict: str, accuracy: float, n_classes: int = 10):
     """Checkpoints and an evaluate.json as the earlier stages would leave them, with tiny linear models."""
     pre = zoo.preprocessing(zoo.PIXEL_LINEAR, 28)
