@@ -166,11 +166,13 @@ def pipeline(task: str | None = None, presets: list[str] | None = None, override
     made is pushed after it."""
     log = get_run_logger()
     with workspace_lock():
+        # composed first: DVC reads its vars from the composed file, so not even a pull parses dvc.yaml before
+        # it exists (a scheduled run starts from a fresh clone)
+        composed = compose.compose(task or compose.current_task(), [Path(p) for p in presets or []], overrides)
+        compose.write(composed)
         remote = default_remote()
         if sync:
             sync_with_remote("pull", remote)
-        composed = compose.compose(task or compose.current_task(), [Path(p) for p in presets or []], overrides)
-        compose.write(composed)
         log.info("settings: %s", " + ".join(composed["composed_from"]))
         params = compose.settings(composed)
         stale = stale_stages(params)

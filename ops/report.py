@@ -1,11 +1,10 @@
 """A markdown report of the last pipeline run, for a pull-request comment or for reading on its own:
 the verdict on transfer, every model's accuracy with its CI, the metrics and params against a base run,
 the run against the current `champion` in the registry, the promotion gate check by check, ONNX parity,
-and the plots. The base is either a git revision (`dvc metrics diff` against the metrics committed there,
-and the settings its dvc.lock records) or a folder holding another run's metrics files
-and composed settings at their workspace paths (what the pull-request workflow downloads: main's last smoke
-run). Each side is named a smoke run when its settings match presets/smoke.yaml, so a smoke run is never
-silently set against a full one.
+and the plots. The base is either a git revision (the metrics files committed there, and the settings its
+dvc.lock records) or a folder holding another run's metrics files and composed settings at their workspace
+paths (what the pull-request workflow downloads: main's last smoke run). Each side is named a smoke run when
+its settings match presets/smoke.yaml, so a smoke run is never silently set against a full one.
 
 Run:  python -m ops.report                                         # against HEAD, to reports/report.md
       python -m ops.report --base main --base-metrics base-smoke   # what the pull-request workflow does
@@ -19,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -176,19 +176,6 @@ def _base_section(metrics_diff: dict | None, params_diff: dict | None, base: str
     return out
 
 
-def metrics_diff_at(base: str) -> dict | None:
-    """`dvc metrics diff --all` against `base` as a dict (every metric, changed or not), or None when it
-    cannot be computed."""
-    cmd = [sys.executable, "-m", "dvc", "metrics", "diff", "--all", "--json", base]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        return None
-    try:
-        return json.loads(res.stdout or "{}")
-    except json.JSONDecodeError:
-        return None
-
-
 def champion_of(params: Params) -> tuple[dict | None, str]:
     """The version holding `champion` now, with its tags, or None and a sentence saying why there is none.
     The champion lives on the tracking server (MLFLOW_TRACKING_URI); without one, the project's own SQLite
@@ -242,21 +229,25 @@ def metrics_files(params: Params, dvc_yaml: Path = Path("dvc.yaml")) -> list[Pat
 
 
 def read_values(path: Path) -> Any:
-    """A metrics (JSON) or params (YAML) file's content; {} when it does not exist."""
+    """A metrics (JSON) or settings (YAML: params files, dvc.lock) file's content; {} when it does not exist."""
     if not path.exists():
         return {}
-    return yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+    return parse(path, path.read_text())
 
 
-def folder_diff(base_dir: Path, files: list[Path]) -> dict[str, dict[str, dict]]:
-    """What `dvc metrics diff --all --json` gives, between each metrics file as `base_dir` holds it (at the
-    same relative path) and as the workspace holds it: {file: {key: {"old", "new", "diff"}}}."""
+def parse(path: Path, text: str) -> Any:
+    return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+
+
+def values_diff(files: list[Path], old: Callable[[Path], Any]) -> dict[str, dict[str, dict]]:
+    """What `dvc metrics diff --all --json` gives: every metric of each file, as `old(file)` has it and as the
+    workspace has it: {file: {key: {"old", "new", "diff"}}}."""
     out: dict[str, dict[str, dict]] = {}
     for file in files:
-        old, new = flatten(read_values(base_dir / file)), flatten(read_values(file))
+        before, now = flatten(old(file)), flatten(read_values(file))
         entries = {}
-        for key in sorted(old.keys() | new.keys()):
-            o, n = old.get(key), new.get(key)
+        for key in sorted(before.keys() | now.keys()):
+            o, n = before.get(key), now.get(key)
             numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (o, n))
             entries[key] = {"old": o, "new": n, **({"diff": n - o} if numeric else {})}
         if entries:
@@ -264,10 +255,24 @@ def folder_diff(base_dir: Path, files: list[Path]) -> dict[str, dict[str, dict]]
     return out
 
 
-def yaml_at(base: str, path: Path) -> dict | None:
-    """A YAML file as the git revision `base` has it, or None when it cannot be read."""
+def folder_diff(base_dir: Path, files: list[Path]) -> dict[str, dict[str, dict]]:
+    """The metrics files against those `base_dir` holds at the same relative paths."""
+    return values_diff(files, lambda file: read_values(base_dir / file))
+
+
+def git_diff(base: str, files: list[Path]) -> dict[str, dict[str, dict]] | None:
+    """The metrics files against those committed at revision `base` (metrics go to git, not to DVC's cache);
+    None when `base` is not a revision here. Read from git, not with `dvc metrics diff`: DVC cannot parse
+    another revision's dvc.yaml, whose composed settings (its `vars`) were never committed."""
+    if subprocess.run(["git", "rev-parse", "--verify", "-q", f"{base}^{{commit}}"], capture_output=True).returncode:
+        return None
+    return values_diff(files, lambda file: file_at(base, file) or {})
+
+
+def file_at(base: str, path: Path) -> Any:
+    """A metrics or settings file as the git revision `base` has it, or None when it cannot be read."""
     res = subprocess.run(["git", "show", f"{base}:{path.as_posix()}"], capture_output=True, text=True)
-    return yaml.safe_load(res.stdout) if res.returncode == 0 else None
+    return parse(path, res.stdout) if res.returncode == 0 else None
 
 
 def run_settings(values: Any) -> Any:
@@ -314,10 +319,10 @@ def build(params: Params, base: str, with_champion: bool = True, base_metrics: P
     no_base = None
     if base_metrics is None:
         # every headline metric, changed or not; only the settings that changed, as each side's dvc.lock has them
-        metrics_diff = metrics_diff_at(base)
-        base_lock, own_lock = locked_settings(yaml_at(base, LOCK)), locked_settings(read_values(LOCK))
+        metrics_diff = git_diff(base, metrics_files(params))
+        base_lock, own_lock = locked_settings(file_at(base, LOCK)), locked_settings(read_values(LOCK))
         params_diff = settings_diff(base_lock, own_lock, str(LOCK)) if base_lock and own_lock else None
-        base_kind = run_kind(base_lock, yaml_at(base, SMOKE_PRESET) or preset)
+        base_kind = run_kind(base_lock, file_at(base, SMOKE_PRESET) or preset)
     elif not (base_metrics / paths.evaluate_metrics).exists():
         metrics_diff = params_diff = base_kind = None
         no_base = (f"No {kind} run of `{base}` to compare with: `{base_metrics}` holds no {paths.evaluate_metrics} "

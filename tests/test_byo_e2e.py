@@ -189,6 +189,7 @@ def test_csv_texts_through_the_flow_record_the_data_version(tmp_path):
     data = project / "data" / "raw"
     data.mkdir(parents=True)
     gloss_table(data / "glosses.csv", 42)
+    sh([sys.executable, "-m", "flows.compose"], project)  # as `make setup` does: dvc reads its vars there
     sh([sys.executable, "-m", "dvc", "add", "-q", "data/raw/glosses.csv"], project)
     sh(GIT + ["add", "-A"], project)
     sh(GIT + ["commit", "-qm", "my data"], project)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ops.report import (NO_TRACKING, diff_table, flatten, folder_diff, locked_settings, render, run_kind,
-                        run_settings, settings_diff)
+from ops.report import (NO_TRACKING, diff_table, flatten, folder_diff, git_diff, locked_settings, render,
+                        run_kind, run_settings, settings_diff)
 
 from .conftest import ROOT
 
@@ -131,3 +131,24 @@ def test_settings_come_from_the_composed_run_file_or_a_lock():
         "f.c": {"old": [1.0], "new": [1.0, 2.0]}, "f.epochs": {"old": 10, "new": 5, "diff": -5},
         "model.n": {"old": None, "new": 1}}}
     assert settings_diff(old, old, "dvc.lock") == {}
+
+
+def test_git_diff_reads_the_metrics_committed_at_a_revision(tmp_path, monkeypatch):
+    """Against a git revision, from the files committed there (DVC cannot parse an old dvc.yaml whose vars
+    file was never committed); a file the revision lacks has no old values; an unknown revision gives None."""
+    import subprocess
+
+    monkeypatch.chdir(tmp_path)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q"], check=True)
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/e.json").write_text('{"a": {"accuracy": 0.5}, "verdict": "x"}')
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-qm", "base"], check=True)
+    (tmp_path / "metrics/e.json").write_text('{"a": {"accuracy": 0.75}, "verdict": "y"}')
+    (tmp_path / "metrics/new.json").write_text('{"n": 3}')
+    assert git_diff("HEAD", [Path("metrics/e.json"), Path("metrics/new.json")]) == {
+        "metrics/e.json": {"a.accuracy": {"old": 0.5, "new": 0.75, "diff": 0.25}, "verdict": {"old": "x", "new": "y"}},
+        "metrics/new.json": {"n": {"old": None, "new": 3}}}
+    assert git_diff("no-such-rev", [Path("metrics/e.json")]) is None
+

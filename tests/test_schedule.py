@@ -64,6 +64,7 @@ def origin(tmp_path_factory, s3) -> Path:
     sh(DVC + ["remote", "add", "-d", "storage", f"s3://{s3.bucket}/dvc-{uuid.uuid4().hex[:8]}"], proj)
     sh(DVC + ["remote", "modify", "storage", "endpointurl", s3.endpoint], proj)
     write_raw_subset(proj, n_train=1500)
+    sh([sys.executable, "-m", "flows.compose"], proj)  # as `make setup` does: dvc reads its vars there
     publish_data(proj, {**flow_env(proj), **s3.env()}, "raw data v1, smoke settings, the team's DVC remote")
     return proj
 
@@ -207,6 +208,7 @@ def test_scheduled_runs_on_a_clean_worker_train_then_skip_then_retrain_on_pushed
     sh(["git", "clone", "-q", str(origin), str(fresh)], tmp_path)
     user_env = {**flow_env(fresh, PREFECT_API_URL=env["PREFECT_API_URL"]), **s3.env(), "MLFLOW_TRACKING_URI": s3_mlflow_server}
     start = time.monotonic()
+    sh([sys.executable, "-m", "flows.compose"], fresh, user_env)  # what `make pull` does first (its setup)
     sh(DVC + ["pull", "--run-cache", "--allow-missing"], fresh, user_env)
     run = sh([sys.executable, "-m", "flows.pipeline"], fresh, user_env)
     seconds = time.monotonic() - start
