@@ -36,6 +36,9 @@ $(STAMP): pyproject.toml requirements.lock
 	  { echo "pyproject.toml dependencies changed since requirements.lock was made: run 'make lock'" >&2; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	@# the project itself, editable (stages, flows, ops importable from anywhere, e.g. bench/). A new venv's
+	@# setuptools (65 on Python 3.11) cannot build an editable wheel without the `wheel` package; 70.1+ can.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check 'setuptools>=70.1'
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $@
 
