@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from stages.params import RUN_PARAMS, Params
+from stages.params import RUN_PARAMS, Params, run_settings
 
 MODELS = ("finetuned", "scratch", "linear_probe", "floor")
 # The metrics a reviewer looks at first; the rest (per-class accuracies, sizes, hashes) go in a fold.
@@ -244,12 +244,7 @@ def values_diff(files: list[Path], old: Callable[[Path], Any]) -> dict[str, dict
     workspace has it: {file: {key: {"old", "new", "diff"}}}."""
     out: dict[str, dict[str, dict]] = {}
     for file in files:
-        before, now = flatten(old(file)), flatten(read_values(file))
-        entries = {}
-        for key in sorted(before.keys() | now.keys()):
-            o, n = before.get(key), now.get(key)
-            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (o, n))
-            entries[key] = {"old": o, "new": n, **({"diff": n - o} if numeric else {})}
+        entries = diff_entries(flatten(old(file)), flatten(read_values(file)), changed_only=False)
         if entries:
             out[str(file)] = entries
     return out
@@ -275,11 +270,6 @@ def file_at(base: str, path: Path) -> Any:
     return parse(path, res.stdout) if res.returncode == 0 else None
 
 
-def run_settings(values: Any) -> Any:
-    """A params file's settings: a run's composed file (flows/compose.py) holds them under `run`."""
-    return values.get("run") or {} if isinstance(values, dict) and "composed_from" in values else values
-
-
 def locked_settings(lock: Any) -> dict[str, Any] | None:
     """The settings a dvc.lock records its stages ran with, as dotted params.yaml keys; None without a lock.
     (Read from the lock, not from a params file: a run's composed settings are not committed, its lock is.)"""
@@ -295,13 +285,20 @@ def locked_settings(lock: Any) -> dict[str, Any] | None:
 
 def settings_diff(old: dict[str, Any], new: dict[str, Any], label: str) -> dict[str, dict[str, dict]]:
     """The settings that differ, as `dvc params diff --json` gives them: {label: {key: {"old", "new", "diff"}}}."""
+    entries = diff_entries(old, new, changed_only=True)
+    return {label: entries} if entries else {}
+
+
+def diff_entries(old: dict[str, Any], new: dict[str, Any], changed_only: bool) -> dict[str, dict]:
+    """Flat values old vs new, key by key: {key: {"old", "new", "diff"}} ("diff" for numbers only)."""
     entries = {}
     for key in sorted(old.keys() | new.keys()):
         o, n = old.get(key), new.get(key)
-        if o != n:
-            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (o, n))
-            entries[key] = {"old": o, "new": n, **({"diff": n - o} if numeric else {})}
-    return {label: entries} if entries else {}
+        if changed_only and o == n:
+            continue
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (o, n))
+        entries[key] = {"old": o, "new": n, **({"diff": n - o} if numeric else {})}
+    return entries
 
 
 def build(params: Params, base: str, with_champion: bool = True, base_metrics: Path | None = None,

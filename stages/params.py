@@ -282,10 +282,7 @@ class Params:
         """`path`, or by default the settings of the current run (RUN_PARAMS, what dvc.yaml reads), else
         params.yaml itself (a checkout where no run composed them yet)."""
         path = path or (RUN_PARAMS if RUN_PARAMS.exists() else Path("params.yaml"))
-        raw = read_yaml(path)
-        if isinstance(raw, dict) and "composed_from" in raw:  # a composed file: the settings are under `run`
-            raw = raw.get("run")
-        return cls.from_dict(raw, source=path)
+        return cls.from_dict(run_settings(read_yaml(path)), source=path)
 
     @classmethod
     def from_dict(cls, raw: Any, source: Path | str = "params.yaml") -> Params:
@@ -413,6 +410,11 @@ def _check_bounds(v: Any, bounds: Any, path: str, errors: list[str]) -> None:
 # params.yaml with the current task's file, presets and --set values applied (flows/compose.py writes it,
 # git ignores it): committed settings are read, never rewritten, and DVC reads its `vars` and stage params here.
 RUN_PARAMS = Path(".headstart/params.yaml")
+
+
+def run_settings(raw: Any) -> Any:
+    """The settings a params file holds: a run's composed file (flows/compose.py) has them under `run`."""
+    return raw.get("run") or {} if isinstance(raw, dict) and "composed_from" in raw else raw
 
 
 def read_yaml(path: Path) -> Any:

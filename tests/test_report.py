@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from ops.report import (NO_TRACKING, diff_table, flatten, folder_diff, git_diff, locked_settings, render,
-                        run_kind, run_settings, settings_diff)
+                        run_kind, settings_diff)
+from stages.params import run_settings
 
 from .conftest import ROOT
 
