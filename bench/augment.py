@@ -59,7 +59,7 @@ def main() -> None:
                 if kind == "finetuned":
                     finetune.run(paths.prepared, out, Path(tmp) / "h.csv", model_p, ft, paths.weights_lock)
                 else:
-                    baseline._scratch(train, val, classes, out, Path(tmp) / "h.csv", model_p, ft, params.baseline,
+                    baseline.train_scratch(train, val, classes, out, Path(tmp) / "h.csv", model_p, ft, params.baseline,
                                       paths.weights_lock, None)
                 acc, ci = score(out, test, params.evaluate.n_bootstrap)
                 row[kind] = {"accuracy": round(acc, 4), "accuracy_ci95": ci,

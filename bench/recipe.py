@@ -80,7 +80,7 @@ def train_and_score(params: Params, kind: str, seed: int, dev: Split, tmp: Path)
         classes = read_json(paths.prepared / "manifest.json")["classes"]
         train, val = load_split(paths.prepared, "train"), load_split(paths.prepared, "val")
         bp = dataclasses.replace(params.baseline, seed=seed)
-        val_accuracy = baseline._scratch(train, val, classes, out, tmp / "h.csv", model_p, params.finetune, bp,
+        val_accuracy = baseline.train_scratch(train, val, classes, out, tmp / "h.csv", model_p, params.finetune, bp,
                                          paths.weights_lock, None)
     seconds = time.perf_counter() - start
     model, meta = zoo.load_checkpoint(out)

@@ -49,7 +49,7 @@ def trained_accuracy(name: str, params: Params, tmp: Path, text_files: Path | No
         model, pre, _, _ = baseline._tfidf_floor(train, val, classes, pre, params.baseline)
     elif name.startswith(select.RANDOM):
         m = dataclasses.replace(params.model, name=name.removeprefix(select.RANDOM))
-        baseline._scratch(train, val, classes, tmp / "scratch", tmp / "scratch.csv", m, params.finetune,
+        baseline.train_scratch(train, val, classes, tmp / "scratch", tmp / "scratch.csv", m, params.finetune,
                           params.baseline, paths.weights_lock, None)
         model, meta = zoo.load_checkpoint(tmp / "scratch")
         pre = meta["preprocessing"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -86,8 +87,9 @@ def compose(task: str | None = None, presets: Sequence[Path] = (), overrides: Ma
     if overrides:
         raw = with_overrides(raw, overrides, str(params_file))
         layers.append("--set " + " ".join(f"{k}={v}" for k, v in overrides.items()))
-    Params.from_dict(raw, source=" + ".join(layers))  # a typo or a bad value fails here, naming the key
-    return {"composed_from": layers, "run": raw}
+    params = Params.from_dict(raw, source=" + ".join(layers))  # a typo or a bad value fails here, naming the key
+    # dvc.yaml's replicate stage has one entry per extra training seed, and DVC cannot count: the list
+    return {"composed_from": layers, "run": raw, "replicates": list(range(1, params.evaluate.seeds))}
 
 
 def with_settings(base: Params, overrides: Mapping[str, Any]) -> Params:
@@ -103,7 +105,32 @@ def write(composed: Mapping[str, Any], path: Path = RUN_PARAMS) -> Path:
     """Write the composed settings where Params.load and dvc.yaml read them (atomically)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, HEADER + yaml.safe_dump(dict(composed), sort_keys=False, width=110))
+    if Path(path).parts[-2:] == RUN_PARAMS.parts:  # a project's run settings: its replicate folder follows them
+        ready_replicates(composed, Path(path).parents[1])
     return path
+
+
+# what git ignores in paths.replicates: everything but this file (DVC tracks the seeds' outputs)
+REPLICATES_GITIGNORE = ("# paths.replicates: each extra training seed's outputs (dvc.yaml replicate@<seed>), kept out of git\n"
+                        "/*\n!.gitignore\n")
+
+
+def ready_replicates(composed: Mapping[str, Any], root: Path) -> list[Path]:
+    """paths.replicates as these settings' evaluate expects it: there (evaluate depends on the folder, and DVC
+    refuses a missing dependency, even with evaluate.seeds: 1), with its .gitignore from the start, and
+    without the outputs of seeds these settings do not train (left by a run with more seeds, or by another
+    task's), which would make evaluate run again, and miss DVC's run cache, for nothing. DVC's cache keeps
+    those: `dvc repro` restores them when a run asks for the seeds again. Returns the folders removed."""
+    folder = root / composed["run"]["paths"]["replicates"]
+    folder.mkdir(parents=True, exist_ok=True)
+    ignore = folder / ".gitignore"
+    if not ignore.exists():  # written before DVC would add one of its own, which would change the folder's hash
+        write_text(ignore, REPLICATES_GITIGNORE)
+    keep = {str(seed) for seed in composed.get("replicates", [])}
+    gone = [d for d in folder.iterdir() if d.is_dir() and d.name.isdigit() and d.name not in keep]
+    for d in gone:
+        shutil.rmtree(d)
+    return gone
 
 
 def write_for_command(task: str | None, presets: Sequence[Path]) -> None:

@@ -35,6 +35,9 @@ STAGES = ("prepare", "select", "finetune", "baseline", "evaluate", "export", "re
 # Pre-training headstart does itself (pretrain/dvc.yaml), run after prepare and only for a task that
 # uses its output: the paths.<key> it writes -> its stage.
 PRETRAIN_STAGES = {"pretrained": "pretrain/dvc.yaml:pretrain", "dapt": "pretrain/dvc.yaml:dapt"}
+# evaluate.seeds > 1: the extra training seeds (dvc.yaml's replicate entries), run just before evaluate
+REPLICATE = "replicate@{}"
+SEEDS_AT = STAGES.index("evaluate")
 # Training is deterministic: retrying a failure repeats it. Talking to a tracking store is not, so the
 # stages that do are retried, and only for failures that look transient.
 RETRIES = {"register": 2}
@@ -67,15 +70,21 @@ def pretrain_stages(params: Params) -> list[str]:
     return [stage for key, stage in PRETRAIN_STAGES.items() if Path(getattr(params.paths, key)).resolve() in named]
 
 
+def replicate_stages(params: Params) -> list[str]:
+    """The replicate entries evaluate.seeds asks for: one per training seed after the first."""
+    return [REPLICATE.format(seed) for seed in range(1, params.evaluate.seeds)]
+
+
 def stale_stages(params: Params | None = None) -> list[str]:
     """Stages whose code, params or inputs changed since dvc.lock was written (their downstream too),
-    with the pre-training stages the task uses."""
+    with the pre-training stages the task uses and the seeds it trains."""
     own = pretrain_stages(params) if params is not None else []
+    seeds = replicate_stages(params) if params is not None else []
     res = dvc("status", "--json", "dvc.yaml", *(["pretrain/dvc.yaml"] if own else []))
     if res.returncode != 0:
         raise RuntimeError(f"dvc status failed:\n{res.stderr or res.stdout}")
     changed = set(json.loads(res.stdout or "{}"))
-    return [s for s in (*own, *STAGES) if s in changed]
+    return [s for s in (*own, *STAGES[:SEEDS_AT], *seeds, *STAGES[SEEDS_AT:]) if s in changed]
 
 
 def _repro(name: str, pull: bool = False) -> str:
@@ -116,6 +125,7 @@ TASKS = {
     for name in STAGES
 }
 pretrain_task = task(_repro, name="pretrain")  # with_options(name=...) per pretrain/dvc.yaml stage
+replicate_task = task(_repro, name="replicate")  # with_options(name=...) per extra seed
 
 
 def default_remote() -> str:
@@ -185,7 +195,10 @@ def pipeline(task: str | None = None, presets: list[str] | None = None, override
         for stage in pretrain_stages(params):  # the model the task fine-tunes from, locked in the weights lock
             short = stage.rsplit(":", 1)[1]
             done[short] = pretrain_task.with_options(name=short)(stage, pull)
-        done.update({name: TASKS[name](name, pull) for name in STAGES[1:]})
+        done.update({name: TASKS[name](name, pull) for name in STAGES[1:SEEDS_AT]})
+        for name in replicate_stages(params):  # evaluate.seeds > 1
+            done[name] = replicate_task.with_options(name=name)(name, pull)
+        done.update({name: TASKS[name](name, pull) for name in STAGES[SEEDS_AT:]})
         if sync:
             sync_with_remote("push", remote)
         return done

@@ -28,11 +28,16 @@ def summary(params: Params) -> str:
         best = "  <- best" if name == ev["best"] else ""
         val = "-" if ev[name]["val_accuracy"] is None else f"{ev[name]['val_accuracy']:.4f}"
         out.append(f"{name:<14}{ev[name]['accuracy']:>14.4f}  [{lo:.4f}, {hi:.4f}]  {val:>11}{best}")
+    seeds = ev.get("seeds", 1)
     for alt, c in ev["vs"].items():
         lo, hi = c["gain_ci95"]
-        out.append(f"fine-tuned - {alt}: {c['gain']:+.4f} [{lo:+.4f}, {hi:+.4f}], McNemar p = {c['mcnemar_p']:.2g}")
+        per_seed = f"; per seed {', '.join(f'{g:+.4f}' for g in c['seed_gains'])}" if "seed_gains" in c else ""
+        out.append(f"fine-tuned - {alt}: {c['gain']:+.4f} [{lo:+.4f}, {hi:+.4f}], McNemar p = {c['mcnemar_p']:.2g}"
+                   + per_seed + (" (seeds disagree)" if c.get("seeds_disagree") else ""))
     out.append(f"verdict (fine-tuned vs the best alternative, {ev['best_alternative']}): {ev['verdict']}; "
-               f"transfer (fine-tuned vs scratch): {ev['transfer_verdict']}")
+               f"transfer (fine-tuned vs scratch): {ev['transfer_verdict']}; "
+               + (f"{seeds} training seeds (intervals over seeds, then test examples)" if seeds > 1 else
+                  "1 training seed (evaluate.seeds: 3 puts seed variance into the verdict)"))
     out += time_lines(ev.get("time_to_accuracy") or {})  # absent from an evaluation made before it was measured
     out += _transfer_notes(params, ev)
     registered = json.loads(paths.registered.read_text()) if paths.registered.exists() else None
@@ -66,7 +71,9 @@ def write_summary(path: Path, ev: dict, registered: dict | None, task: str) -> N
         "best_alternative": ev["best_alternative"],
         "verdict": ev["verdict"],
         "transfer_verdict": ev["transfer_verdict"],
-        "vs": {m: {k: c[k] for k in ("gain", "gain_ci95", "mcnemar_p")} for m, c in ev["vs"].items()},
+        "seeds": ev.get("seeds", 1),
+        "vs": {m: {k: c[k] for k in ("gain", "gain_ci95", "mcnemar_p", "seed_gains", "seeds_disagree") if k in c}
+               for m, c in ev["vs"].items()},
         "time_to_accuracy": ev.get("time_to_accuracy"),
         "registered": None if registered is None else {
             "model_name": registered["model_name"], "version": registered["version"],

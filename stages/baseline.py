@@ -34,8 +34,8 @@ def run(
     val_acc = {}
     with atomic_path(out) as tmp:  # the three are one output: all of them or none
         tmp.mkdir()
-        val_acc["scratch"] = _scratch(train, val, classes, tmp / "scratch", history, model_p, ft, p, weights_lock,
-                                     checkpoints / "scratch" if checkpoints else None)
+        val_acc["scratch"] = train_scratch(train, val, classes, tmp / "scratch", history, model_p, ft, p, weights_lock,
+                                           checkpoints / "scratch" if checkpoints else None)
         pretrained = zoo.load(model_p, len(classes), weights_lock)
         val_acc["linear_probe"] = _linear_probe(train, val, classes, tmp / "linear_probe", pretrained, ft.probe_c)
         val_acc["floor"] = _floor(train, val, classes, tmp / "floor", pretrained.pre, p)
@@ -43,7 +43,9 @@ def run(
     return val_acc
 
 
-def _scratch(train, val, classes, out, history, model_p, ft, p, weights_lock, checkpoints) -> float:
+def train_scratch(train, val, classes, out, history, model_p, ft, p, weights_lock, checkpoints) -> float:
+    """The scratch model: `model_p`'s architecture from random weights (seed `p.seed`), saved to `out`; its
+    best validation accuracy. Also stages/replicate.py's, once per extra seed."""
     seed_everything(p.seed)
     loaded = zoo.load(model_p, len(classes), weights_lock, pretrained=False)
     model, pre = loaded.model, loaded.pre

@@ -6,15 +6,22 @@ was fitted on).
 Fine-tuned vs each alternative (scratch, linear probe, floor): the paired-bootstrap interval of the
 accuracy gain and McNemar's exact test. The verdict is fine-tuned vs the best alternative: positive only
 when that whole interval lies above 0, negative when below. `best` is the highest test accuracy; with
-register.candidate: best it is the model export and register ship. Forgetting, when the pre-trained model is a headstart checkpoint with a source task
-(stages/pretrain.py): source-task accuracy before and after fine-tuning. Representation drift: linear
-CKA between the pre-trained and the fine-tuned network's features on test examples, per layer group
-(1: the group computes what it did before fine-tuning, up to rotation and scale; lower: it changed).
+register.candidate: best it is the model export and register ship.
+Seeds: with evaluate.seeds > 1 the models that have a training seed (fine-tuned, scratch) were trained
+once per seed (stages/replicate.py). A gain is then the mean over seeds, its interval resamples seeds and
+then test examples (stats.two_level_ci), the verdict is inconclusive whenever the seeds disagree on its
+sign, and `best` is by mean accuracy over the seeds; each model's reported accuracy is seed 0's, the model
+that ships.
+Forgetting, when the pre-trained model is a headstart checkpoint with a source task (stages/pretrain.py):
+source-task accuracy before and after fine-tuning. Representation drift: linear CKA between the
+pre-trained and the fine-tuned network's features on test examples, per layer group (1: the group
+computes what it did before fine-tuning, up to rotation and scale; lower: it changed).
 Time to accuracy, from the training histories: how much sooner fine-tuning reaches scratch's best
 validation accuracy than scratch itself does, and the reverse (`time_to_reach`).
 Reads paths.prepared, paths.finetuned, paths.baselines, paths.chosen_model, paths.finetune_history,
-paths.scratch_history and the pre-trained weights (checked against paths.weights_lock); writes
-paths.evaluate_metrics, paths.evaluate_plots, paths.predictions and paths.test_logits.
+paths.scratch_history, paths.replicates (evaluate.seeds > 1) and the pre-trained weights (checked against
+paths.weights_lock); writes paths.evaluate_metrics, paths.evaluate_plots, paths.predictions and
+paths.test_logits.
 Run: dvc repro evaluate   (or: python -m stages.evaluate)"""
 
 from __future__ import annotations
@@ -30,14 +37,15 @@ from stages.checkpoint import source_test
 from stages.files import atomic_path, read_json, write_json, write_text
 from stages.modality import adapter
 from stages.params import EvaluateParams, ModelParams, cli
-from stages.predict import predict
+from stages.predict import predict, read_logits, write_logits
 from stages.splits import load_split
-from stages.stats import bootstrap_ci, macro_f1, mcnemar_p, verdict
+from stages.stats import bootstrap_ci, macro_f1, mcnemar_p, seeds_disagree, two_level_ci, verdict
 
 
 def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path, p: EvaluateParams,
         model_p: ModelParams | None = None, weights_lock: Path | None = None, predictions: Path | None = None,
-        test_logits: Path | None = None, histories: dict[str, Path] | None = None) -> dict:
+        test_logits: Path | None = None, histories: dict[str, Path] | None = None,
+        replicates: Path | None = None) -> dict:
     manifest = read_json(Path(prepared) / "manifest.json")
     classes = manifest["classes"]
     test = load_split(prepared, "test")
@@ -67,9 +75,13 @@ def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path
             "val_accuracy": val_acc[name],
         }
 
-    right = {name: pred == y for name, pred in preds.items()}
+    right = seed_correctness(logits, y, replicates, p.seeds, manifest["test_sha256"])
+    if p.seeds > 1:
+        for name, runs in right.items():
+            report[name]["seed_accuracies"] = [float(r.mean()) for r in runs]
+            report[name]["mean_accuracy"] = float(np.mean(report[name]["seed_accuracies"]))
     vs = {alt: compare(right["finetuned"], right[alt], p) for alt in right if alt != "finetuned"}
-    best_alternative = max(vs, key=lambda alt: report[alt]["accuracy"])
+    best_alternative = max(vs, key=lambda alt: score(report, alt))
     best = winner(report)
     report.update({
         # does fine-tuning beat every cheaper alternative? Answered against the best of them
@@ -86,6 +98,7 @@ def run(prepared: Path, finetuned: Path, baselines: Path, out: Path, plots: Path
         "mcnemar_p": vs["scratch"]["mcnemar_p"],
         "transfer_verdict": vs["scratch"]["verdict"],
         "n_test": n,
+        "seeds": p.seeds,  # training seeds the gains, intervals and verdicts rest on
         "test_sha256": manifest["test_sha256"],
         # did transfer save time: fine-tuned vs scratch on the way to each other's best validation accuracy
         "time_to_accuracy": time_to_accuracy(histories or {}),
@@ -124,38 +137,51 @@ def write_predictions(path: Path, y: np.ndarray, preds: dict[str, np.ndarray], c
     write_text(path, buf.getvalue())
 
 
-def write_logits(path: Path, logits: dict[str, np.ndarray], test_sha256: str) -> None:
-    """Every model's fp32 PyTorch logits on the test split, named by the split's sha256: export proves its
-    ONNX file against these instead of running the network over the test set a second time."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, test_sha256=np.array(test_sha256), **logits)
+def seed_correctness(logits: dict[str, np.ndarray], y: np.ndarray, replicates: Path | None, seeds: int,
+                     test_sha256: str) -> dict[str, list[np.ndarray]]:
+    """Per model, whether each test example is right, once per training seed: seed 0 from `logits`, seeds
+    1..seeds-1 from paths.replicates/<seed>/test_logits.npz. A model a seed's file lacks has no seed (the
+    linear probe, the floor: exact fits), so its seed-0 predictions stand for every seed."""
+    out = {name: [z.argmax(1) == y] for name, z in logits.items()}
+    for seed in range(1, seeds):
+        path = Path(replicates or ".") / str(seed) / "test_logits.npz"
+        fresh = {name: read_logits(path, name, test_sha256) for name in logits}
+        if replicates is None or fresh["finetuned"] is None:
+            raise ValueError(f"evaluate.seeds is {seeds} but {path} holds no fine-tuned test logits for this test "
+                             f"split: run `dvc repro replicate@{seed}` (make run does)")
+        for name, z in fresh.items():
+            out[name].append(out[name][0] if z is None else z.argmax(1) == y)
+    return out
 
 
-def read_logits(path: Path, name: str, test_sha256: str) -> np.ndarray | None:
-    """Model `name`'s logits from write_logits, or None when they are missing or were computed on another
-    test split (the caller computes them then)."""
-    try:
-        with np.load(path) as stored:
-            if str(stored["test_sha256"]) != test_sha256 or name not in stored:
-                return None
-            return stored[name]
-    except (OSError, KeyError, ValueError):
-        return None
+def compare(a: list[np.ndarray], b: list[np.ndarray], p: EvaluateParams) -> dict:
+    """Model a vs model b, scored on the same test examples (`a`, `b`: per training seed, correct or not per
+    example): the accuracy gain (the mean over seeds), its paired 95% interval (bootstrap over examples;
+    over seeds, then examples, with more than one seed), McNemar's exact p (seed 0's models: the ones that
+    ship), and the verdict read off the interval, inconclusive when the seeds disagree on the sign."""
+    diff = np.stack([x.astype(float) - z.astype(float) for x, z in zip(a, b, strict=True)])
+    if len(diff) == 1:
+        ci = bootstrap_ci(lambda i: diff[0][i].mean(), diff.shape[1], p.n_bootstrap, p.seed)
+    else:
+        ci = two_level_ci(diff, p.n_bootstrap, p.seed)
+    gains = [float(d.mean()) for d in diff]
+    out = {"gain": float(diff.mean()), "gain_ci95": _round(ci), "mcnemar_p": mcnemar_p(a[0], b[0]),
+           "verdict": verdict(ci, gains)}
+    if len(gains) > 1:
+        out.update({"seed_gains": [round(g, 6) for g in gains], "seeds_disagree": seeds_disagree(gains)})
+    return out
 
 
-def compare(a: np.ndarray, b: np.ndarray, p: EvaluateParams) -> dict:
-    """Model a vs model b, scored on the same test examples (`a`, `b`: correct or not per example): the
-    accuracy gain, its paired-bootstrap 95% interval, McNemar's exact p, and the verdict read off the interval."""
-    diff = a.astype(float) - b.astype(float)
-    ci = bootstrap_ci(lambda i: diff[i].mean(), len(diff), p.n_bootstrap, p.seed)
-    return {"gain": float(diff.mean()), "gain_ci95": _round(ci), "mcnemar_p": mcnemar_p(a, b), "verdict": verdict(ci)}
+def score(report: dict, model: str) -> float:
+    """What ranks the models: test accuracy, averaged over the training seeds when there are several."""
+    return report[model].get("mean_accuracy", report[model]["accuracy"])
 
 
 def winner(report: dict) -> str:
-    """The model with the highest test accuracy; a tie goes to the one listed first (fine-tuned, then the
-    baselines in zoo.BASELINES order)."""
+    """The model with the highest score; a tie goes to the one listed first (fine-tuned, then the baselines
+    in zoo.BASELINES order)."""
     names = ["finetuned", *zoo.BASELINES]
-    return max(names, key=lambda m: (report[m]["accuracy"], -names.index(m)))
+    return max(names, key=lambda m: (score(report, m), -names.index(m)))
 
 
 def candidate(report: dict, choice: str) -> str:
@@ -169,6 +195,12 @@ def answer(r: dict) -> str:
     c = r["vs"][alt]
     lo, hi = c["gain_ci95"]
     gain = f"{c['gain'] * 100:+.1f} points [{lo * 100:+.1f}, {hi * 100:+.1f}] over {alt}, the best alternative"
+    if r.get("seeds", 1) > 1:
+        gain += f", over {r['seeds']} training seeds"
+    if c.get("seeds_disagree"):
+        each = ", ".join(f"{g * 100:+.1f}" for g in c["seed_gains"])
+        return (f"Fine-tuning does not clearly beat the alternatives: {gain}, but the seeds disagree on the sign "
+                f"({each} points); {best} scored highest.")
     if r["verdict"] == "positive":
         return f"Fine-tuning wins: {gain}; the fine-tuned model is the best of the run."
     if r["verdict"] == "negative":
@@ -403,7 +435,8 @@ def main(argv: list[str] | None = None) -> None:
     paths = params.paths
     run(paths.prepared, paths.finetuned, paths.baselines, paths.evaluate_metrics, paths.evaluate_plots,
         params.evaluate, zoo.resolve(params.model, paths.chosen_model), paths.weights_lock, paths.predictions,
-        paths.test_logits, {"finetuned": paths.finetune_history, "scratch": paths.scratch_history})
+        paths.test_logits, {"finetuned": paths.finetune_history, "scratch": paths.scratch_history},
+        paths.replicates)
 
 
 if __name__ == "__main__":

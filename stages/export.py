@@ -25,11 +25,11 @@ import onnx
 import torch
 
 from stages import checkpoint, zoo
-from stages.evaluate import candidate, read_logits
+from stages.evaluate import candidate
 from stages.files import atomic_path, read_json, sha256_file, write_json
 from stages.modality import adapter
 from stages.params import ExportParams, cli
-from stages.predict import predict
+from stages.predict import predict, read_logits
 from stages.servable import safe_session
 from stages.splits import batches, load_split, to_model_input
 

@@ -36,6 +36,7 @@ class Paths:
     baselines: Path
     finetune_history: Path
     scratch_history: Path
+    replicates: Path
     evaluate_metrics: Path
     evaluate_plots: Path
     predictions: Path
@@ -157,6 +158,8 @@ class BaselineParams:
 class EvaluateParams:
     n_bootstrap: int = _f(2000, ge=100)
     seed: int = 0
+    # training seeds the verdict rests on: fine-tuned and scratch train once per seed (stages/replicate.py)
+    seeds: int = _f(1, ge=1)
     drift_examples: int = _f(1000, ge=0)
 
 

@@ -1,18 +1,21 @@
 """Inference: where networks run (`device`), and logits or features for a set of images or texts, batch by
-batch (`predict`), as every stage after training computes them. Also the two shapes a preprocessed batch
-takes (an image tensor, or a text's (input_ids, attention_mask)) and the helpers the training loop shares."""
+batch (`predict`), as every stage after training computes them, and the file of test logits they pass on.
+Also the two shapes a preprocessed batch takes (an image tensor, or a text's (input_ids, attention_mask))
+and the helpers the training loop shares."""
 
 from __future__ import annotations
 
 import math
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from stages.files import atomic_path
 from stages.splits import Split, batches, to_model_input
 
 
@@ -64,6 +67,26 @@ def predict(
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
         model.train(was_training).to(home, memory_format=was_format)  # contiguous is what safetensors can save
     return np.concatenate(out)
+
+
+def write_logits(path: Path, logits: dict[str, np.ndarray], test_sha256: str) -> None:
+    """Every model's fp32 PyTorch logits on the test split, named by the split's sha256: export proves its
+    ONNX file against evaluate's instead of running the network over the test set a second time, and
+    evaluate reads each extra training seed's (stages/replicate.py) instead of keeping its weights."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, test_sha256=np.array(test_sha256), **logits)
+
+
+def read_logits(path: Path, name: str, test_sha256: str) -> np.ndarray | None:
+    """Model `name`'s logits from write_logits, or None when they are missing or were computed on another
+    test split (the caller computes them then)."""
+    try:
+        with np.load(path) as stored:
+            if str(stored["test_sha256"]) != test_sha256 or name not in stored:
+                return None
+            return stored[name]
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def _on(t: torch.Tensor, dev: torch.device) -> torch.Tensor:

@@ -23,7 +23,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from stages import checkpoint, tracking, zoo
-from stages.evaluate import answer, candidate, time_lines
+from stages.evaluate import answer, candidate, score, time_lines
 from stages.files import read_json, write_json
 from stages.modality import adapter
 from stages.params import RegisterParams, cli
@@ -49,13 +49,17 @@ def gate(report: dict, export: dict, champion_accuracy: float | None, p: Registe
     acc = report[candidate]["accuracy"]
     # the candidate against the best of the other models the run trained, on the same test examples
     others = report["vs"] if candidate == "finetuned" else report["best_vs"]
-    runner_up = max(others, key=lambda m: report[m]["accuracy"])
+    runner_up = max(others, key=lambda m: score(report, m))
     low = others[runner_up]["gain_ci95"][0]
+    disagree = bool(others[runner_up].get("seeds_disagree"))  # then no interval makes the gain trustworthy
+    seeds = report.get("seeds", 1)
     checks = [
         Check("min_accuracy", f"{acc:.4f}", "test accuracy >= " + ("(not set)" if p.min_accuracy is None
               else f"{p.min_accuracy}"), p.min_accuracy is None or acc >= p.min_accuracy),
-        Check("beats_alternatives", f"{low:+.4f}", f"95% CI of {candidate} - {runner_up} (the best other model) "
-              f"lies above {p.min_gain}", low > p.min_gain),
+        Check("beats_alternatives", f"{low:+.4f}" + (", seeds disagree" if disagree else ""),
+              f"95% CI of {candidate} - {runner_up} (the best other model"
+              + (f"; over {seeds} training seeds, which agree on the sign" if seeds > 1 else "")
+              + f") lies above {p.min_gain}", low > p.min_gain and not disagree),
         Check("onnx_parity", f"{export['worst_tolerance_use']:.2f}",
               "ONNX logits within the export tolerance (<= 1.00 of it) on the whole test set",
               bool(export.get("parity_passed")) and export["worst_tolerance_use"] <= 1),
@@ -235,6 +239,8 @@ def model_card(
     paid = ("transfer paid" if report["transfer_verdict"] == "positive" else "transfer did not clearly pay")
     # absent from an evaluation made before time to accuracy was measured
     speed = "".join(f"{line[0].upper()}{line[1:]}.\n" for line in time_lines(report.get("time_to_accuracy") or {}))
+    seeds = report.get("seeds", 1)
+    over_seeds, resampled = (f" (mean over {seeds} seeds)", ", seeds then examples") if seeds > 1 else ("", "")
     passed = all(c.passed for c in checks)
     decision = ("gate passed" if passed else
                 f"GATE FAILED ({', '.join(c.name for c in checks if not c.passed)}): do not promote")
@@ -255,7 +261,7 @@ Fine-tuned vs the same network from random weights: {report['transfer_gain']:+.4
 |---|---|---|---|
 {rows}
 
-| comparison | accuracy gain | 95% CI (paired bootstrap) | McNemar p |
+| comparison | accuracy gain{over_seeds} | 95% CI (paired bootstrap{resampled}) | McNemar p |
 |---|---|---|---|
 {vs_rows}
 

@@ -1,5 +1,6 @@
 """The statistics behind the verdict: bootstrap confidence intervals, the paired bootstrap of an accuracy
-difference, McNemar's exact test, and the rule that turns an interval into a verdict."""
+difference (over test examples, and over training seeds then test examples when a run trained several),
+McNemar's exact test, and the rule that turns an interval into a verdict."""
 
 from __future__ import annotations
 
@@ -22,6 +23,31 @@ def bootstrap_ci(
     alpha = (1 - level) / 2
     lo, hi = np.quantile(values, [alpha, 1 - alpha])
     return float(lo), float(hi)
+
+
+def two_level_ci(diff: np.ndarray, n_boot: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the mean of `diff` (seeds x test examples: per training seed, model A's
+    correctness minus model B's on each example) over resamples of the seeds, then of the examples.
+
+    Both levels are resampled because both vary: another training seed gives another model, another test
+    set another score. The examples are drawn once per resample and shared by every seed (and by both
+    models), which keeps the comparison paired. With one seed this is the paired bootstrap over examples.
+    """
+    diff = np.asarray(diff, dtype=float)
+    s, n = diff.shape
+    rng = np.random.default_rng(seed)
+    values = np.empty(n_boot)
+    for b in range(n_boot):
+        seeds, rows = rng.integers(0, s, s), rng.integers(0, n, n)
+        values[b] = diff[:, rows].mean(1)[seeds].mean()
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(values, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
+def seeds_disagree(gains: list[float]) -> bool:
+    """Whether some training seed has model A ahead and another has it behind."""
+    return any(g > 0 for g in gains) and any(g < 0 for g in gains)
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
@@ -47,8 +73,11 @@ def mcnemar_exact(b: int, c: int) -> float:
     return float(min(1.0, 2 * binom.cdf(min(b, c), b + c, 0.5)))
 
 
-def verdict(ci: tuple[float, float]) -> str:
-    """positive only when the whole interval of the gain lies above 0, negative only when below."""
+def verdict(ci: tuple[float, float], seed_gains: list[float] = ()) -> str:
+    """positive only when the whole interval of the gain lies above 0, negative only when below; and
+    inconclusive, whatever the interval, when the training seeds disagree on the sign of the gain."""
+    if seeds_disagree(list(seed_gains)):
+        return "inconclusive"
     lo, hi = ci
     if lo > 0:
         return "positive"

@@ -6,7 +6,7 @@ import re
 
 import yaml
 
-from flows.pipeline import STAGES, TASKS
+from flows.pipeline import SEEDS_AT, STAGES, TASKS
 from stages.params import RUN_PARAMS, Params
 
 from .conftest import ROOT
@@ -17,16 +17,20 @@ def dvc_stages() -> dict:
 
 
 def test_dvc_flow_and_modules_list_the_same_stages_in_order():
-    assert list(dvc_stages()) == list(STAGES)
+    """The flow runs dvc.yaml's stages in its order; the replicate entries (evaluate.seeds > 1) run where
+    dvc.yaml has them, just before evaluate."""
+    assert [name for name in dvc_stages() if name != "replicate"] == list(STAGES)
+    assert list(dvc_stages()).index("replicate") == SEEDS_AT == STAGES.index("evaluate")
     assert list(TASKS) == list(STAGES)
-    for name in STAGES:
+    for name in (*STAGES, "replicate"):
         module = importlib.import_module(f"stages.{name}")
         assert callable(module.run) and callable(module.main), name
 
 
 def test_each_dvc_stage_runs_its_own_module_and_depends_on_its_code():
     for name, stage in dvc_stages().items():
-        assert stage["cmd"] == f"python -m stages.{name}"
+        args = " ${item.seed}" if "matrix" in stage else ""  # a matrix entry's own seed
+        assert stage["cmd"] == f"python -m stages.{name}{args}"
         assert f"stages/{name}.py" in stage["deps"]
 
 

@@ -118,3 +118,48 @@ def test_the_evaluate_stage_writes_time_to_accuracy_and_survives_a_missing_histo
     # a run where the scratch history is absent: evaluated all the same, the times null with the reason
     t = evaluate_with(tmp_path / "no_scratch_history.csv")
     assert t["scratch_best"]["speedup"] is None and t["scratch_best"]["reason"] == "no training history for scratch"
+
+
+def test_seeds_that_disagree_make_the_comparison_inconclusive_though_seed_0_alone_wins():
+    rng = np.random.default_rng(0)
+    b = rng.random(2000) < 0.7
+    a0 = b | (rng.random(2000) < 0.3)  # seed 0: well ahead of b
+    a1 = b & (rng.random(2000) < 0.97)  # seed 1: a little behind
+    p = EvaluateParams(n_bootstrap=300, seeds=2)
+    assert evaluate.compare([a0], [b], p)["verdict"] == "positive"
+    c = evaluate.compare([a0, a1], [b, b], p)
+    assert c["verdict"] == "inconclusive" and c["seeds_disagree"]
+    assert c["seed_gains"][0] > 0 > c["seed_gains"][1]
+    assert c["gain"] == pytest.approx(np.mean(c["seed_gains"]), abs=1e-6)
+    report = {"best": "finetuned", "best_alternative": "scratch", "vs": {"scratch": c}, "verdict": c["verdict"],
+              "seeds": 2}
+    assert "seeds disagree on the sign" in evaluate.answer(report) and "over 2 training seeds" in evaluate.answer(report)
+
+
+def test_the_evaluate_stage_rests_on_every_seed_and_names_the_missing_one(tmp_path):
+    """Seed 1's fine-tuned and scratch logits (what stages/replicate.py writes) join seed 0's; the probe and
+    the floor, which have no seed, stand for every seed with their one fit. A seed that is asked for but
+    missing is refused, naming the stage that makes it."""
+    from stages.predict import write_logits
+
+    prepared = tiny_run(tmp_path)  # 30 test examples of 3 classes, in turn
+    y = np.arange(30) % 3
+    right = np.eye(3, dtype=np.float32)[y] * 5  # logits that get every test example right
+    write_logits(tmp_path / "replicates" / "1" / "test_logits.npz",
+                 {"finetuned": right, "scratch": np.roll(right, 1, axis=1)}, "t" * 64)  # scratch: all wrong
+
+    def evaluate_with(seeds):
+        return evaluate.run(prepared, tmp_path / "finetuned", tmp_path / "baselines", tmp_path / "evaluate.json",
+                            tmp_path / "plots", EvaluateParams(n_bootstrap=100, drift_examples=0, seeds=seeds),
+                            replicates=tmp_path / "replicates")
+
+    report = evaluate_with(2)
+    assert report["seeds"] == 2
+    assert report["finetuned"]["seed_accuracies"][1] == 1.0 and report["scratch"]["seed_accuracies"][1] == 0.0
+    probe = report["linear_probe"]["seed_accuracies"]
+    assert probe[0] == probe[1] == report["linear_probe"]["accuracy"]
+    assert len(report["vs"]["scratch"]["seed_gains"]) == 2
+    assert report["vs"]["scratch"]["gain"] == pytest.approx(np.mean(report["vs"]["scratch"]["seed_gains"]), abs=1e-6)
+    assert "seed_gains" not in evaluate_with(1)["vs"]["scratch"]
+    with pytest.raises(ValueError, match=r"replicate@2"):
+        evaluate_with(3)

@@ -77,7 +77,7 @@ def test_int8_model_runs_at_every_batch_size_and_tracks_fp32(exported, tmp_path)
 def test_evaluates_logits_are_reused_only_for_the_same_test_split_and_model(exported, tmp_path):
     """export proves its file against evaluate's PyTorch logits when they are for this test split and this
     model; another split's, or another model's name, is not used (read_logits says None: computed again)."""
-    from stages.evaluate import read_logits, write_logits
+    from stages.predict import read_logits, write_logits
 
     model, pre, path, images = exported
     reference = predict(model, images, pre)

@@ -83,3 +83,15 @@ def test_wrong_types_are_named():
     assert ("finetune.augment: expected bool or 'auto' or 'none' or 'flip' or 'flip_shift' or 'crop', got 'yes'"
             in str(e.value))
     assert "finetune.probe_c: expected a list, got 1.0" in str(e.value)
+
+
+@pytest.mark.parametrize(("seeds", "message"), [
+    (0, r"evaluate\.seeds: must be >= 1, got 0"),
+    (2.5, r"evaluate\.seeds: expected int, got 2\.5"),
+    ("3", r"evaluate\.seeds: expected int, got '3'"),
+])
+def test_evaluate_seeds_must_be_a_whole_number_of_at_least_one(seeds, message):
+    bad = raw()
+    bad["evaluate"]["seeds"] = seeds
+    with pytest.raises(ValueError, match=message):
+        Params.from_dict(bad)

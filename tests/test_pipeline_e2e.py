@@ -236,20 +236,25 @@ def test_report_from_the_real_run(project, first_run):
 
 def test_switching_to_the_text_demo_and_back_retrains_nothing(project, first_run):
     """`make run TASK=text` then `make run TASK=image`: the text demo (WordNet glosses, the packaged MiniLM;
-    tiny here) runs every stage, and going back to the image settings restores every image output from
-    DVC's run cache, byte for byte, without training anything. Runs last: it changes the workspace."""
+    tiny here, with a second training seed) runs every stage, and going back to the image settings (one
+    seed) restores every image output from DVC's run cache, byte for byte, without training anything.
+    Runs last: it changes the workspace."""
     if not Path("/usr/share/wordnet/data.noun").exists():
         pytest.fail("WordNet is not installed: run `make data TASK=text` (make test does it)")
     image_outputs = {p: (project / p).read_bytes() for p in (
         "models/finetuned/model.safetensors", "models/baselines/scratch/model.safetensors",
         "models/onnx/model.onnx", "metrics/evaluate.json", "reports/registered.json")}
     tiny = ["--set", "prepare.per_class=4", "--set", "prepare.val_per_class=2", "--set", "prepare.test_per_class=5",
-            "--set", "finetune.epochs=1"]
+            "--set", "finetune.epochs=1", "--set", "evaluate.seeds=2"]
     text = sh([sys.executable, "-m", "flows.pipeline", "--task", "text", *tiny], project, flow_env(project))
-    for stage in ("prepare", "finetune", "baseline", "evaluate", "export", "register"):
+    for stage in ("prepare", "finetune", "baseline", "replicate@1", "evaluate", "export", "register"):
         assert f"Running stage '{stage}'" in text.stdout, stage
     ev = json.loads((project / "metrics/evaluate.json").read_text())
     assert ev["n_test"] == 50 and len(ev["finetuned"]["per_class_accuracy"]) == 10
+    # the verdict rests on both seeds: seed 1's models are trained by replicate@1, scored, and resampled
+    assert ev["seeds"] == 2 and len(ev["finetuned"]["seed_accuracies"]) == 2
+    assert all(len(c["seed_gains"]) == 2 for c in ev["vs"].values())
+    assert "2 training seeds" in text.stdout  # the summary says what the verdict rests on
     assert json.loads((project / "metrics/export.json").read_text())["parity_passed"]
     assert json.loads((project / "reports/registered.json").read_text())["model_name"] == "headstart-wordnet-topics"
 

@@ -10,7 +10,7 @@ import yaml
 
 from flows import compose
 from stages.sources import FASHION_MNIST_CLASSES
-from stages.params import Params
+from stages.params import RUN_PARAMS, Params
 
 from .conftest import ROOT, flow_env, sh
 
@@ -71,3 +71,21 @@ def test_deploy_without_a_prefect_server_says_how_to_start_one(tmp_path):
     res = sh([sys.executable, "-m", "flows.deploy"], ROOT, flow_env(tmp_path), check=False)
     assert res.returncode != 0
     assert "PREFECT_API_URL is not set" in res.stderr and "make prefect-server" in res.stderr
+
+
+def test_the_replicate_folder_follows_the_seeds_the_settings_train(tmp_path):
+    """evaluate.seeds: 3 composes the replicate entries 1 and 2 for dvc.yaml; writing the settings leaves
+    paths.replicates holding those seeds' outputs only (evaluate depends on the folder), with its .gitignore."""
+    three = compose.compose(None, (), {"evaluate.seeds": 3}, params_file=ROOT / "params.yaml",
+                               tasks_dir=ROOT / "tasks")
+    assert three["replicates"] == [1, 2]
+    folder = tmp_path / three["run"]["paths"]["replicates"]
+    for seed in ("1", "2", "5"):
+        (folder / seed).mkdir(parents=True)
+    compose.write(three, tmp_path / RUN_PARAMS)
+    assert sorted(p.name for p in folder.iterdir()) == [".gitignore", "1", "2"]
+    one = compose.compose(None, (), {}, params_file=ROOT / "params.yaml", tasks_dir=ROOT / "tasks")
+    assert one["replicates"] == []
+    compose.write(one, tmp_path / RUN_PARAMS)
+    assert [p.name for p in folder.iterdir()] == [".gitignore"]
+    assert (ROOT / three["run"]["paths"]["replicates"] / ".gitignore").read_text() == compose.REPLICATES_GITIGNORE

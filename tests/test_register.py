@@ -331,3 +331,13 @@ def test_two_stores_in_one_process_are_each_read_as_themselves(tmp_path, monkeyp
     assert MlflowClient(f"sqlite:///{tmp_path / 'a.db'}")._registry_uri.endswith("/a.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # the user's own server still wins
     assert a.uri() == "http://127.0.0.1:5000"
+
+
+def test_the_gate_refuses_a_gain_the_training_seeds_disagree_on():
+    report = _report(0.85, (0.01, 0.15))
+    report["seeds"] = 3
+    for c in report["vs"].values():
+        c.update({"seed_gains": [0.08, -0.01, 0.06], "seeds_disagree": True, "verdict": "inconclusive"})
+    [beats] = [c for c in gate(report, EXPORT, None, RegisterParams(model_name="m", experiment="e"))
+               if c.name == "beats_alternatives"]
+    assert not beats.passed and "seeds disagree" in beats.value and "3 training seeds" in beats.rule

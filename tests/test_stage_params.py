@@ -114,19 +114,22 @@ def test_each_curve_point_lists_exactly_the_finetune_and_baseline_keys_it_reads(
 
 
 @pytest.mark.parametrize(("key", "value", "reruns"), [
-    ("finetune.lr", 0.02, {"finetune"}),
-    ("finetune.strategy", "partial", {"finetune"}),
-    ("finetune.epochs", 3, {"finetune", "baseline"}),
-    ("baseline.scratch_lr", 0.01, {"baseline"}),
+    ("finetune.lr", 0.02, {"finetune", "replicate@1"}),
+    ("finetune.strategy", "partial", {"finetune", "replicate@1"}),
+    ("finetune.epochs", 3, {"finetune", "baseline", "replicate@1"}),
+    ("baseline.scratch_lr", 0.01, {"baseline", "replicate@1"}),
+    ("evaluate.n_bootstrap", 500, {"evaluate"}),
 ])
 def test_dvc_reruns_only_the_stages_that_read_a_changed_key(tmp_path, key, value, reruns):
     """dvc status on a copy of the pipeline (its params lists, with stand-in commands) after one change."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
-        name: {"cmd": "true", "params": stage["params"]} for name, stage in stages.items()}}))
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"vars": [f"{RUN_PARAMS}:replicates"], "stages": {
+        name: {"cmd": "true", "params": stage["params"], **{k: stage[k] for k in ("matrix",) if k in stage}}
+        for name, stage in stages.items()}}))
     composed = tmp_path / RUN_PARAMS
     composed.parent.mkdir()
-    composed.write_text(yaml.safe_dump({"run": yaml.safe_load((ROOT / "params.yaml").read_text())}))
+    # with evaluate.seeds: 2, so the one replicate entry is there to be checked too
+    composed.write_text(yaml.safe_dump({"run": yaml.safe_load((ROOT / "params.yaml").read_text()), "replicates": [1]}))
 
     def dvc(*args: str) -> str:
         return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=tmp_path, check=True, capture_output=True,

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from stages.stats import bootstrap_ci, macro_f1, mcnemar_exact, mcnemar_p, verdict
+from stages.stats import bootstrap_ci, macro_f1, mcnemar_exact, mcnemar_p, seeds_disagree, two_level_ci, verdict
 
 
 def test_bootstrap_interval_covers_the_true_accuracy_about_95_percent_of_the_time():
@@ -60,3 +60,31 @@ def test_macro_f1_matches_scikit_learn():
 )
 def test_verdict_needs_the_whole_interval_on_one_side(ci, expected):
     assert verdict(ci) == expected
+
+
+def _diffs(gains: list[float], n: int = 2000, seed: int = 0) -> np.ndarray:
+    """Per seed, A's correctness minus B's on `n` examples, with mean gain `gains[s]` (values in {-1, 0, 1})."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for g in gains:
+        a = rng.random(n) < 0.5 + g / 2
+        b = rng.random(n) < 0.5 - g / 2
+        rows.append(a.astype(float) - b.astype(float))
+    return np.stack(rows)
+
+
+def test_the_two_level_interval_widens_with_the_spread_between_seeds():
+    same = two_level_ci(_diffs([0.10, 0.10, 0.10]), 1000, 0)
+    spread = two_level_ci(_diffs([0.02, 0.10, 0.18]), 1000, 0)
+    assert same[0] > 0.05 and same[1] < 0.15  # agreeing seeds: about the one-level interval around 0.10
+    assert spread[1] - spread[0] > 1.5 * (same[1] - same[0])  # the seeds' own spread is in the interval
+    one = _diffs([0.10])  # one seed: the paired bootstrap over examples, what bootstrap_ci gives
+    lo, hi = bootstrap_ci(lambda i: one[0][i].mean(), one.shape[1], 1000, 0)
+    assert two_level_ci(one, 1000, 0) == pytest.approx((lo, hi), abs=0.01)
+
+
+def test_seeds_that_disagree_on_the_sign_make_the_verdict_inconclusive_whatever_the_interval():
+    assert seeds_disagree([0.05, -0.01, 0.04]) and not seeds_disagree([0.05, 0.0, 0.04])
+    assert verdict((0.01, 0.2), [0.05, -0.01, 0.04]) == "inconclusive"
+    assert verdict((0.01, 0.2), [0.05, 0.02, 0.04]) == "positive"
+    assert verdict((-0.2, -0.01), [-0.05, -0.02]) == "negative"
