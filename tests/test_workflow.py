@@ -139,10 +139,10 @@ def test_steps_call_make_targets_that_exist_and_cache_pip_and_dvc():
 
 
 # What `make report` reads, copied: the pipeline code, its config, and the Makefile's set-up inputs. The venv is
-# linked in, and pyproject.toml and requirements.lock are made older than its stamp, so make finds set-up up to
+# linked in, and pyproject.toml and the requirements files are made older than its stamp, so make finds set-up up to
 # date and runs the report's own command, exactly as the workflow's step does.
-MAKE_FILES = ["Makefile", "pyproject.toml", "requirements.lock", "dvc.yaml", "params.yaml", ".dvc/config",
-              "stages", "flows", "ops", "presets", "tasks"]
+MAKE_FILES = ["Makefile", "pyproject.toml", "requirements.lock", "requirements-weights.txt", "dvc.yaml", "params.yaml",
+              ".dvc/config", "stages", "flows", "ops", "presets", "tasks"]
 
 
 def smoke_params() -> dict:
@@ -196,7 +196,7 @@ def make_project(proj: Path) -> Path:
         else:
             shutil.copy(src, dst)
     (proj / ".venv").symlink_to((ROOT / ".venv").resolve())
-    for name in ("pyproject.toml", "requirements.lock"):
+    for name in ("pyproject.toml", "requirements.lock", "requirements-weights.txt"):
         os.utime(proj / name, (0, 0))
     stamp = subprocess.run(["make", "-q", ".venv/.installed"], cwd=proj, capture_output=True, text=True)
     assert stamp.returncode == 0, "the venv is not set up (its stamp is missing or old): run make setup"
