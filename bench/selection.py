@@ -2,8 +2,10 @@
 (LogME, k-NN; timed), then trains each one the way it would be used and scores it on the test split:
 a pre-trained candidate is fine-tuned with the finetune settings in params.yaml, `random:<name>` is
 trained from scratch with the baseline's budget and lr, `tfidf` is the TF-IDF + logistic-regression
-floor. Reports Kendall's tau between each score and the test accuracies, and the selection time against
-one fine-tune of the default model, both measured in this run.
+floor. Reports Kendall's tau and weighted tau between each score and the test accuracies (among the
+pre-trained candidates, the choice select makes, and among all), how far select's pick is from the best
+candidate, and the scoring time against fine-tuning them all, all measured in this run. Candidates select
+skipped (another modality, weights missing or not the locked files) are listed with the reason.
 
 Run:  .venv/bin/python bench/selection.py                        # the task params.yaml is set to
       .venv/bin/python bench/selection.py --preset tasks/text.yaml   # another, without touching params.yaml
@@ -23,7 +25,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from scipy.stats import kendalltau
+from scipy.stats import kendalltau, weightedtau
 
 from flows import compose
 from stages import baseline, finetune, select, weights, zoo
@@ -63,6 +65,16 @@ def trained_accuracy(name: str, params: Params, tmp: Path, text_files: Path | No
     return acc, seconds
 
 
+def rank_agreement(scores: list[float], accuracy: list[float]) -> dict[str, float | None]:
+    """Kendall's tau between a score and the trained accuracies, and its weighted form (scipy's weightedtau,
+    hyperbolic weights: swaps among the top candidates, the ones a choice is made from, count most). None
+    with fewer than 3 candidates: no ranking worth the name."""
+    if len(scores) < 3:
+        return {"tau": None, "weighted_tau": None}
+    return {"tau": round(float(kendalltau(scores, accuracy).statistic), 4),
+            "weighted_tau": round(float(weightedtau(scores, accuracy).statistic), 4)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", type=Path, help="a partial params file applied in memory (e.g. tasks/text.yaml)")
@@ -79,30 +91,49 @@ def main(argv: list[str] | None = None) -> None:
         scored = select.run(paths.prepared, Path(tmp) / "select.json", params.model, params.select, paths.weights_lock)
         text_files = next((weights.find_weights(n.removeprefix(select.RANDOM)).path for n in params.select.candidates
                            if n.removeprefix(select.RANDOM).startswith("hf:")), None)
-        rows = []
+        rows, skipped = [], {}
         for name in params.select.candidates:
-            if "logme" not in scored["candidates"][name]:  # another modality's model
+            if "logme" not in scored["candidates"][name]:  # another modality's model, or weights not usable here
+                skipped[name] = scored["candidates"][name]["skipped"]
                 continue
             sub = Path(tmp) / name.replace(":", "_").replace("/", "_")
             sub.mkdir()
             acc, seconds = trained_accuracy(name, params, sub, text_files)
             rows.append({"candidate": name, **scored["candidates"][name], "test_accuracy": acc,
                          "train_seconds": round(seconds, 1)})
-    acc = [r["test_accuracy"] for r in rows]
-    taus = {k: float(kendalltau([r[k] for r in rows], acc).statistic) for k in ("logme", "knn_accuracy")}
+    # the choice select makes is among the pre-trained candidates; random twins and tfidf are references
+    real = [r for r in rows if r["candidate"] != select.TFIDF and not r["candidate"].startswith(select.RANDOM)]
+    taus = {f"{k}{suffix}": rank_agreement([r[k] for r in among], [r["test_accuracy"] for r in among])
+            for k in ("logme", "knn_accuracy") for suffix, among in (("", rows), ("_pretrained", real))}
+    best = max(real, key=lambda r: r["test_accuracy"]) if real else None
+    picked = next((r for r in real if r["candidate"] == scored["chosen"]), None)
     default = next(r for r in rows if r["candidate"] == zoo.resolve(params.model, paths.chosen_model).name
                    or r["candidate"] == scored["chosen"])
-    result = {"dataset": params.prepare.dataset, "candidates": rows, "kendall_tau": taus,
-              "selection_seconds": scored["seconds"], "one_finetune_seconds": default["train_seconds"],
+    finetune_all = sum(r["train_seconds"] for r in real)
+    gap = round(100 * (picked["test_accuracy"] - best["test_accuracy"]), 2) if picked and best else None
+    share = round(scored["seconds"] / finetune_all, 4) if finetune_all else None
+    result = {"dataset": params.prepare.dataset, "candidates": rows, "skipped": skipped, "rank_agreement": taus,
+              "chosen": scored["chosen"], "best": best and best["candidate"], "chosen_minus_best_points": gap,
+              "selection_seconds": scored["seconds"], "finetune_all_seconds": round(finetune_all, 1),
+              "selection_share_of_finetuning_all": share,
+              "one_finetune_seconds": default["train_seconds"],
               "selection_share_of_one_finetune": round(scored["seconds"] / default["train_seconds"], 4)}
     print(f"\n{'candidate':<50}{'LogME':>9}{'k-NN':>7}{'score s':>9}{'trained acc':>12}{'train s':>9}")
     for r in sorted(rows, key=lambda r: -r["logme"]):
         print(f"{r['candidate']:<50}{r['logme']:>9.4f}{r['knn_accuracy']:>7.3f}{r['seconds']:>9.1f}"
               f"{r['test_accuracy']:>12.4f}{r['train_seconds']:>9.1f}")
-    print(f"Kendall tau with test accuracy: LogME {taus['logme']:+.3f}, k-NN {taus['knn_accuracy']:+.3f} "
-          f"({len(rows)} candidates)")
-    print(f"selection of all candidates {scored['seconds']:.1f} s = {result['selection_share_of_one_finetune']:.1%} "
-          f"of one fine-tune of {default['candidate']} ({default['train_seconds']:.1f} s)")
+    for name, why in skipped.items():
+        print(f"{name:<50} skipped: {why}")
+    for suffix, among in (("_pretrained", real), ("", rows)):
+        print(f"rank agreement with test accuracy, {len(among)} {'pre-trained ' if suffix else ''}candidates: "
+              + ", ".join(f"{k} tau {taus[k + suffix]['tau']:+.3f} / weighted {taus[k + suffix]['weighted_tau']:+.3f}"
+                          for k in ("logme", "knn_accuracy")))
+    if picked and best:
+        print(f"select picks {picked['candidate']} ({picked['test_accuracy']:.4f}); the best is {best['candidate']} "
+              f"({best['test_accuracy']:.4f}): {result['chosen_minus_best_points']:+.2f} points")
+    if finetune_all:
+        print(f"scoring all candidates {scored['seconds']:.1f} s = {share:.1%} of fine-tuning the {len(real)} "
+              f"pre-trained ones ({finetune_all:.1f} s)")
     # named by dataset (selection-fashion-mnist.json, selection-wordnet.json), or by the preset for the tasks
     # that share a dataset with another (selection-pretrain.json)
     tag = args.preset.stem if args.preset and args.preset.stem not in ("image", "text") else params.prepare.dataset
