@@ -28,10 +28,10 @@ def summary(params: Params) -> str:
         best = "  <- best" if name == ev["best"] else ""
         val = "-" if ev[name]["val_accuracy"] is None else f"{ev[name]['val_accuracy']:.4f}"
         out.append(f"{name:<14}{ev[name]['accuracy']:>14.4f}  [{lo:.4f}, {hi:.4f}]  {val:>11}{best}")
-    if ev.get("seeds", 1) > 1:  # the table is seed 0's, the models that ship; the comparisons use every seed
+    seeds = ev.get("seeds", 1)  # absent from an evaluation made before seeds: one
+    if seeds > 1:  # the table is seed 0's, the models that ship; the comparisons use every seed
         out.append("test accuracy per training seed: " + "; ".join(
             f"{m} {', '.join(f'{a:.4f}' for a in ev[m]['seed_accuracies'])}" for m in ("finetuned", "scratch")))
-    seeds = ev.get("seeds", 1)
     for alt, c in ev["vs"].items():
         lo, hi = c["gain_ci95"]
         per_seed = f"; per seed {', '.join(f'{g:+.4f}' for g in c['seed_gains'])}" if "seed_gains" in c else ""

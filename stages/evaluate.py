@@ -143,10 +143,12 @@ def seed_correctness(logits: dict[str, np.ndarray], y: np.ndarray, replicates: P
     1..seeds-1 from paths.replicates/<seed>/test_logits.npz. A model a seed's file lacks has no seed (the
     linear probe, the floor: exact fits), so its seed-0 predictions stand for every seed."""
     out = {name: [z.argmax(1) == y] for name, z in logits.items()}
+    if seeds > 1 and replicates is None:
+        raise ValueError(f"evaluate.seeds is {seeds}: pass paths.replicates, where the other seeds' logits are")
     for seed in range(1, seeds):
-        path = Path(replicates or ".") / str(seed) / "test_logits.npz"
+        path = Path(replicates) / str(seed) / "test_logits.npz"
         fresh = {name: read_logits(path, name, test_sha256) for name in logits}
-        if replicates is None or fresh["finetuned"] is None:
+        if fresh["finetuned"] is None:
             raise ValueError(f"evaluate.seeds is {seeds} but {path} holds no fine-tuned test logits for this test "
                              f"split: run `dvc repro replicate@{seed}` (make run does)")
         for name, z in fresh.items():
