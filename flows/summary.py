@@ -14,7 +14,8 @@ def summary(params: Params) -> str:
     """The few lines a person wants after a run: the answer in one sentence, accuracies with CIs, the
     fine-tuned model against each alternative, how much sooner it reached scratch's best, what was registered,
     parity. Also writes paths.summaries/<task>/summary.json."""
-    from stages.evaluate import answer, time_lines
+    from stages.evaluate import answer
+    from stages.speedup import time_lines
 
     paths = params.paths
     if not paths.evaluate_metrics.exists():

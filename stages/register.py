@@ -23,7 +23,8 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from stages import checkpoint, tracking, zoo
-from stages.evaluate import answer, candidate, score, time_lines
+from stages.evaluate import answer, candidate, score
+from stages.speedup import time_lines
 from stages.files import read_json, write_json
 from stages.modality import adapter
 from stages.params import RegisterParams, cli

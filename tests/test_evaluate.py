@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from stages import checkpoint, evaluate, zoo
-from stages.evaluate import describe_time, time_to_accuracy, time_to_reach
 from stages.files import write_json
 from stages.params import EvaluateParams
+from stages.speedup import describe_time, time_to_accuracy, time_to_reach
 from stages.splits import Split, save_split
 from stages.train import write_history
 

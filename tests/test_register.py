@@ -57,7 +57,7 @@ def test_max_regression_allows_trailing_the_champion_a_little():
 
 
 def test_the_model_card_says_how_much_sooner_fine_tuning_reached_scratchs_best():
-    from stages.evaluate import time_to_reach
+    from stages.speedup import time_to_reach
     from stages.register import model_card
 
     from .test_evaluate import FINETUNED, SCRATCH, history

@@ -3,7 +3,7 @@
 import json
 
 from flows.summary import summary
-from stages.evaluate import time_to_reach
+from stages.speedup import time_to_reach
 from stages.files import write_json
 from stages.params import Params
 
