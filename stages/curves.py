@@ -15,13 +15,19 @@ and then the training examples, so a seed's smaller budgets are subsets of its l
 is the source's test split (curves.test_per_class of each class, drawn once for every point) or, for a
 source without one, a stratified draw made before any training examples.
 
-What a point costs is fixed by curves.steps, not by the budget (as BiT-HyperRule does for small data):
-epochs = steps * batch / examples, so 10 examples per class train for many short epochs and 1,000 per
-class for one long one, and a ladder of five budgets x 3 seeds x 2 models stays affordable on 2 CPU
-cores. Images are resized to curves.image_size (smaller than model.image_size: the plot says so). The
-fine-tuned points use `full` fine-tuning with finetune's lr and regularisation; scratch uses
-baseline.scratch_lr and baseline.augment. There is no early stopping (a 10-example run would stop in its
-warm-up); the best validation epoch is kept.
+How long a point trains is curves.schedule. `auto` (the default): each point, fine-tuned and scratch
+alike, trains the epochs finetune's auto rule gives its number of examples (stages/hyperrule.py: 10
+passes and at least 150 optimizer steps below 20k examples), at most curves.max_steps steps, and stops
+early after finetune.patience epochs without a better validation accuracy on the point's own validation
+split (never inside the one-cycle warm-up, a quarter of the schedule). So the schedule grows with the
+data, and scratch is not cut short exactly where it should catch up. `steps`: every point trains
+curves.steps optimizer steps whatever its budget (epochs = steps * batch / examples), every epoch run:
+cheaper, but at 1,000 per class that is one pass, which under-trains scratch; the JSON, the plot and the
+printed table say which protocol a figure used. Either way the best validation epoch is kept. Images are
+resized to curves.image_size (smaller than model.image_size: the plot says so). The fine-tuned points use
+`full` fine-tuning with finetune's lr and regularisation; scratch uses baseline.scratch_lr and
+baseline.augment. Each budget also reports how much sooner fine-tuning reaches scratch's best validation
+accuracy than scratch does (wall seconds, median over the seeds).
 
 The label multiplier: the budget at which scratch reaches the fine-tuned accuracy at
 curves.multiplier_at, divided by that budget (interpolated on a log scale between the budgets tried),
@@ -67,16 +73,26 @@ def data(params: Params, budget: int, seed: int) -> tuple[Split, Split, Split, l
 
 
 def settings(params: Params, model: str, n: int, modality: str, seed: int) -> FinetuneParams:
-    """What a point trains with: curves.steps optimizer steps (epochs = steps * batch / examples, at least 1),
-    every epoch run, its own seed, no checkpoints kept; lr and augmentation by finetune's rule, or the
-    baseline's own for scratch. The finetune and baseline keys this reads are the curve stage's params in
-    curves/dvc.yaml (tests/test_stage_params.py)."""
-    ft = params.finetune
-    epochs = max(1, round(params.curves.steps * ft.batch_size / n))
+    """What a point trains with, by curves.schedule: `auto`, the epochs finetune's auto rule gives `n`
+    examples (hyperrule.epochs: 10 passes and at least 150 steps below 20k examples) within curves.max_steps,
+    stopping early after finetune.patience epochs without a better validation accuracy (never inside the
+    one-cycle warm-up, a quarter of the steps); `steps`, curves.steps optimizer steps (epochs = steps * batch
+    / examples, at least 1), every epoch run. Both: its own seed, no checkpoints kept; lr and augmentation by
+    finetune's rule, or the baseline's own for scratch. The finetune and baseline keys this reads are the
+    curve stage's params in curves/dvc.yaml (tests/test_stage_params.py)."""
+    ft, c = params.finetune, params.curves
     if model == "scratch":  # the baseline's own lr and augmentation
         ft = hyperrule.scratch(ft, params.baseline)
-    ft, _ = hyperrule.resolve(ft, n, modality)  # lr and augmentation (epochs: above)
-    return dataclasses.replace(ft, epochs=epochs, seed=seed, patience=epochs, compile=False, checkpoint_every_steps=0)
+    ft, _ = hyperrule.resolve(ft, n, modality)  # lr and augmentation (epochs: below)
+    if c.schedule == "steps":
+        epochs = max(1, round(c.steps * ft.batch_size / n))
+        patience = epochs
+    else:
+        per_pass = math.ceil(n / ft.batch_size)
+        epochs = max(1, min(hyperrule.epochs(n, ft.batch_size)[0], c.max_steps // per_pass))
+        patience = max(ft.patience, math.ceil(epochs / 4) + 1)
+    return dataclasses.replace(ft, epochs=epochs, seed=seed, patience=patience, compile=False,
+                               checkpoint_every_steps=0)
 
 
 def point(params: Params, model: str, budget: int, seed: int) -> dict[str, Any]:
@@ -94,15 +110,19 @@ def point(params: Params, model: str, budget: int, seed: int) -> dict[str, Any]:
     cfg = settings(params, model, len(train.y), zoo.modality(loaded.pre), seed)
     epochs = cfg.epochs
     print(f"{model} {model_p.name}, {budget} per class ({len(train.y)} examples), seed {seed}: "
-          f"{epochs} epochs of {math.ceil(len(train.y) / cfg.batch_size)} steps")
+          f"{epochs} epochs of {math.ceil(len(train.y) / cfg.batch_size)} steps"
+          + (f", stopping after {cfg.patience} without a better validation accuracy" if cfg.patience < epochs else ""))
     result = fit(loaded.model, train, val, loaded.pre, cfg, Plan.of(loaded.model), desc=f"{model}-{budget}-{seed}")
     correct = predict(loaded.model, test.x, loaded.pre, desc="test").argmax(1) == test.y
     out = {
         "model": model, "budget": budget, "seed": seed, "name": model_p.name,
         "accuracy": float(correct.mean()), "val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
-        "epochs": epochs, "n_train": int(len(train.y)), "n_test": int(len(test.y)),
+        "epochs": epochs, "epochs_run": len(result.history), "schedule": c.schedule,
+        "n_train": int(len(train.y)), "n_test": int(len(test.y)),
         "image_size": loaded.pre.get("image_size"),  # curves.image_size, for image models
         "seconds": round(time.perf_counter() - began, 2),
+        # per epoch: the summary's time to the other model's best validation accuracy at this budget
+        "history": [{k: r[k] for k in ("epoch", "val_accuracy", "seconds")} for r in result.history],
     }
     write_json(params.paths.curves / f"{model}-{budget}-{seed}.json", out)
     print(f"{model} at {budget} per class, seed {seed}: test accuracy {out['accuracy']:.4f}")
@@ -181,6 +201,10 @@ def summary(params: Params) -> dict[str, Any]:
         raise FileNotFoundError(f"{len(missing)} points have no result yet ({', '.join(missing[:4])}...): run "
                                 "`make curves` (or dvc repro curves/dvc.yaml)")
     points = {k: read_json(f) for k, f in files.items()}
+    stale = [f.name for k, f in files.items() if points[k].get("schedule", "steps") != c.schedule]
+    if stale:
+        raise ValueError(f"{len(stale)} points were trained with another curves.schedule than {c.schedule!r} "
+                         f"({', '.join(stale[:4])}...): run `make curves` to retrain them")
     acc = {m: np.array([[points[m, b, s]["accuracy"] for s in seeds] for b in budgets]) for m in MODELS}
     curves: dict[str, Any] = {}
     for m in MODELS:
@@ -197,10 +221,13 @@ def summary(params: Params) -> dict[str, Any]:
         "model": first["name"],
         "budgets": budgets,
         "seeds": seeds,
-        "settings": {"image_size": first["image_size"], "steps": c.steps, "batch_size": params.finetune.batch_size,
-                     "val_per_class": c.val_per_class, "n_test": first["n_test"],
-                     "budget": f"{c.steps} optimizer steps per point for both models, whatever the number of labels"},
+        "settings": {"image_size": first["image_size"], "schedule": c.schedule,
+                     "steps": c.steps if c.schedule == "steps" else None,
+                     "max_steps": c.max_steps if c.schedule == "auto" else None,
+                     "batch_size": params.finetune.batch_size, "val_per_class": c.val_per_class,
+                     "n_test": first["n_test"], "budget": protocol(params)},
         "curves": curves,
+        "time_to_scratch_best": {str(b): time_at(points, b, seeds) for b in budgets},
         "finetuned_ci_above_scratch": separated,
         "label_multiplier": label_multiplier(budgets, acc["finetuned"], acc["scratch"], c.multiplier_at),
         "seconds": round(sum(p["seconds"] for p in points.values()), 1),
@@ -209,6 +236,28 @@ def summary(params: Params) -> dict[str, Any]:
     _plot(paths.label_efficiency_plot, out)
     _print(out)
     return out
+
+
+def protocol(params: Params) -> str:
+    """How long a point trains, in one sentence (the JSON's settings, the plot, docs/results.md)."""
+    c = params.curves
+    if c.schedule == "steps":
+        return f"{c.steps} optimizer steps per point for both models, whatever the number of labels"
+    return (f"finetune's auto schedule for each budget (10 passes, at least 150 steps, below 20k examples) "
+            f"for both models, at most {c.max_steps} steps, early stopping on the point's validation split")
+
+
+def time_at(points: dict, budget: int, seeds: list[int]) -> dict[str, Any]:
+    """At one budget, how much sooner fine-tuning reaches scratch's best validation accuracy than scratch
+    does, per seed (evaluate.time_to_reach on the two points' histories); `median_speedup` over the seeds
+    where fine-tuning got there (None when it never did or a point has no history)."""
+    from stages.speedup import time_to_reach
+
+    per_seed = {str(s): time_to_reach("finetuned", points["finetuned", budget, s].get("history"), "scratch",
+                                      points["scratch", budget, s].get("history")) for s in seeds}
+    speedups = [t["speedup"] for t in per_seed.values() if t["speedup"] is not None]
+    return {"median_speedup": round(float(np.median(speedups)), 3) if speedups else None,
+            "reached": f"{len(speedups)} of {len(seeds)} seeds", "per_seed": per_seed}
 
 
 def describe(m: dict[str, Any]) -> str:
@@ -245,7 +294,9 @@ def _plot(out: Path, r: dict[str, Any]) -> None:
     ax.set_ylabel("test accuracy (mean over seeds, 95% CI band)")
     s = r["settings"]
     size = f"{s['image_size']} px images, " if s["image_size"] else ""
-    ax.set_title(f"Label efficiency: {r['model']}\n{size}{s['steps']} optimizer steps per point for both models, "
+    when = (f"{s['steps']} steps per point" if s.get("schedule", "steps") == "steps" else
+            f"auto schedule per budget (<= {s['max_steps']} steps, early stopping)")
+    ax.set_title(f"Label efficiency: {r['model']}\n{size}{when}, both models, "
                  f"{len(r['seeds'])} seeds, {s['n_test']} test examples", fontsize=10)
     ax.text(0.98, 0.03, describe(lm).replace(" (95%", "\n(95%"), transform=ax.transAxes, ha="right", va="bottom",
             fontsize=8, wrap=True)
@@ -258,12 +309,15 @@ def _plot(out: Path, r: dict[str, Any]) -> None:
 
 
 def _print(r: dict[str, Any]) -> None:
-    print(f"{'per class':>10}{'fine-tuned':>12}  {'95% CI':<17}{'scratch':>9}  {'95% CI':<17}")
+    print(f"protocol: {r['settings']['budget']}")
+    print(f"{'per class':>10}{'fine-tuned':>12}  {'95% CI':<17}{'scratch':>9}  {'95% CI':<17}{'time to scratch best':>22}")
     for b in r["budgets"]:
         f, s = r["curves"]["finetuned"][str(b)], r["curves"]["scratch"][str(b)]
+        t = r["time_to_scratch_best"][str(b)]
+        speed = "-" if t["median_speedup"] is None else f"{t['median_speedup']:.1f}x ({t['reached']})"
         print(f"{b:>10}{f['mean']:>12.4f}  [{f['ci95'][0]:.4f}, {f['ci95'][1]:.4f}]{s['mean']:>9.4f}  "
-              f"[{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]" + ("" if r["finetuned_ci_above_scratch"][str(b)]
-                                                             else "  (intervals overlap)"))
+              f"[{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]{speed:>22}" + ("" if r["finetuned_ci_above_scratch"][str(b)]
+                                                                        else "  (intervals overlap)"))
     print(describe(r["label_multiplier"]))
 
 

@@ -207,7 +207,11 @@ class CurvesParams:
     val_per_class: int = _f(20, ge=1)
     test_per_class: int | None = _f(200, ge=1)  # None: the source's whole test split
     image_size: int = _f(48, ge=32, le=512)
-    steps: int = _f(300, ge=1)  # optimizer steps per point: epochs = steps * batch / examples, at least 1
+    # auto: each point trains as finetune's auto rule says for its number of examples, with early stopping,
+    # at most max_steps optimizer steps; steps: every point trains `steps` optimizer steps, no early stopping
+    schedule: typing.Literal["auto", "steps"] = "auto"
+    max_steps: int = _f(4000, ge=1)  # schedule auto: the cap on one point's optimizer steps
+    steps: int = _f(300, ge=1)  # schedule steps: epochs = steps * batch / examples, at least 1
     multiplier_at: int = _f(100, ge=1)  # the budget the label multiplier is reported for
 
 

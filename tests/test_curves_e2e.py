@@ -26,8 +26,9 @@ def test_curves_flow_writes_the_curves_and_trains_only_new_points(tmp_path):
     raw["prepare"].update(per_class=5, val_per_class=2, test_per_class=2)
     raw["finetune"]["batch_size"] = 8
     raw["select"]["candidates"] = ["timm:efficientnet_lite0"]
-    raw["curves"].update(budgets=[2, 4], seeds=[0, 1], val_per_class=2, test_per_class=3, image_size=32, steps=2,
-                         multiplier_at=2)
+    # the auto schedule, capped at three steps a point (20 examples at batch 8: 3 steps a pass, so one pass)
+    raw["curves"].update(budgets=[2, 4], seeds=[0, 1], val_per_class=2, test_per_class=3, image_size=32,
+                         schedule="auto", max_steps=3, multiplier_at=2)
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     env = flow_env(project)
 
@@ -42,6 +43,9 @@ def test_curves_flow_writes_the_curves_and_trains_only_new_points(tmp_path):
             point = out["curves"][model][b]
             assert point["ci95"][0] <= point["mean"] <= point["ci95"][1] and len(point["per_seed"]) == 2
     assert set(out["label_multiplier"]) >= {"at", "multiplier", "more_than", "ci95"}
+    assert out["settings"]["schedule"] == "auto" and set(out["time_to_scratch_best"]) == {"2", "4"}
+    point = json.loads((project / params.paths.curves / "scratch-4-1.json").read_text())
+    assert point["schedule"] == "auto" and point["epochs"] == 1 and len(point["history"]) == point["epochs_run"] == 1
     assert (project / params.paths.label_efficiency_plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "scratch needs" in first.stdout + first.stderr
 
