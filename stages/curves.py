@@ -111,7 +111,7 @@ def point(params: Params, model: str, budget: int, seed: int) -> dict[str, Any]:
     epochs = cfg.epochs
     print(f"{model} {model_p.name}, {budget} per class ({len(train.y)} examples), seed {seed}: "
           f"{epochs} epochs of {math.ceil(len(train.y) / cfg.batch_size)} steps"
-          + (f", stopping after {cfg.patience} without a better validation accuracy" if cfg.patience < epochs else ""))
+          + (f", stopping after {cfg.patience} epochs without a better validation accuracy" if cfg.patience < epochs else ""))
     result = fit(loaded.model, train, val, loaded.pre, cfg, Plan.of(loaded.model), desc=f"{model}-{budget}-{seed}")
     correct = predict(loaded.model, test.x, loaded.pre, desc="test").argmax(1) == test.y
     out = {
@@ -249,7 +249,7 @@ def protocol(params: Params) -> str:
 
 def time_at(points: dict, budget: int, seeds: list[int]) -> dict[str, Any]:
     """At one budget, how much sooner fine-tuning reaches scratch's best validation accuracy than scratch
-    does, per seed (evaluate.time_to_reach on the two points' histories); `median_speedup` over the seeds
+    does, per seed (speedup.time_to_reach on the two points' histories); `median_speedup` over the seeds
     where fine-tuning got there (None when it never did or a point has no history)."""
     from stages.speedup import time_to_reach
 
