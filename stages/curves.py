@@ -109,9 +109,9 @@ def point(params: Params, model: str, budget: int, seed: int) -> dict[str, Any]:
     loaded = zoo.load(model_p, len(classes), params.paths.weights_lock, pretrained=model == "finetuned")
     cfg = settings(params, model, len(train.y), zoo.modality(loaded.pre), seed)
     epochs = cfg.epochs
+    stops = f", stopping after {cfg.patience} epochs without a better validation accuracy" if cfg.patience < epochs else ""
     print(f"{model} {model_p.name}, {budget} per class ({len(train.y)} examples), seed {seed}: "
-          f"{epochs} epochs of {math.ceil(len(train.y) / cfg.batch_size)} steps"
-          + (f", stopping after {cfg.patience} epochs without a better validation accuracy" if cfg.patience < epochs else ""))
+          f"{epochs} epochs of {math.ceil(len(train.y) / cfg.batch_size)} steps{stops}")
     result = fit(loaded.model, train, val, loaded.pre, cfg, Plan.of(loaded.model), desc=f"{model}-{budget}-{seed}")
     correct = predict(loaded.model, test.x, loaded.pre, desc="test").argmax(1) == test.y
     out = {
