@@ -14,7 +14,7 @@ import numpy as np
 from stages.inputs import DECODE_RULE, RESIZE_RULE, image_array
 
 NAME = "image"
-EXAMPLE_MODEL = "timm:efficientnet_lite0"  # a pre-trained model to suggest when none is named
+EXAMPLE_MODEL = "torchvision:mobilenet_v2"  # a pre-trained model to suggest when none is named
 REQUEST_FIELDS = ("images_b64", "images")
 ACCEPTS_FILES = True
 AUGMENTS = True

@@ -96,7 +96,7 @@ class PrepareParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    name: str = "timm:efficientnet_lite0"
+    name: str = "torchvision:mobilenet_v2"
     image_size: int = _f(80, ge=32, le=512)
     max_length: int = _f(64, ge=4, le=8192)
     pooling: str = _f("mean", choices=("mean", "cls", "last"))
