@@ -26,7 +26,7 @@ def test_curves_flow_writes_the_curves_and_trains_only_new_points(tmp_path):
     raw["prepare"].update(per_class=5, val_per_class=2, test_per_class=2)
     raw["finetune"]["batch_size"] = 8
     raw["select"]["candidates"] = ["timm:efficientnet_lite0"]
-    # the auto schedule, capped at three steps a point (20 examples at batch 8: 3 steps a pass, so one pass)
+    # the auto schedule capped at 3 steps: one pass at either budget (3 and 5 steps at batch 8; at least one pass)
     raw["curves"].update(budgets=[2, 4], seeds=[0, 1], val_per_class=2, test_per_class=3, image_size=32,
                          schedule="auto", max_steps=3, multiplier_at=2)
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
