@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,9 +28,8 @@ from pathlib import Path
 from flows.pipeline import STAGES
 from stages.params import RUN_PARAMS, Params
 
-ROOT = Path(__file__).resolve().parent.parent
-PROJECT = ["stages", "flows", "presets", "tasks", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config",
-           ".dvcignore", "weights.lock", "models/replicates/.gitignore"]
+from overhead import ROOT, scratch_project  # bench/, first on sys.path when this script runs
+
 ROWS = ["timm:efficientnet_lite0@80", "torchvision:mobilenet_v2@80", "torchvision:mobilenet_v2@96",
         "torchvision:mobilenet_v2@112"]
 LIMIT_S = 600  # issue 24: within 10 minutes of make run
@@ -40,13 +38,7 @@ LIMIT_S = 600  # issue 24: within 10 minutes of make run
 def run_row(model: str, size: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="headstart-defaults-") as tmp:
         proj = Path(tmp)
-        for name in PROJECT:
-            src, dst = ROOT / name, proj / name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(src, dst) if src.is_dir() else shutil.copy(src, dst)
-        subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
-        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
-        env.update(PREFECT_HOME=str(proj / ".prefect"), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
+        env = scratch_project(proj)
         cmd = [sys.executable, "-m", "flows.pipeline", "--task", "image", "--set", f"model.name={model}",
                "--set", f"model.image_size={size}"]
         print(f"{model} @ {size} px: {' '.join(cmd[1:])}", flush=True)

@@ -28,9 +28,23 @@ from stages.params import RUN_PARAMS
 ROOT = Path(__file__).resolve().parent.parent
 
 PROJECT = ["stages", "flows", "presets", "tasks", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config",
-           ".dvcignore", "weights.lock"]
+           ".dvcignore", "weights.lock", "models/replicates/.gitignore"]
 TRAINING = ("finetune", "baseline")
 TASKS = ("image", "text")
+
+
+def scratch_project(proj: Path) -> dict[str, str]:
+    """Copy what a run needs into `proj` (a fresh git repository: no outputs, no DVC run cache, no MLflow
+    store) and return the environment to run it in: this venv's tools, Prefect's home inside it, and no
+    tracking or Prefect server of the caller's."""
+    for name in PROJECT:
+        src, dst = ROOT / name, proj / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src, dst) if src.is_dir() else shutil.copy(src, dst)
+    subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    env.update(PREFECT_HOME=str(proj / ".prefect"), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
+    return env
 
 
 def timed(cmd: list[str], cwd: Path, env: dict) -> float:
@@ -44,16 +58,10 @@ def timed(cmd: list[str], cwd: Path, env: dict) -> float:
 def measure(task: str, preset: str | None) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"headstart-overhead-{task}-") as tmp:
         proj = Path(tmp)
-        for name in PROJECT:
-            src, dst = ROOT / name, proj / name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(src, dst) if src.is_dir() else shutil.copy(src, dst)
+        env = scratch_project(proj)
         presets = [ROOT / preset] if preset else []
         compose.write(compose.compose(task, presets, params_file=proj / "params.yaml", tasks_dir=proj / "tasks"),
                       proj / RUN_PARAMS)  # what the stages read, as a run would compose it
-        subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
-        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
-        env.update(PREFECT_HOME=str(proj / ".prefect"), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
         stages = {}
         for name in STAGES:
             stages[name] = round(timed([sys.executable, "-m", f"stages.{name}"], proj, env), 1)
