@@ -48,6 +48,7 @@ import numpy as np
 from stages import hyperrule, sources, zoo
 from stages.files import atomic_path, read_json, write_json
 from stages.params import FinetuneParams, Params
+from stages.speedup import time_to_reach
 from stages.splits import Split, draw
 
 MODELS = ("finetuned", "scratch")
@@ -243,16 +244,14 @@ def protocol(params: Params) -> str:
     c = params.curves
     if c.schedule == "steps":
         return f"{c.steps} optimizer steps per point for both models, whatever the number of labels"
-    return (f"finetune's auto schedule for each budget (10 passes, at least 150 steps, below 20k examples) "
-            f"for both models, at most {c.max_steps} steps, early stopping on the point's validation split")
+    return (f"finetune's auto schedule for each budget ({hyperrule.SMALL_PASSES} passes, at least "
+            f"{hyperrule.MIN_STEPS} steps, below {hyperrule.SMALL // 1000}k examples) for both models, at most {c.max_steps} steps, early stopping on the point's validation split")
 
 
 def time_at(points: dict, budget: int, seeds: list[int]) -> dict[str, Any]:
     """At one budget, how much sooner fine-tuning reaches scratch's best validation accuracy than scratch
     does, per seed (speedup.time_to_reach on the two points' histories); `median_speedup` over the seeds
     where fine-tuning got there (None when it never did or a point has no history)."""
-    from stages.speedup import time_to_reach
-
     per_seed = {str(s): time_to_reach("finetuned", points["finetuned", budget, s].get("history"), "scratch",
                                       points["scratch", budget, s].get("history")) for s in seeds}
     speedups = [t["speedup"] for t in per_seed.values() if t["speedup"] is not None]
