@@ -24,12 +24,12 @@ from mlflow.tracking import MlflowClient
 
 from stages import checkpoint, tracking, zoo
 from stages.evaluate import answer, candidate, score
-from stages.speedup import time_lines
 from stages.files import read_json, write_json
 from stages.modality import adapter
 from stages.params import RegisterParams, cli
 from stages.predict import predict
 from stages.registry import CHALLENGER, Store
+from stages.speedup import time_lines
 from stages.splits import load_split
 from stages.stats import bootstrap_ci
 
