@@ -16,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from stages.files import atomic_path
+from stages.modality import adapter
 from stages.splits import Split, batches, to_model_input
 
 
@@ -44,12 +45,15 @@ def predict(
     desc: str | None = None,
 ) -> np.ndarray:
     """Logits (or `fn(model, *inputs)`, e.g. features) for images or texts, batch by batch, in fp32, on
-    device(); the model is back where it was, in its memory format, afterwards."""
+    device(); the model is back where it was, in its memory format, afterwards. Logits come from
+    `folded(model)`: the same function, faster."""
     dev, home = device(), next(model.parameters()).device
     was_training = model.training
     conv = next((w for w in model.parameters() if w.ndim == 4), None)
     was_format = torch.channels_last if conv is not None and not conv.is_contiguous() else torch.contiguous_format
     model.eval().to(dev, memory_format=torch.channels_last)  # as in fit: 1.8x faster inference on this CPU
+    net = model if fn else folded(model).to(memory_format=torch.channels_last)  # fn's hooks are on model's modules
+    order = batch_order(x, pre)
     out = []
     it = batches(len(x), batch_size)
     if desc:
@@ -61,12 +65,41 @@ def predict(
     try:
         with torch.inference_mode():
             for sl in it:
-                args = as_args(map_inputs(to_model_input(x[sl], pre), lambda t: _on(t, dev)))
-                out.append((fn(model, *args) if fn else model(*args)).float().cpu().numpy())
+                args = as_args(map_inputs(to_model_input(x[order[sl]], pre), lambda t: _on(t, dev)))
+                out.append((fn(model, *args) if fn else net(*args)).float().cpu().numpy())
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
         model.train(was_training).to(home, memory_format=was_format)  # contiguous is what safetensors can save
-    return np.concatenate(out)
+    return in_place(np.concatenate(out), order)
+
+
+def batch_order(x: np.ndarray, pre: dict) -> np.ndarray:
+    """The order inference runs examples in, batch after batch: the modality's (texts by length: a batch
+    pads to its longest, and 2x less padding is 2x less work), else as they come. in_place undoes it."""
+    order = adapter(pre).batch_order(x)
+    return np.arange(len(x)) if order is None else order
+
+
+def in_place(rows: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Rows computed in `order` (batch_order), put back in the examples' own order."""
+    out = np.empty_like(rows)
+    out[order] = rows
+    return out
+
+
+def folded(model: nn.Module) -> nn.Module:
+    """An eval-mode network with a BatchNorm layer after its convolutions: a copy with each BatchNorm folded
+    into the convolution before it (torch.fx), which computes the same logits within fp32 rounding (1.6e-5
+    on MobileNetV2) in half the time on this CPU, where BatchNorm took 15 of evaluate's 50 s. Any other
+    network, or one torch.fx cannot trace, is returned as it is; `model` itself is never changed."""
+    if model.training or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(model)
+    except Exception:  # noqa: BLE001 - untraceable control flow: the network runs unfolded, only slower
+        return model
 
 
 def write_logits(path: Path, logits: dict[str, np.ndarray], test_sha256: str) -> None:

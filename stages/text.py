@@ -107,6 +107,12 @@ def model_input(x: np.ndarray, pre: dict) -> Any:
     return tokenize(x, pre)
 
 
+def batch_order(x: np.ndarray) -> np.ndarray | None:
+    """Shortest text first (by characters, a proxy for tokens): a batch pads to its longest text, so texts
+    of like length batched together carry little padding."""
+    return np.argsort([len(str(t)) for t in x], kind="stable")
+
+
 def truncated(x: np.ndarray, pre: dict) -> int | None:
     """How many of the texts lose their end to max_length."""
     return truncated_count(x, pre)
