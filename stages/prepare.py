@@ -98,10 +98,13 @@ def duplicate_keys(x: np.ndarray, near_bits: int) -> tuple[list[str], np.ndarray
     exact = [hashlib.sha256(np.ascontiguousarray(im).tobytes()).hexdigest() for im in x]
     if len(x) == 0:
         return exact, np.zeros((0, 256), bool)
-    t = torch.from_numpy(np.asarray(x, dtype=np.float32))
-    t = t.mean(-1) if t.ndim == 4 else t
-    small = torch.nn.functional.interpolate(t[:, None], size=(16, 17), mode="area")[:, 0]
-    return exact, (small[:, :, 1:] > small[:, :, :-1]).reshape(len(x), -1).numpy()
+    near = []
+    for start in range(0, len(x), 1024):  # a block at a time: float32 copies of every image would be 4x the data
+        t = torch.from_numpy(np.asarray(x[start : start + 1024], dtype=np.float32))
+        t = t.mean(-1) if t.ndim == 4 else t
+        small = torch.nn.functional.interpolate(t[:, None], size=(16, 17), mode="area")[:, 0]
+        near.append((small[:, :, 1:] > small[:, :, :-1]).reshape(len(t), -1).numpy())
+    return exact, np.concatenate(near)
 
 
 def _matches(a, b, near_bits: int):

@@ -149,3 +149,26 @@ def test_rerunning_replaces_the_output_whole(tiny_source, tmp_path):
 def test_missing_source_says_how_to_get_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         run(tmp_path / "nowhere", tmp_path / "out", PrepareParams())
+
+
+def test_images_decode_in_worker_processes_in_order_with_the_bad_ones_named(tmp_path):
+    """Enough files to start the worker processes: every image comes back at its own index, the same
+    pixels as decoding it inline, and a broken file has its reason instead of stopping the rest."""
+    from PIL import Image
+
+    from stages.sources import decode_images
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(40):
+        f = tmp_path / f"{i:02d}.jpg"
+        Image.fromarray(rng.integers(0, 256, (40 + i, 30, 3), dtype=np.uint8)).save(f)
+        files.append(f)
+    files[7].write_bytes(files[7].read_bytes()[:200])  # cut mid-file, as a failed copy leaves it
+    files[23].write_text("not an image")
+    inline = list(decode_images(files, 16, 10**6, workers=1, chunk=4))
+    pooled = list(decode_images(files, 16, 10**6, workers=2, chunk=4))  # 10 chunks: two processes
+    assert [e is None for _, e in pooled] == [i not in (7, 23) for i in range(40)]
+    assert "OSError" in pooled[7][1] and "UnidentifiedImageError" in pooled[23][1]
+    for (a, ea), (b, eb) in zip(inline, pooled, strict=True):
+        assert ea == eb and (a is None or np.array_equal(a, b))
