@@ -22,7 +22,7 @@ RUN_PARAMS := .headstart/params.yaml
 # pyproject.toml cannot silently run on stale pins.
 DEPS_HASH = $(shell $(PYTHON) -c "import tomllib,hashlib,json; p=tomllib.load(open('pyproject.toml','rb'))['project']; print(hashlib.sha256(json.dumps([p['dependencies'], p.get('optional-dependencies')], sort_keys=True).encode()).hexdigest())")
 
-.PHONY: help setup data postgres chromium run compare curves smoke report pull push commit-lock test test-isa test-fast ui serve promotion-hook bench bench-http bench-selection bench-augment bench-recipe bench-overhead bench-defaults bench-loop bench-gpu prefect-server deploy worker lock clean
+.PHONY: help setup data postgres chromium run compare curves smoke report pull push commit-lock test test-isa test-fast ui serve promotion-hook bench bench-http bench-selection bench-augment bench-recipe bench-overhead bench-prepare bench-defaults bench-loop bench-gpu prefect-server deploy worker lock clean
 help:  ## show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
 
@@ -170,8 +170,11 @@ bench-augment: setup  ## what each image augmentation buys: fine-tuned and scrat
 bench-recipe: setup  ## tune settings on a development split, never the test set: ARGS='--variant finetune.lr=5.0e-5 ...' (TASK=...)
 	$(BIN)/python bench/recipe.py $(TASKFILE) $(ARGS)
 
-bench-overhead: setup  ## measure what Prefect + DVC add to the stages' own time (smoke preset, scratch copy)
-	$(BIN)/python bench/overhead.py
+bench-overhead: setup  ## every stage's seconds and (all but training) / training on both demos, scratch copies (ARGS='--before REV')
+	$(BIN)/python bench/overhead.py $(ARGS)
+
+bench-prepare: setup  ## prepare on 5k/20k/50k generated JPEGs of 256 px: images/s and peak RSS, and one epoch's (ARGS='--sizes 2000')
+	$(BIN)/python bench/prepare.py $(ARGS)
 
 bench-defaults: setup  ## which model and size the image demo defaults to: make run timed per row, scratch copies (ARGS='--row MODEL@SIZE')
 	$(BIN)/python bench/defaults.py $(ARGS)
