@@ -4,6 +4,7 @@ outputs in place, so everything is written to a temporary sibling first and rena
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -16,11 +17,13 @@ from typing import Any
 
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `target`; on success it replaces `target` (file or directory)."""
+    """Yield a temporary path next to `target`; on success it replaces `target` (file or directory). A disk
+    that fills meanwhile fails with an OSError that says so and keeps the previous `target` whole."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)) / target.name
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)) / target.name
         yield tmp
         if target.is_dir() and not target.is_symlink():
             # A directory cannot be renamed over a non-empty one: move the old aside, then the new in. A
@@ -31,8 +34,16 @@ def atomic_path(target: Path) -> Iterator[Path]:
             os.replace(tmp, target)
         else:
             os.replace(tmp, target)
+    except Exception as e:
+        # safetensors reports it as its own error type, carrying the OS's message
+        if not (getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)):
+            raise
+        raise OSError(errno.ENOSPC, f"no space left on the disk holding {target.parent} while writing {target.name}; "
+                      f"the previous {target.name} is kept. Free space there (df -h {target.parent}) or point "
+                      "this path at a larger disk") from None
     finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
 def write_json(path: Path, obj: Any) -> None:

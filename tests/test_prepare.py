@@ -172,3 +172,29 @@ def test_images_decode_in_worker_processes_in_order_with_the_bad_ones_named(tmp_
     assert "OSError" in pooled[7][1] and "UnidentifiedImageError" in pooled[23][1]
     for (a, ea), (b, eb) in zip(inline, pooled, strict=True):
         assert ea == eb and (a is None or np.array_equal(a, b))
+
+
+def test_a_disk_that_fills_fails_prepare_with_a_clear_message_and_keeps_the_previous_data(tiny_source, tmp_path):
+    """A real small file system (tmpfs), filled up between two runs: the second run's write fails with a
+    message that names the problem, and the first run's prepared data is still there, byte for byte, with
+    no temporary folder left beside it."""
+    import os
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root and mount(8)")
+    try:
+        out = disk / "prepared"
+        run(tiny_source, out, PrepareParams(per_class=5, val_per_class=3, seed=0))
+        before = {f.name: f.read_bytes() for f in out.iterdir()}
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        (disk / "filler").write_bytes(b"\0" * (free - 16 * 1024))  # room for a few files, not for the splits
+        with pytest.raises(OSError, match=r"no space left on the disk holding .* the previous prepared is kept"):
+            run(tiny_source, out, PrepareParams(per_class=5, val_per_class=3, seed=1))
+        assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+        assert sorted(f.name for f in disk.iterdir()) == ["filler", "prepared"]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
