@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +23,11 @@ def atomic_path(target: Path) -> Iterator[Path]:
     that fills meanwhile fails with an OSError that says so and keeps the previous `target` whole."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(target)
     tmp = None
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)) / target.name
+        writer = f".{target.name}.{_HOST}-{os.getpid()}."  # what remove_abandoned reads
+        tmp = Path(tempfile.mkdtemp(prefix=writer, suffix=".tmp", dir=target.parent)) / target.name
         yield tmp
         if target.is_dir() and not target.is_symlink():
             # A directory cannot be renamed over a non-empty one: move the old aside, then the new in. A
@@ -44,6 +48,33 @@ def atomic_path(target: Path) -> Iterator[Path]:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+_HOST = socket.gethostname().replace(".", "_")  # with the writer's pid, in each temporary folder's name
+
+
+def remove_abandoned(target: Path) -> list[Path]:
+    """Delete the temporary folders beside `target` that a writer on this host left when it was killed
+    (kill -9, out of memory) before it could clean up, and return them. They are never read as data; a
+    writer still running, or one on another host sharing the folder, keeps its own."""
+    target = Path(target)
+    gone = []
+    for folder in target.parent.glob(f".{glob.escape(target.name)}.{glob.escape(_HOST)}-*.tmp"):
+        pid = folder.name[len(f".{target.name}.{_HOST}-"):].split(".", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            gone.append(folder)
+    return gone
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def write_json(path: Path, obj: Any) -> None:
