@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from stages import baseline, evaluate, export, finetune, prepare, weights, zoo
+from stages import baseline, evaluate, export, finetune, prepare, weights
 from stages.sources import FASHION_MNIST_CLASSES, read_idx
 from stages.sources import WORDNET_TOPICS
 

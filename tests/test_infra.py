@@ -5,7 +5,6 @@ give every server its ports and health checks."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml

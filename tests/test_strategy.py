@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from stages import strategy, text, weights, zoo
+from stages import strategy, weights, zoo
 from stages.params import FinetuneParams, ModelParams, Params
 from stages.predict import accuracy, predict
 from stages.splits import Split
 from stages.strategy import Plan
-from stages.predict import accuracy, predict
 from stages.train import fit
 
 from .conftest import tiny_hf_model
