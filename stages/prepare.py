@@ -4,6 +4,8 @@ source's own, whole or `test_per_class` of each class, or else a stratified draw
 cannot be used are listed with their reason in paths.quarantine; more than prepare.max_quarantined of them
 fails the stage. Writes paths.prepared: train/val/test (safetensors for images, JSON lines for texts) and
 manifest.json.
+An image folder is decoded by worker processes into a file beside the output (splits.Rows), and the splits
+are drawn from it and written a chunk at a time: prepare's memory does not grow with the number of images.
 Run: dvc repro prepare   (or: python -m stages.prepare)"""
 
 from __future__ import annotations
@@ -17,26 +19,30 @@ import numpy as np
 from stages import sources
 from stages.files import atomic_path, sha256_file, write_json
 from stages.params import PrepareParams, cli
-from stages.splits import Split, draw, save_split
+from stages.splits import Rows, Split, draw, save_split
 
 
 def run(source: Path, out: Path, p: PrepareParams, quarantine: Path | None = None) -> dict:
-    src = sources.keep_classes(sources.read(p.dataset, Path(source), p), p.classes)
-    classes = src.classes
-    record = _check_quarantine(src, p, quarantine)
-    if len(src.pool.y) == 0:
-        raise ValueError(f"{source}: the dataset is empty (no usable examples)")
-    drawn = draw(src, per_class=p.per_class, val_per_class=p.val_per_class, test_per_class=p.test_per_class,
-                 seed=p.seed)
-    splits = {"train": drawn.train, "val": drawn.val, "test": drawn.test}
-    splits, leaks = remove_leakage(splits, p)
-    if leaks:
-        if quarantine is not None:  # beside the unusable examples in the same report
-            write_json(quarantine, {**record, "leakage_removed": leaks})
-        print(f"removed {len(leaks)} examples from train/val that duplicate a later split"
-              + (f" (listed in {quarantine})" if quarantine else ""))
     with atomic_path(out) as tmp:
         tmp.mkdir()
+        # An image folder's decoded pixels wait on disk beside the output, deleted with its temporary folder
+        # whatever happens: prepare's memory does not grow with the number of images
+        scratch = tmp.parent / "decoded"
+        scratch.mkdir()
+        src = sources.keep_classes(sources.read(p.dataset, Path(source), p, scratch), p.classes)
+        classes = src.classes
+        record = _check_quarantine(src, p, quarantine)
+        if len(src.pool.y) == 0:
+            raise ValueError(f"{source}: the dataset is empty (no usable examples)")
+        drawn = draw(src, per_class=p.per_class, val_per_class=p.val_per_class, test_per_class=p.test_per_class,
+                     seed=p.seed)
+        splits = {"train": drawn.train, "val": drawn.val, "test": drawn.test}
+        splits, leaks = remove_leakage(splits, p)
+        if leaks:
+            if quarantine is not None:  # beside the unusable examples in the same report
+                write_json(quarantine, {**record, "leakage_removed": leaks})
+            print(f"removed {len(leaks)} examples from train/val that duplicate a later split"
+                  + (f" (listed in {quarantine})" if quarantine else ""))
         written = {name: save_split(tmp, name, split) for name, split in splits.items()}
         manifest = {
             "dataset": p.dataset,
@@ -86,7 +92,7 @@ def remove_leakage(splits: dict[str, Split], p: PrepareParams) -> tuple[dict[str
     return out, leaks
 
 
-def duplicate_keys(x: np.ndarray, near_bits: int) -> tuple[list[str], np.ndarray | list[str]]:
+def duplicate_keys(x: np.ndarray | Rows, near_bits: int) -> tuple[list[str], np.ndarray | list[str]]:
     """(exact keys, near keys) per example: content sha256; for images a 256-bit difference hash (16x17
     area-averaged grey levels, one bit per left/right comparison), for texts the normalised text."""
     if x.dtype == object:
@@ -95,12 +101,11 @@ def duplicate_keys(x: np.ndarray, near_bits: int) -> tuple[list[str], np.ndarray
         return exact, near
     import torch
 
-    exact = [hashlib.sha256(np.ascontiguousarray(im).tobytes()).hexdigest() for im in x]
-    if len(x) == 0:
-        return exact, np.zeros((0, 256), bool)
-    near = []
-    for start in range(0, len(x), 1024):  # a block at a time: float32 copies of every image would be 4x the data
-        t = torch.from_numpy(np.asarray(x[start : start + 1024], dtype=np.float32))
+    exact, near = [], [np.zeros((0, 256), bool)]
+    # a block at a time: float32 copies of every image would be 4x the data (and Rows are on disk)
+    for part in x.chunks(1024) if isinstance(x, Rows) else (x[i : i + 1024] for i in range(0, len(x), 1024)):
+        exact += [hashlib.sha256(np.ascontiguousarray(im).tobytes()).hexdigest() for im in part]
+        t = torch.from_numpy(np.asarray(part, dtype=np.float32))
         t = t.mean(-1) if t.ndim == 4 else t
         small = torch.nn.functional.interpolate(t[:, None], size=(16, 17), mode="area")[:, 0]
         near.append((small[:, :, 1:] > small[:, :, :-1]).reshape(len(t), -1).numpy())

@@ -34,7 +34,7 @@ import numpy as np
 
 from stages.files import sha256_file
 from stages.inputs import decode_image
-from stages.splits import Split
+from stages.splits import Rows, Split
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
@@ -64,10 +64,12 @@ class Source:
     seen: int = 0  # examples looked at, quarantined ones included
 
 
-def read(dataset: str, source: Path, p) -> Source:
-    """Read `source` as `dataset`; `p` is PrepareParams."""
-    readers = {"fashion-mnist": fashion_mnist, "wordnet": wordnet, "image-folder": image_folder,
-               "text-table": text_table}  # fmt: skip
+def read(dataset: str, source: Path, p, scratch: Path | None = None) -> Source:
+    """Read `source` as `dataset`; `p` is PrepareParams. `scratch`: a folder where an image folder's decoded
+    pixels stay, on disk (splits.Rows), instead of in memory."""
+    if dataset == "image-folder":
+        return image_folder(Path(source), p, scratch)
+    readers = {"fashion-mnist": fashion_mnist, "wordnet": wordnet, "text-table": text_table}
     return readers[dataset](Path(source), p)
 
 
@@ -203,19 +205,19 @@ def _fixed_test(source: Path, kind: str) -> tuple[Path, Path | None]:
     return source, None
 
 
-def image_folder(source: Path, p) -> Source:
+def image_folder(source: Path, p, scratch: Path | None = None) -> Source:
     if not source.is_dir():
         raise FileNotFoundError(f"{source} is not a folder: image-folder data is one sub-folder of images per class")
     train_dir, test_dir = _fixed_test(source, "dir")
     classes = class_folders(train_dir)
     quarantined: list[dict[str, str]] = []
-    pool = _read_images(train_dir, classes, p, quarantined)
+    pool = _read_images(train_dir, classes, p, quarantined, scratch, "pool")
     test = None
     if test_dir is not None:
         extra = sorted(set(class_folders(test_dir)) - set(classes))
         if extra:
             raise ValueError(f"{test_dir} has classes the training data lacks: {', '.join(extra)}")
-        test = _read_images(test_dir, classes, p, quarantined)
+        test = _read_images(test_dir, classes, p, quarantined, scratch, "test")
     seen = len(pool.y) + (len(test.y) if test else 0) + len(quarantined)
     return Source("image", classes, pool, test, {}, quarantined, seen)
 
@@ -238,7 +240,10 @@ def class_folders(root: Path) -> list[str]:
     return classes
 
 
-def _read_images(root: Path, classes: list[str], p, quarantined: list[dict[str, str]]) -> Split:
+def _read_images(root: Path, classes: list[str], p, quarantined: list[dict[str, str]], scratch: Path | None,
+                 name: str) -> Split:
+    """The images under root/<class>/, decoded into `scratch`/<name>.u8 and kept there (Rows), or, with no
+    scratch folder, read into memory."""
     files, labels = [], []
     for label, c in enumerate(classes):
         for f in sorted((root / c).rglob("*")):
@@ -249,18 +254,21 @@ def _read_images(root: Path, classes: list[str], p, quarantined: list[dict[str, 
                 continue
             files.append(f)
             labels.append(label)
-    # Filled in place as the images arrive, the bad ones' rows reused: one copy of the pixels in memory
-    x = np.empty((len(files), p.image_size, p.image_size, 3), np.uint8)
-    keep, n = np.zeros(len(files), bool), 0
-    decoded = decode_images(files, p.image_size, p.max_pixels, desc=f"decoding {root.name}")
-    for i, (f, (image, error)) in enumerate(zip(files, decoded, strict=True)):
-        if error is None:
-            x[n] = image
-            n += 1
-            keep[i] = True
-        else:
-            quarantined.append({"file": str(f), "reason": error})
-    return Split(x[:n], np.array(labels, dtype=np.int64)[keep])
+    keep = np.zeros(len(files), bool)
+    with tempfile.TemporaryDirectory() as own:
+        raw = Path(scratch or own) / f"{name}.u8"
+        with open(raw, "wb") as out:  # each image's pixels as they arrive: none are held in memory
+            decoded = decode_images(files, p.image_size, p.max_pixels, desc=f"decoding {root.name}")
+            for i, (f, (image, error)) in enumerate(zip(files, decoded, strict=True)):
+                if error is None:
+                    out.write(image.tobytes())
+                    keep[i] = True
+                else:
+                    quarantined.append({"file": str(f), "reason": error})
+        shape, y = (p.image_size, p.image_size, 3), np.array(labels, dtype=np.int64)[keep]
+        if scratch is None:
+            return Split(np.fromfile(raw, np.uint8).reshape(-1, *shape), y)
+    return Split(Rows(raw, shape, np.arange(len(y))), y)
 
 
 def decode_images(files: list[Path], size: int, max_pixels: int, desc: str = "decoding",

@@ -5,6 +5,7 @@ model inputs and batches as each model's JSON says."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,52 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class Split:
-    x: np.ndarray  # images: uint8 (N, H, W) grayscale or (N, H, W, 3) RGB; texts: an object array of str
+    x: np.ndarray | Rows  # images: uint8 (N, H, W) grayscale or (N, H, W, 3) RGB; texts: an object array of str
     y: np.ndarray  # int64, (N,)
+
+
+class Rows:
+    """Images kept on disk instead of in memory: the uint8 rows of one raw file, each `row_shape`, read with
+    pread (the page cache holds them, not this process), `rows` of them in that order. What prepare decodes
+    a folder of photos into and draws its splits from, so its memory stays the same for 5,000 photos or
+    50,000. Indexing gives another Rows (no pixels read); np.asarray and `chunks` read them."""
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, path: Path, row_shape: tuple[int, ...], rows: np.ndarray):
+        self.path, self.row_shape, self.rows = Path(path), tuple(row_shape), np.asarray(rows, dtype=np.int64)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.row_shape)
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self.row_shape)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, idx) -> Rows | np.ndarray:
+        if isinstance(idx, (int, np.integer)):  # one image, read
+            return np.asarray(Rows(self.path, self.row_shape, self.rows[[idx]]))[0]
+        return Rows(self.path, self.row_shape, self.rows[idx])
+
+    def chunks(self, size: int = 1024) -> Iterator[np.ndarray]:
+        """The rows, `size` at a time, as arrays."""
+        nbytes = int(np.prod(self.row_shape))
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for start in range(0, len(self.rows), size):
+                part = self.rows[start : start + size]
+                raw = b"".join(os.pread(fd, nbytes, int(r) * nbytes) for r in part)
+                yield np.frombuffer(raw, np.uint8).reshape(len(part), *self.row_shape)
+        finally:
+            os.close(fd)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.concatenate([*self.chunks(), np.zeros((0, *self.row_shape), np.uint8)])
+        return out if dtype is None else out.astype(dtype)
 
 
 @dataclass(frozen=True)
@@ -94,11 +139,30 @@ def save_split(folder: Path, name: str, split: Split) -> Path:
         lines = (json.dumps({"text": str(t), "label": int(y)}, ensure_ascii=False) for t, y in zip(split.x, split.y))
         path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         return path
-    from safetensors.numpy import save_file
-
     path = Path(folder) / f"{name}.safetensors"
-    save_file({"x": np.ascontiguousarray(split.x), "y": split.y.astype(np.int64)}, str(path))
+    write_safetensors(path, split.x, split.y.astype(np.int64))
     return path
+
+
+def write_safetensors(path: Path, x: np.ndarray | Rows, y: np.ndarray) -> None:
+    """{"x": uint8 images, "y": int64 labels} in the safetensors format, byte for byte what
+    safetensors.numpy.save_file writes (y first: it orders by alignment), with x written a chunk at a time so
+    Rows on disk never need to be in memory at once."""
+    import struct
+
+    if not isinstance(x, Rows) and x.dtype != np.uint8:
+        raise ValueError(f"images are stored as uint8, got {x.dtype}")
+    ny = y.nbytes
+    nx = int(np.prod(x.shape))  # bytes, one per uint8
+    header = json.dumps({"y": {"dtype": "I64", "shape": list(y.shape), "data_offsets": [0, ny]},
+                         "x": {"dtype": "U8", "shape": list(x.shape), "data_offsets": [ny, ny + nx]}},
+                        separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.write(np.ascontiguousarray(y, dtype="<i8").tobytes())
+        for part in (x.chunks() if isinstance(x, Rows) else [x]):
+            f.write(np.ascontiguousarray(part, dtype=np.uint8).tobytes())
 
 
 def load_split(prepared: Path, name: str) -> Split:

@@ -198,3 +198,53 @@ def test_a_disk_that_fills_fails_prepare_with_a_clear_message_and_keeps_the_prev
         assert sorted(f.name for f in disk.iterdir()) == ["filler", "prepared"]
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_an_image_folder_waits_on_disk_and_prepares_the_same_splits_as_in_memory(tmp_path):
+    """Prepare keeps an image folder's decoded pixels in a file (Rows), not in memory: the same pixels, the
+    same quarantine, the same splits as reading them into memory, and nothing left beside the output."""
+    from PIL import Image
+
+    from stages import sources
+    from stages.splits import Rows
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "photos"
+    for c in ("ant", "bee", "cat"):
+        (src / c).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(src / c / f"{i}.png")
+    (src / "bee" / "broken.png").write_bytes(b"not a png")
+    p = PrepareParams(dataset="image-folder", per_class=5, val_per_class=2, image_size=16, max_quarantined=0.1)
+    in_memory = sources.read("image-folder", src, p)
+    (tmp_path / "scratch").mkdir()
+    on_disk = sources.read("image-folder", src, p, tmp_path / "scratch")
+    assert isinstance(on_disk.pool.x, Rows) and np.array_equal(np.asarray(on_disk.pool.x), in_memory.pool.x)
+    assert on_disk.quarantined == in_memory.quarantined and len(in_memory.quarantined) == 1
+    run(src, tmp_path / "prepared", p)
+    drawn = draw(in_memory, per_class=5, val_per_class=2, test_per_class=None, seed=p.seed)
+    for name in ("train", "val", "test"):
+        split, expected = load_split(tmp_path / "prepared", name), getattr(drawn, name)
+        assert np.array_equal(split.x, expected.x) and np.array_equal(split.y, expected.y)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["photos", "prepared", "scratch"]
+
+
+def test_split_files_are_byte_for_byte_what_safetensors_writes_from_memory_or_from_disk(tmp_path):
+    """save_split streams images a chunk at a time; its bytes must stay safetensors' own, or every prepared
+    dataset would change its DVC hash (and retrain everything downstream) for nothing."""
+    from safetensors.numpy import save_file
+
+    from stages.splits import Rows, save_split
+
+    rng = np.random.default_rng(0)
+    for shape in ((7, 5, 5, 3), (3, 28, 28), (0, 4, 4, 3), (2500, 6, 6, 3)):
+        x, y = rng.integers(0, 256, shape, dtype=np.uint8), rng.integers(0, 10, shape[0])
+        save_file({"x": x, "y": y.astype(np.int64)}, str(tmp_path / "reference.safetensors"))
+        raw = tmp_path / "rows.u8"
+        raw.write_bytes(x[::-1].tobytes())  # on disk in another order, drawn back into this one
+        rows = Rows(raw, shape[1:], np.arange(shape[0])[::-1])
+        for source in (x, rows):
+            written = save_split(tmp_path, "test", Split(source, y))
+            assert written.read_bytes() == (tmp_path / "reference.safetensors").read_bytes(), shape
+        if shape[0]:
+            assert np.array_equal(rows[1], x[1]) and np.array_equal(np.asarray(rows[::2]), x[::2])
