@@ -19,7 +19,7 @@ import numpy as np
 from stages import sources
 from stages.files import atomic_path, sha256_file, write_json
 from stages.params import PrepareParams, cli
-from stages.splits import Rows, Split, draw, save_split
+from stages.splits import Rows, Split, chunks, draw, save_split
 
 
 def run(source: Path, out: Path, p: PrepareParams, quarantine: Path | None = None) -> dict:
@@ -103,7 +103,7 @@ def duplicate_keys(x: np.ndarray | Rows, near_bits: int) -> tuple[list[str], np.
 
     exact, near = [], [np.zeros((0, 256), bool)]
     # a block at a time: float32 copies of every image would be 4x the data (and Rows are on disk)
-    for part in x.chunks(1024) if isinstance(x, Rows) else (x[i : i + 1024] for i in range(0, len(x), 1024)):
+    for part in chunks(x, 1024):
         exact += [hashlib.sha256(np.ascontiguousarray(im).tobytes()).hexdigest() for im in part]
         t = torch.from_numpy(np.asarray(part, dtype=np.float32))
         t = t.mean(-1) if t.ndim == 4 else t

@@ -25,8 +25,8 @@ import os
 import shutil
 import struct
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 

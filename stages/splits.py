@@ -29,7 +29,7 @@ class Rows:
     """Images kept on disk instead of in memory: the uint8 rows of one raw file, each `row_shape`, read with
     pread (the page cache holds them, not this process), `rows` of them in that order. What prepare decodes
     a folder of photos into and draws its splits from, so its memory stays the same for 5,000 photos or
-    50,000. Indexing gives another Rows (no pixels read); np.asarray and `chunks` read them."""
+    50,000. Indexing gives another Rows (no pixels read); np.asarray reads them, `chunks` a part at a time."""
 
     dtype = np.dtype(np.uint8)
 
@@ -52,21 +52,22 @@ class Rows:
             return np.asarray(Rows(self.path, self.row_shape, self.rows[[idx]]))[0]
         return Rows(self.path, self.row_shape, self.rows[idx])
 
-    def chunks(self, size: int = 1024) -> Iterator[np.ndarray]:
-        """The rows, `size` at a time, as arrays."""
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
         nbytes = int(np.prod(self.row_shape))
+        out = np.empty(self.shape, np.uint8)
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            for start in range(0, len(self.rows), size):
-                part = self.rows[start : start + size]
-                raw = b"".join(os.pread(fd, nbytes, int(r) * nbytes) for r in part)
-                yield np.frombuffer(raw, np.uint8).reshape(len(part), *self.row_shape)
+            for i, r in enumerate(self.rows):
+                out[i] = np.frombuffer(os.pread(fd, nbytes, int(r) * nbytes), np.uint8).reshape(self.row_shape)
         finally:
             os.close(fd)
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = np.concatenate([*self.chunks(), np.zeros((0, *self.row_shape), np.uint8)])
         return out if dtype is None else out.astype(dtype)
+
+
+def chunks(x: np.ndarray | Rows, size: int = 1024) -> Iterator[np.ndarray]:
+    """Examples `size` at a time, as arrays: for Rows, never more of them in memory than that."""
+    for start in range(0, len(x), size):
+        yield np.asarray(x[start : start + size])
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ def write_safetensors(path: Path, x: np.ndarray | Rows, y: np.ndarray) -> None:
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(header)) + header)
         f.write(np.ascontiguousarray(y, dtype="<i8").tobytes())
-        for part in (x.chunks() if isinstance(x, Rows) else [x]):
+        for part in chunks(x):
             f.write(np.ascontiguousarray(part, dtype=np.uint8).tobytes())
 
 
