@@ -44,10 +44,11 @@ def scratch_project(proj: Path, rev: str | None = None) -> dict[str, str]:
     if rev:
         archive = subprocess.run(["git", "archive", rev, *PROJECT], cwd=ROOT, capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(proj)], input=archive, check=True)
-    for name in PROJECT if not rev else ():
-        src, dst = ROOT / name, proj / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(src, dst) if src.is_dir() else shutil.copy(src, dst)
+    else:
+        for name in PROJECT:
+            src, dst = ROOT / name, proj / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(src, dst) if src.is_dir() else shutil.copy(src, dst)
     subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
     env.update(PREFECT_HOME=str(proj / ".prefect"), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
@@ -93,13 +94,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overhead.json")
     args = ap.parse_args(argv)
     tasks = list(TASKS) if args.task == "both" else [args.task]
-    results, before = {}, {}
+    results, before, runs = {}, {}, []  # runs: the table's columns, each task's before beside its after
     for task in tasks:
         if args.before:
             before[task] = measure(task, args.preset, args.before)
+            runs.append((f"{task} @{args.before}", before[task]))
         results[task] = measure(task, args.preset)
-    runs = [(f"{t} @{args.before}", before[t]) for t in tasks if args.before] + [(t, results[t]) for t in tasks]
-    runs.sort(key=lambda r: tasks.index(r[0].split(" ")[0]))
+        runs.append((task, results[task]))
 
     rows = [(f"stages.{name}", *(f"{r['stages'][name]:.1f}" for _, r in runs)) for name in STAGES]
     rows += [("orchestration (no-op flow run)", *(f"{r['orchestration']:.1f}" for _, r in runs)),
