@@ -27,6 +27,7 @@ import struct
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -283,11 +284,22 @@ def decode_images(files: list[Path], size: int, max_pixels: int, desc: str = "de
     # spawned, not forked: a forked copy of a process with threads can deadlock
     pool = None if workers < 2 or len(jobs) < 8 else ProcessPoolExecutor(
         min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"))
+    finished = 0  # jobs whose images were handed on
     try:
         with tqdm(total=len(files), desc=desc, unit="img", dynamic_ncols=True, disable=len(files) < chunk) as bar:
-            for done in (pool.map if pool else map)(_decode_chunk, jobs):
-                yield from done
-                bar.update(len(done))
+            try:
+                for done in (pool.map if pool else map)(_decode_chunk, jobs):
+                    yield from done
+                    bar.update(len(done))
+                    finished += 1
+            except BrokenProcessPool:
+                # A worker that could not start (the calling script read from stdin, or run without an
+                # `if __name__ == "__main__":` guard, cannot be re-imported by it) or that died: same images, slower
+                tqdm.write(f"{desc}: the worker processes stopped; decoding the other "
+                           f"{len(files) - finished * chunk} images in this process")
+                for done in map(_decode_chunk, jobs[finished:]):
+                    yield from done
+                    bar.update(len(done))
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)

@@ -248,3 +248,30 @@ def test_split_files_are_byte_for_byte_what_safetensors_writes_from_memory_or_fr
             assert written.read_bytes() == (tmp_path / "reference.safetensors").read_bytes(), shape
         if shape[0]:
             assert np.array_equal(rows[1], x[1]) and np.array_equal(np.asarray(rows[::2]), x[::2])
+
+
+def test_images_still_decode_when_the_worker_processes_cannot_start(tmp_path):
+    """A script read from stdin cannot be re-imported by a spawned worker, so the pool breaks: the images are
+    decoded in the calling process instead, the same ones, in order."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from .conftest import ROOT
+
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (30, 20 + i, 3), dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
+    script = (
+        "import sys, numpy as np; from pathlib import Path; from stages.sources import decode_images\n"
+        f"files = sorted(Path({str(tmp_path)!r}).glob('*.png'))\n"
+        "got = list(decode_images(files, 8, 10**6, workers=2, chunk=4))\n"
+        "print(sum(e is None for _, e in got), int(sum(int(im.sum()) for im, _ in got)))\n")
+    res = subprocess.run([sys.executable, "-"], input=script, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    from stages.sources import decode_images
+
+    inline = list(decode_images(sorted(tmp_path.glob("*.png")), 8, 10**6, workers=1, chunk=4))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.splitlines()[-1].split() == ["40", str(int(sum(int(im.sum()) for im, _ in inline)))]
+    assert "the worker processes stopped; decoding the other 40 images in this process" in res.stdout
